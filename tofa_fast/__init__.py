@@ -1,0 +1,15 @@
+"""tofa_fast: weight-sharing supernet training on your own small data set (TOFA), fast.
+
+Public API (SPEC §11)::
+
+    tofa_fast.spaces.names() / get(name)
+    tofa_fast.Supernet(space, num_classes)
+    tofa_fast.recalibrate_bn(model, batches)
+    tofa_fast.ops.elastic_dwconv2d(x, weight, kernel_size, stride=1, transforms=None)
+"""
+
+__version__ = "0.1.0"
+
+from . import _extension, ops, spaces  # noqa: E402  (_extension registers the compiled ops)
+
+__all__ = ["__version__", "ops", "spaces"]
