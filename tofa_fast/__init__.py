@@ -10,6 +10,7 @@ Public API (SPEC §11)::
 
 __version__ = "0.1.0"
 
-from . import _extension, ops, spaces  # noqa: E402  (_extension registers the compiled ops)
+from . import _extension, nn, ops, spaces  # noqa: E402  (_extension registers the compiled ops)
+from .nn import Supernet, recalibrate_bn  # noqa: E402
 
-__all__ = ["__version__", "ops", "spaces"]
+__all__ = ["Supernet", "__version__", "_extension", "nn", "ops", "recalibrate_bn", "spaces"]

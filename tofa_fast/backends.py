@@ -51,7 +51,9 @@ def triton_status() -> BackendStatus:
     if os.environ.get("TRITON_INTERPRET", "") == "1":
         return BackendStatus("Triton", True, "interpreter mode (TRITON_INTERPRET=1): kernels run on CPU tensors")
     if not torch.cuda.is_available():
-        return BackendStatus("Triton", False, "triton is installed but no CUDA device is visible (TRITON_INTERPRET=1 runs it on CPU)")
+        return BackendStatus(
+            "Triton", False, "triton is installed but no CUDA device is visible (TRITON_INTERPRET=1 runs it on CPU)"
+        )
     return BackendStatus("Triton", True, f"Triton kernels on {torch.cuda.get_device_name()}")
 
 

@@ -25,13 +25,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = sub.add_parser("train", help="train a supernet and write its run folder")
-    train.add_argument("--data", default="digits", help="'digits' (embedded), a torchvision data-set name, or an ImageFolder path")
+    train.add_argument(
+        "--data", default="digits", help="'digits' (embedded), a torchvision data-set name, or an ImageFolder path"
+    )
     train.add_argument("--out", default="runs/digits", metavar="DIR", help="run folder (default: %(default)s)")
-    train.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (default: the data set's preset)")
+    train.add_argument(
+        "--epochs", type=_positive_int, default=None, help="training epochs (default: the data set's preset)"
+    )
     train.add_argument("--strategy", choices=STRATEGIES, default="tofa")
-    train.add_argument("--loss", choices=LOSSES, default=None, help="TOFA loss variant (default: sup+fm+kd with unlabelled data, else sup)")
+    train.add_argument(
+        "--loss",
+        choices=LOSSES,
+        default=None,
+        help="TOFA loss variant (default: sup+fm+kd with unlabelled data, else sup)",
+    )
     train.add_argument("--labels-per-class", type=_positive_int, default=None, metavar="N")
-    train.add_argument("--init", default=None, metavar="SOURCE", help="ofa:PATH or torchvision:mobilenet_v3_large[:WEIGHTS]")
+    train.add_argument(
+        "--init", default=None, metavar="SOURCE", help="ofa:PATH or torchvision:mobilenet_v3_large[:WEIGHTS]"
+    )
     train.add_argument("--seed", type=int, default=0, metavar="S")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")

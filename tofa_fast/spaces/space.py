@@ -110,9 +110,7 @@ class StageSpec:
         object.__setattr__(self, "widths", _choices(self.widths, "stage.widths"))
         object.__setattr__(self, "depths", _choices(self.depths, "stage.depths"))
         object.__setattr__(self, "kernels", _choices(self.kernels, "stage.kernels"))
-        object.__setattr__(
-            self, "expands", tuple(_plain_number(e) for e in _choices(self.expands, "stage.expands"))
-        )
+        object.__setattr__(self, "expands", tuple(_plain_number(e) for e in _choices(self.expands, "stage.expands")))
         if any(k % 2 == 0 or k < 1 for k in self.kernels):
             raise ValueError(f"stage.kernels must be odd positive sizes, got {list(self.kernels)}")
         if min(self.depths) < 1:
@@ -258,9 +256,7 @@ class SearchSpace:
         if not self.stages:
             raise ValueError("a search space needs at least one stage")
         if self.granularity not in GRANULARITIES:
-            raise ValueError(
-                f"granularity must be one of {list(GRANULARITIES)}, got {self.granularity!r}"
-            )
+            raise ValueError(f"granularity must be one of {list(GRANULARITIES)}, got {self.granularity!r}")
         offsets, pos = [], 3
         for stage in self.stages:
             offsets.append(pos)
@@ -312,9 +308,7 @@ class SearchSpace:
         stages = []
         for st in self.stages:
             depth = pick(st.depths)
-            stages.append(
-                StageArch(pick(st.widths), depth, (pick(st.kernels),) * depth, (pick(st.expands),) * depth)
-            )
+            stages.append(StageArch(pick(st.widths), depth, (pick(st.kernels),) * depth, (pick(st.expands),) * depth))
         return Arch(pick(self.resolutions), pick(self.stem.widths), tuple(stages), pick(self.head.widths))
 
     def sample(self, rng: int | random.Random | None = None) -> Arch:
@@ -378,12 +372,8 @@ class SearchSpace:
                 if not isinstance(values, Sequence) or isinstance(values, (str, bytes)):
                     raise ValueError(f"{where}.{key} must be a list of {depth} values (one per layer)")
                 if len(values) != depth:
-                    raise ValueError(
-                        f"{where}.{key} must have exactly depth={depth} entries, got {len(values)}"
-                    )
-                checked = tuple(
-                    _check_choice(v, allowed, f"{where}.{key}[{j}]") for j, v in enumerate(values)
-                )
+                    raise ValueError(f"{where}.{key} must have exactly depth={depth} entries, got {len(values)}")
+                checked = tuple(_check_choice(v, allowed, f"{where}.{key}[{j}]") for j, v in enumerate(values))
                 if self.granularity == "stage" and len(set(checked)) > 1:
                     raise ValueError(
                         f"{where}.{key} must repeat one value in a stage-granularity space "
@@ -405,7 +395,12 @@ class SearchSpace:
     def arch_from_string(self, text: str) -> Arch:
         """Parse the canonical string form (see module docstring)."""
         parts = text.strip().split("-")
-        if len(parts) != len(self.stages) + 3 or not parts[0].startswith("r") or not parts[1].startswith("s") or not parts[-1].startswith("h"):
+        if (
+            len(parts) != len(self.stages) + 3
+            or not parts[0].startswith("r")
+            or not parts[1].startswith("s")
+            or not parts[-1].startswith("h")
+        ):
             raise ValueError(
                 f"arch string {text!r} is not of the form r<res>-s<stem>-<stage>x{len(self.stages)}-h<head>"
             )
@@ -423,7 +418,12 @@ class SearchSpace:
                         "expand": [float(e) for e in expands.split(",")],
                     }
                 )
-            d = {"resolution": int(parts[0][1:]), "stem": int(parts[1][1:]), "stages": stages, "head": int(parts[-1][1:])}
+            d = {
+                "resolution": int(parts[0][1:]),
+                "stem": int(parts[1][1:]),
+                "stages": stages,
+                "head": int(parts[-1][1:]),
+            }
         except ValueError as exc:
             raise ValueError(f"arch string {text!r} does not parse: {exc}") from exc
         return self.arch_from_dict(d)
@@ -476,30 +476,27 @@ class SearchSpace:
             raise ValueError(f"codes must be integers, got dtype {arr.dtype}")
         out = []
         for row_index, row in enumerate(arr.tolist()):
-
-            def pick(idx: int, allowed: tuple, name: str):
-                if not 0 <= idx < len(allowed):
-                    raise ValueError(
-                        f"codes[{row_index}] {name} index {idx} is out of range 0..{len(allowed) - 1}"
-                    )
-                return allowed[idx]
-
             stages = []
             for i, (st, off) in enumerate(zip(self.stages, self._code_offsets)):
-                width = pick(row[off], st.widths, f"stages[{i}].width")
-                depth = pick(row[off + 1], st.depths, f"stages[{i}].depth")
+                width = _pick(row_index, row[off], st.widths, f"stages[{i}].width")
+                depth = _pick(row_index, row[off + 1], st.depths, f"stages[{i}].depth")
                 dmax = st.max_depth
-                kernel = tuple(pick(row[off + 2 + j], st.kernels, f"stages[{i}].kernel[{j}]") for j in range(depth))
-                expand = tuple(pick(row[off + 2 + dmax + j], st.expands, f"stages[{i}].expand[{j}]") for j in range(depth))
+                kernel = tuple(
+                    _pick(row_index, row[off + 2 + j], st.kernels, f"stages[{i}].kernel[{j}]") for j in range(depth)
+                )
+                expand = tuple(
+                    _pick(row_index, row[off + 2 + dmax + j], st.expands, f"stages[{i}].expand[{j}]")
+                    for j in range(depth)
+                )
                 unused = row[off + 2 + depth : off + 2 + dmax] + row[off + 2 + dmax + depth : off + 2 + 2 * dmax]
                 if any(v != -1 for v in unused):
                     raise ValueError(f"codes[{row_index}] stages[{i}]: layers beyond depth {depth} must be -1")
                 stages.append(StageArch(width, depth, kernel, expand))
             arch = Arch(
-                pick(row[0], self.resolutions, "resolution"),
-                pick(row[1], self.stem.widths, "stem"),
+                _pick(row_index, row[0], self.resolutions, "resolution"),
+                _pick(row_index, row[1], self.stem.widths, "stem"),
                 tuple(stages),
-                pick(row[2], self.head.widths, "head"),
+                _pick(row_index, row[2], self.head.widths, "head"),
             )
             out.append(self.check(arch))
         return out
@@ -557,3 +554,9 @@ def _check_choice(value: Any, allowed: tuple, name: str):
         if value == choice:
             return choice
     raise ValueError(f"{name}={value!r} is not allowed; allowed values: {list(allowed)}")
+
+
+def _pick(row_index: int, idx: int, allowed: tuple, name: str):
+    if not 0 <= idx < len(allowed):
+        raise ValueError(f"codes[{row_index}] {name} index {idx} is out of range 0..{len(allowed) - 1}")
+    return allowed[idx]

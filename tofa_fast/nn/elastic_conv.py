@@ -1,0 +1,77 @@
+"""Elastic dense convolution and linear layers: the first C_out × C_in block of the max weight."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ElasticConv2d(nn.Module):
+    """Dense k×k convolution whose active input/output channels are prefixes of the max weight.
+
+    The input channel count is read from ``x`` (it is the previous layer's active width); the output
+    channel count is passed by the caller. Padding is ``kernel_size // 2``.
+
+    Shapes: weight (max_out, max_in, k, k); x (N, C_in ≤ max_in, H, W) → (N, C_out, H', W').
+    """
+
+    def __init__(self, max_in: int, max_out: int, kernel_size: int = 1, stride: int = 1, bias: bool = False):
+        super().__init__()
+        self.max_in, self.max_out = max_in, max_out
+        self.kernel_size, self.stride = kernel_size, stride
+        self.weight = nn.Parameter(torch.empty(max_out, max_in, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(max_out)) if bias else None
+        # Same initialisation as nn.Conv2d, so a maxnet trained from scratch behaves like a plain net.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor, out_channels: int) -> torch.Tensor:
+        c_in = x.shape[1]
+        bias = self.bias[:out_channels] if self.bias is not None else None
+        return F.conv2d(x, self.weight[:out_channels, :c_in], bias, self.stride, self.kernel_size // 2)
+
+    def extract(self, in_channels: int, out_channels: int) -> nn.Conv2d:
+        conv = nn.Conv2d(
+            in_channels, out_channels, self.kernel_size, self.stride, self.kernel_size // 2, bias=self.bias is not None
+        )
+        with torch.no_grad():
+            conv.weight.copy_(self.weight[:out_channels, :in_channels])
+            if self.bias is not None:
+                conv.bias.copy_(self.bias[:out_channels])
+        return conv
+
+    def extra_repr(self) -> str:
+        return f"max_in={self.max_in}, max_out={self.max_out}, kernel_size={self.kernel_size}, stride={self.stride}"
+
+
+class ElasticLinear(nn.Module):
+    """Linear layer whose input features are a prefix of ``max_in``; outputs are fixed (classes).
+
+    Shapes: weight (out_features, max_in); x (N, C ≤ max_in) → (N, out_features).
+    """
+
+    def __init__(self, max_in: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.max_in, self.out_features = max_in, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, max_in))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(max_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight[:, : x.shape[1]], self.bias)
+
+    def extract(self, in_features: int) -> nn.Linear:
+        linear = nn.Linear(in_features, self.out_features, bias=self.bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(self.weight[:, :in_features])
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"max_in={self.max_in}, out_features={self.out_features}"

@@ -1,0 +1,163 @@
+"""The elastic supernet (SPEC §3) and the static subnets it extracts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import spaces
+from ..spaces import Arch, SearchSpace
+from .activations import build_activation
+from .elastic_batchnorm import ElasticBatchNorm2d
+from .elastic_conv import ElasticConv2d, ElasticLinear
+from .mbconv import ElasticMBConv
+
+
+class Supernet(nn.Module):
+    """Weight-sharing supernet over an MBConv :class:`~tofa_fast.spaces.SearchSpace`.
+
+    Holds the weights of the largest subnet. :meth:`set_active` picks the subnet that
+    :meth:`forward` computes; :meth:`extract` returns it as a standalone static model.
+
+    Args:
+        space: a :class:`SearchSpace` or the name of a preset.
+        num_classes: classifier outputs.
+
+    Shapes: ``forward`` takes (N, in_channels, H, W) — the caller resizes images to the active
+    arch's resolution (the network is fully convolutional) — and returns (N, num_classes) logits.
+    """
+
+    def __init__(self, space: SearchSpace | str, num_classes: int = 1000):
+        super().__init__()
+        space = spaces.get(space) if isinstance(space, str) else space
+        if not isinstance(space, SearchSpace):
+            raise TypeError(f"space must be a SearchSpace or a preset name, got {type(space).__name__}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        self.space, self.num_classes = space, num_classes
+        bn = dict(eps=space.bn_eps, momentum=space.bn_momentum)
+
+        max_stem = max(space.stem.widths)
+        self.stem_conv = ElasticConv2d(space.in_channels, max_stem, space.stem.kernel, space.stem.stride)
+        self.stem_bn = ElasticBatchNorm2d(max_stem, **bn)
+        self.stem_act = build_activation(space.stem.act)
+
+        stages, max_in = [], max_stem
+        for i, stage in enumerate(space.stages):
+            layers = []
+            for j in range(stage.max_depth):
+                layers.append(ElasticMBConv(space, i, j, max_in))
+                max_in = max(stage.widths)
+            stages.append(nn.ModuleList(layers))
+        self.stages = nn.ModuleList(stages)
+
+        max_final = space.final_expand_channels(max_in)
+        self.final_expand_conv = ElasticConv2d(max_in, max_final, 1)
+        self.final_expand_bn = ElasticBatchNorm2d(max_final, **bn)
+        self.head_act = build_activation(space.head.act)
+        self.feature_mix_conv = ElasticConv2d(max_final, max(space.head.widths), 1)
+        self.dropout = nn.Dropout(space.head.dropout)
+        self.classifier = ElasticLinear(max(space.head.widths), num_classes)
+        self._init_weights()
+        self.set_active(space.max_arch())
+
+    def _init_weights(self) -> None:
+        # MobileNetV3's initialisation (torchvision): He fan-out for convs, small normal for the classifier.
+        for module in self.modules():
+            if isinstance(module, ElasticConv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, ElasticLinear):
+                nn.init.normal_(module.weight, 0, 0.01)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, ElasticMBConv):
+                nn.init.kaiming_normal_(module.dw_conv.weight, mode="fan_out")
+
+    # -- active subnet ------------------------------------------------------------------------
+
+    def set_active(self, arch: Arch | Mapping[str, Any]) -> Arch:
+        """Make ``forward`` compute ``arch`` (an :class:`Arch` or its dict form). Returns the Arch."""
+        arch = self.space.check(arch)
+        for layers, stage_arch in zip(self.stages, arch.stages):
+            for j in range(stage_arch.depth):
+                layers[j].set_active(stage_arch.kernel[j], stage_arch.expand[j], stage_arch.width)
+        self.active_arch = arch
+        return arch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.space.in_channels:
+            raise ValueError(f"x must have shape (N, {self.space.in_channels}, H, W), got {tuple(x.shape)}")
+        arch = self.active_arch
+        x = self.stem_act(self.stem_bn(self.stem_conv(x, arch.stem)))
+        for layers, stage_arch in zip(self.stages, arch.stages):
+            for layer in layers[: stage_arch.depth]:
+                x = layer(x)
+        x = self.head_act(self.final_expand_bn(self.final_expand_conv(x, self.space.final_expand_channels(x.shape[1]))))
+        x = x.mean((2, 3), keepdim=True)
+        x = self.head_act(self.feature_mix_conv(x, arch.head))
+        x = self.dropout(torch.flatten(x, 1))
+        return self.classifier(x)
+
+    # -- extraction and channel sorting -------------------------------------------------------
+
+    def extract(self, arch: Arch | Mapping[str, Any] | None = None) -> Subnet:
+        """A standalone :class:`Subnet` of plain PyTorch layers computing ``arch`` (default: the
+        active arch). Weights are copied (transforms baked in), so the two never alias."""
+        arch = self.active_arch if arch is None else self.space.check(arch)
+        previous = self.active_arch
+        self.set_active(arch)
+        try:
+            stem = nn.Sequential(
+                self.stem_conv.extract(self.space.in_channels, arch.stem),
+                self.stem_bn.extract(arch.stem),
+                type(self.stem_act)(),
+            )
+            blocks, width = [], arch.stem
+            for layers, stage_arch in zip(self.stages, arch.stages):
+                for layer in layers[: stage_arch.depth]:
+                    blocks.append(layer.extract(width))
+                    width = stage_arch.width
+            final = self.space.final_expand_channels(width)
+            head = nn.Sequential(
+                self.final_expand_conv.extract(width, final),
+                self.final_expand_bn.extract(final),
+                type(self.head_act)(),
+                nn.AdaptiveAvgPool2d(1),
+                self.feature_mix_conv.extract(final, arch.head),
+                type(self.head_act)(),
+                nn.Flatten(1),
+                nn.Dropout(self.space.head.dropout),
+                self.classifier.extract(arch.head),
+            )
+        finally:
+            self.set_active(previous)
+        subnet = Subnet(stem, nn.Sequential(*blocks), head, str(arch))
+        return subnet.train(self.training).to(self.stem_conv.weight.device)
+
+    @torch.no_grad()
+    def sort_channels(self, expand_stage: int = 0) -> None:
+        """Reorder every layer's middle channels by importance (OFA ``re_organize_middle_weights``);
+        the max subnet's output is unchanged. See :meth:`ElasticMBConv.sort_middle_channels`."""
+        for layers in self.stages:
+            for layer in layers:
+                layer.sort_middle_channels(expand_stage)
+
+
+class Subnet(nn.Module):
+    """A static subnet extracted from a :class:`Supernet`: stem, MBConv blocks, head.
+
+    ``arch`` holds the canonical string of the arch it was extracted for.
+    Shapes: (N, C, r, r) → (N, num_classes).
+    """
+
+    def __init__(self, stem: nn.Sequential, blocks: nn.Sequential, head: nn.Sequential, arch: str):
+        super().__init__()
+        self.stem, self.blocks, self.head = stem, blocks, head
+        self.arch = arch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
