@@ -1,0 +1,318 @@
+"""Which backend computes ``elastic_dwconv2d`` for a call, and why the others do not (xformers-style).
+
+Every backend declares what it supports through :meth:`ElasticDwconvBackend.not_supported_reasons`;
+:data:`DISPATCH_TABLE` lists, per device type, the backends in order of preference; the first one
+with no reason to refuse serves the call. The reference (slice + transform + ``F.conv2d``) accepts
+everything, so it ends every list and serves devices the table does not name. ``tofa-fast info``
+prints :func:`describe_dispatch`, so what it says is what the op does.
+
+Tests and benchmarks pin a backend with :func:`use_backend` (the Triton kernels under
+``TRITON_INTERPRET=1`` are reachable on CPU tensors only that way).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .. import _extension
+from .elastic_dwconv import (
+    active_filter_backward_reference,
+    active_filter_reference,
+    elastic_dwconv2d_reference,
+    output_memory_format,
+)
+
+Grads = tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class DwconvProblem:
+    """What a backend needs to know to accept or refuse a call (no tensor data)."""
+
+    device_type: str
+    dtype: torch.dtype
+    kernel_size: int
+    max_kernel_size: int
+    stride: int
+    num_transforms: int
+
+    @classmethod
+    def of(
+        cls, x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int, transforms: Sequence[torch.Tensor]
+    ) -> DwconvProblem:
+        return cls(x.device.type, x.dtype, kernel_size, weight.shape[-1], stride, len(transforms))
+
+
+class ElasticDwconvBackend:
+    """One implementation of the op: forward and backward, plus the reasons it refuses a problem."""
+
+    name = "abstract"
+    supports = ""  # one line for `tofa-fast info`
+
+    def not_supported_reasons(self, problem: DwconvProblem) -> list[str]:
+        raise NotImplementedError
+
+    def forward(
+        self, x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int, transforms: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """(N, C, H, W) → (N, C, H_out, W_out) in ``output_memory_format(x)``."""
+        raise NotImplementedError
+
+    def backward(
+        self,
+        grad_output: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        kernel_size: int,
+        stride: int,
+        transforms: list[torch.Tensor],
+        output_mask: list[bool],
+    ) -> Grads:
+        """(grad_x, grad_weight, grad_transforms); masked-off entries are empty (0,) tensors."""
+        raise NotImplementedError
+
+
+class ReferenceBackend(ElasticDwconvBackend):
+    name = "reference"
+    supports = "every device and dtype (slice + transform + F.conv2d, differentiated by autograd)"
+
+    def not_supported_reasons(self, problem: DwconvProblem) -> list[str]:
+        return []
+
+    def forward(self, x, weight, kernel_size, stride, transforms):
+        out = elastic_dwconv2d_reference(x, weight, kernel_size, stride, transforms)
+        return out.contiguous(memory_format=output_memory_format(x))
+
+    def backward(self, grad_output, x, weight, kernel_size, stride, transforms, output_mask):
+        # Custom-op implementations run below autograd, so the reference backward is written out:
+        # ATen's convolution backward for the depthwise part, then the transform chain rule.
+        need_x, need_weight, need_transforms = output_mask
+        channels = x.shape[1]
+        filters = active_filter_reference(weight, kernel_size, transforms)[:channels].contiguous()
+        need_filter = need_weight or need_transforms
+        grad_x, grad_filter, _ = torch.ops.aten.convolution_backward(
+            grad_output.to(x.dtype),
+            x,
+            filters,
+            None,
+            [stride, stride],
+            [kernel_size // 2] * 2,
+            [1, 1],
+            False,
+            [0, 0],
+            channels,
+            [need_x, need_filter, False],
+        )
+        empty = x.new_empty((0,))
+        grad_x = grad_x.contiguous(memory_format=output_memory_format(x)) if need_x else empty
+        if not need_filter:
+            return grad_x, empty, [empty for _ in transforms]
+        grad_weight, grad_transforms = active_filter_backward_reference(grad_filter, weight, transforms)
+        return (
+            grad_x,
+            grad_weight if need_weight else empty,
+            [g.contiguous() if need_transforms else empty for g in grad_transforms],
+        )
+
+
+class _CompiledOpBackend(ElasticDwconvBackend):
+    """Backends living in the compiled extension: the torch dispatcher routes by device to the kernel."""
+
+    @staticmethod
+    def _extension_reasons() -> list[str]:
+        if not _extension.available():
+            return [_extension.LOAD_ERROR or "the C++ extension is not loaded"]
+        if not hasattr(torch.ops.tofa_fast, "_elastic_dwconv2d_compiled_forward"):
+            return ["the loaded extension has no elastic_dwconv2d kernels (stale build: rebuild it)"]
+        return []
+
+    def forward(self, x, weight, kernel_size, stride, transforms):
+        return torch.ops.tofa_fast._elastic_dwconv2d_compiled_forward(x, weight, kernel_size, stride, transforms)
+
+    def backward(self, grad_output, x, weight, kernel_size, stride, transforms, output_mask):
+        grad_x, grad_weight, grad_transforms = torch.ops.tofa_fast._elastic_dwconv2d_compiled_backward(
+            grad_output, x, weight, kernel_size, stride, transforms, output_mask
+        )
+        return grad_x, grad_weight, list(grad_transforms)
+
+
+class CppBackend(_CompiledOpBackend):
+    name = "C++"
+    supports = "CPU; float32/float64; k in {1,3,5,7}; stride 1 or 2; NCHW and channels_last (csrc/ops/cpu)"
+    DTYPES = (torch.float32, torch.float64)
+    KERNEL_SIZES = (1, 3, 5, 7)
+    STRIDES = (1, 2)
+
+    def not_supported_reasons(self, problem: DwconvProblem) -> list[str]:
+        if missing := self._extension_reasons():
+            return missing
+        reasons = []
+        if problem.device_type != "cpu":
+            reasons.append(f"serves CPU tensors only, got {problem.device_type}")
+        if problem.dtype not in self.DTYPES:
+            reasons.append(f"dtype {problem.dtype} is not compiled (float32, float64)")
+        if problem.kernel_size not in self.KERNEL_SIZES:
+            reasons.append(f"kernel_size {problem.kernel_size} is not compiled (1, 3, 5, 7)")
+        if problem.stride not in self.STRIDES:
+            reasons.append(f"stride {problem.stride} is not compiled (1, 2)")
+        return reasons
+
+
+class CudaBackend(_CompiledOpBackend):
+    name = "CUDA"
+    supports = "CUDA; float32/float64/float16/bfloat16; any k; any stride; ≤ 8 transforms (kernels/cuda)"
+    DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    MAX_TRANSFORMS = 8  # the active-filter kernel takes the matrices as one by-value parameter struct
+
+    def not_supported_reasons(self, problem: DwconvProblem) -> list[str]:
+        if missing := self._extension_reasons():
+            return missing
+        if not _extension.built_with_cuda():
+            return [
+                "the extension was built without CUDA kernels (needs nvcc + CUDA PyTorch + a GPU at build time, "
+                "or TOFA_FAST_BUILD_CUDA=1)"
+            ]
+        reasons = []
+        if problem.device_type != "cuda":
+            reasons.append(f"serves CUDA tensors only, got {problem.device_type}")
+        if problem.dtype not in self.DTYPES:
+            reasons.append(f"dtype {problem.dtype} is not compiled (float32, float64, float16, bfloat16)")
+        if problem.num_transforms > self.MAX_TRANSFORMS:
+            reasons.append(f"{problem.num_transforms} transforms exceed the {self.MAX_TRANSFORMS} the kernel takes")
+        return reasons
+
+
+_TRITON_MODULE = "tofa_fast.triton_kernels.elastic_dwconv"
+
+
+def _triton_interpreted() -> bool:
+    # Triton decides interpreter vs compiler when a kernel is decorated, so once the module is
+    # imported its own flag is the truth; before that, the environment variable decides.
+    module = sys.modules.get(_TRITON_MODULE)
+    if module is not None:
+        return bool(module.INTERPRETED)
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+class TritonBackend(ElasticDwconvBackend):
+    name = "Triton"
+    supports = "CUDA (CPU tensors under TRITON_INTERPRET=1); float32/float64/float16/bfloat16; ≤ 3 transforms (kernels/triton)"
+    DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    MAX_TRANSFORMS = 3  # one pointer argument per chain step; OFA's 7→5→3 needs two
+
+    def not_supported_reasons(self, problem: DwconvProblem) -> list[str]:
+        if importlib.util.find_spec("triton") is None:
+            return ["the triton package is not installed"]
+        reasons = []
+        if _triton_interpreted():
+            if problem.device_type != "cpu":
+                reasons.append("the kernels were loaded in interpreter mode (TRITON_INTERPRET=1): CPU tensors only")
+        elif problem.device_type != "cuda":
+            reasons.append(f"serves CUDA tensors only, got {problem.device_type} (TRITON_INTERPRET=1 runs it on CPU)")
+        elif not torch.cuda.is_available():
+            reasons.append("no CUDA device is visible")
+        if problem.dtype not in self.DTYPES:
+            reasons.append(f"dtype {problem.dtype} is not supported (float32, float64, float16, bfloat16)")
+        if problem.num_transforms > self.MAX_TRANSFORMS:
+            reasons.append(f"{problem.num_transforms} transforms exceed the {self.MAX_TRANSFORMS} the kernel takes")
+        return reasons
+
+    @staticmethod
+    def _kernels():
+        return importlib.import_module(_TRITON_MODULE)
+
+    def forward(self, x, weight, kernel_size, stride, transforms):
+        return self._kernels().elastic_dwconv2d_forward(x, weight, kernel_size, stride, transforms)
+
+    def backward(self, grad_output, x, weight, kernel_size, stride, transforms, output_mask):
+        return self._kernels().elastic_dwconv2d_backward(
+            grad_output, x, weight, kernel_size, stride, transforms, output_mask
+        )
+
+
+REFERENCE = ReferenceBackend()
+CPP = CppBackend()
+CUDA = CudaBackend()
+TRITON = TritonBackend()
+BACKENDS: dict[str, ElasticDwconvBackend] = {b.name: b for b in (CPP, CUDA, TRITON, REFERENCE)}
+
+# Device type → backends in order of preference. CUDA before Triton: no JIT warm-up, and it takes
+# every dtype and kernel size. Devices not listed get the reference.
+DISPATCH_TABLE: dict[str, tuple[ElasticDwconvBackend, ...]] = {
+    "cpu": (CPP, REFERENCE),
+    "cuda": (CUDA, TRITON, REFERENCE),
+}
+FALLBACK: tuple[ElasticDwconvBackend, ...] = (REFERENCE,)
+
+_FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("tofa_fast_elastic_dwconv_backend", default=None)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[ElasticDwconvBackend]:
+    """Pin the backend (``"C++"``, ``"CUDA"``, ``"Triton"``, ``"reference"``) inside the block.
+
+    A pinned backend that refuses a call raises instead of falling back, so a test cannot pass on
+    the reference by accident.
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}")
+    token = _FORCED.set(name)
+    try:
+        yield BACKENDS[name]
+    finally:
+        _FORCED.reset(token)
+
+
+def candidates(device_type: str) -> tuple[ElasticDwconvBackend, ...]:
+    return DISPATCH_TABLE.get(device_type, FALLBACK)
+
+
+def select_backend_for(problem: DwconvProblem) -> ElasticDwconvBackend:
+    forced = _FORCED.get()
+    if forced is not None:
+        backend = BACKENDS[forced]
+        reasons = backend.not_supported_reasons(problem)
+        if reasons:
+            raise RuntimeError(f"elastic_dwconv2d: pinned backend {forced} cannot serve {problem}: {'; '.join(reasons)}")
+        return backend
+    for backend in candidates(problem.device_type):
+        if not backend.not_supported_reasons(problem):
+            return backend
+    raise AssertionError("the reference backend accepts every problem")
+
+
+def select_backend(
+    x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int, transforms: Sequence[torch.Tensor]
+) -> ElasticDwconvBackend:
+    """The backend that serves this call."""
+    return select_backend_for(DwconvProblem.of(x, weight, kernel_size, stride, transforms))
+
+
+def explain(problem: DwconvProblem) -> list[tuple[str, list[str]]]:
+    """(backend name, reasons it refuses) for every candidate of the problem's device, in order."""
+    return [(b.name, b.not_supported_reasons(problem)) for b in candidates(problem.device_type)]
+
+
+def describe_dispatch() -> list[str]:
+    """Lines for ``tofa-fast info``: per device, which backend serves a typical call and why others do not."""
+    lines = []
+    for device in DISPATCH_TABLE:
+        # A typical supernet call: float32, OFA's 7→5→3 chain, stride 1.
+        problem = DwconvProblem(device, torch.float32, 3, 7, 1, 2)
+        chosen = select_backend_for(problem)
+        lines.append(f"{device}: served by {chosen.name} (float32, k=3 of K=7, stride 1)")
+        for name, reasons in explain(problem):
+            backend = BACKENDS[name]
+            verdict = "serves" if backend is chosen else ("fallback" if not reasons else "no: " + "; ".join(reasons))
+            lines.append(f"    {name:<9} {verdict}")
+            lines.append(f"    {'':<9} supports {backend.supports}")
+    return lines
