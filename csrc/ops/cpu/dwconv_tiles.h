@@ -1,0 +1,74 @@
+// Interface of the vectorised CPU depthwise-convolution tile kernels.
+//
+// Layout. The kernels work on blocks of `lanes` channels (one SIMD vector: 16 floats with AVX-512)
+// stored pixel-major: a tile pixel is one vector holding the block's channels. Every pixel of a
+// small plane then fills whole vectors (an 8×8 or 4×4 MobileNet plane wastes no lanes), NHWC
+// tensors load with plain vector copies and NCHW tensors with in-register transposes. Tiles carry
+// zero borders, so the inner loops have no bounds checks.
+//
+// Each ISA (AVX-512, AVX2+FMA, baseline) compiles the same source (dwconv_tiles_impl.h) under its
+// own target options in its own translation unit and namespace; select_tile_kernels() picks the best
+// the running CPU supports (TOFA_FAST_CPU_ISA=avx512|avx2|baseline caps it). This keeps the build
+// portable (no -march=native) and still uses the wide vectors where they exist.
+//
+// These files contain no ATen: only raw pointers, so no library inline function is compiled with
+// wider target options than the rest of the program.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace tofa_fast::cpu {
+
+// One depthwise convolution (all sizes in elements / pixels). Tensors are dense NCHW or NHWC.
+struct DwconvGeometry {
+  int64_t batch, channels, height, width, out_height, out_width;
+  int kernel_size, stride, pad;
+  bool channels_last;
+};
+
+template <typename T>
+struct DwconvTileKernels {
+  const char* isa;
+  int lanes;  // channels per block
+  // Scratch (elements of T) one worker needs; the caller zero-fills it once before the first block.
+  size_t (*forward_scratch)(const DwconvGeometry&);
+  size_t (*backward_scratch)(const DwconvGeometry&);
+  // y[n, c0 : c0+lanes] = depthwise conv of x[n, c0 : c0+lanes] with filter_block ([k][k][lanes]).
+  void (*forward_block)(const DwconvGeometry&, const T* x, T* y, const T* filter_block, int64_t n, int64_t c0,
+                        T* scratch);
+  // For samples [n0, n1) of channel block c0: grad_x (when non-null) and, when grad_filter_block
+  // ([k][k][lanes]) is non-null, grad_filter_block += Σ_n Σ_pixels grad_y · x.
+  void (*backward_block)(const DwconvGeometry&, const T* x, const T* grad_y, T* grad_x, const T* filter_block,
+                         T* grad_filter_block, int64_t n0, int64_t n1, int64_t c0, T* scratch);
+};
+
+#define TOFA_FAST_DECLARE_TILE_KERNELS(ns)                \
+  namespace ns {                                          \
+  extern const DwconvTileKernels<float> kernels_float;   \
+  extern const DwconvTileKernels<double> kernels_double; \
+  }
+
+TOFA_FAST_DECLARE_TILE_KERNELS(isa_baseline)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define TOFA_FAST_X86_ISA_PATHS 1
+TOFA_FAST_DECLARE_TILE_KERNELS(isa_avx2)
+TOFA_FAST_DECLARE_TILE_KERNELS(isa_avx512)
+#else
+#define TOFA_FAST_X86_ISA_PATHS 0
+#endif
+
+// Kernel sizes and strides the tile kernels are compiled for.
+constexpr bool tile_kernels_support(int64_t kernel_size, int64_t stride) {
+  return (kernel_size == 1 || kernel_size == 3 || kernel_size == 5 || kernel_size == 7) && (stride == 1 || stride == 2);
+}
+
+// The best kernels this CPU runs (capped by TOFA_FAST_CPU_ISA), chosen once per process.
+template <typename T>
+const DwconvTileKernels<T>& select_tile_kernels();
+
+// "AVX-512 (16 float lanes)"-style description of the selected kernels, for `tofa-fast info`.
+std::string tile_kernels_description();
+
+}  // namespace tofa_fast::cpu
