@@ -6,11 +6,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
-STRATEGIES = ("tofa", "rss", "ps", "single")
-LOSSES = ("sup", "sup+kd", "sup+fm", "sup+fm+kd")
+from .train.config import STRATEGIES
+from .train.losses import LOSS_VARIANTS
 
 
 def _positive_int(text: str) -> int:
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--strategy", choices=STRATEGIES, default="tofa")
     train.add_argument(
         "--loss",
-        choices=LOSSES,
+        choices=LOSS_VARIANTS,
         default=None,
         help="TOFA loss variant (default: sup+fm+kd with unlabelled data, else sup)",
     )
@@ -46,6 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0, metavar="S")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    train.add_argument(
+        "--space",
+        default=None,
+        help="search space preset (default: digits for --data digits, rss for CIFAR, else tofa)",
+    )
+    train.add_argument("--data-root", default="data", help="where torchvision data sets live (default: %(default)s)")
+    train.add_argument(
+        "--download", action="store_true", help="download a torchvision data set if missing (needs network)"
+    )
+    train.add_argument("--batch-size", type=_positive_int, default=32)
+    train.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
 
     select = sub.add_parser("select", help="print the arch chosen for a budget as JSON")
     select.add_argument("run", metavar="RUN")
@@ -76,8 +88,52 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(info_text())
         return 0
+    try:
+        return _run(args)
+    except ValueError as exc:  # bad input: a clear message, no traceback
+        print(f"tofa-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .train import run
+
     if args.command == "train":
-        print("tofa-fast train: coming with the trainer (issue 5); arguments accepted:", vars(args))
+        from .train import TrainConfig
+
+        config = TrainConfig(
+            data=args.data,
+            out=args.out,
+            epochs=args.epochs,
+            strategy=args.strategy,
+            loss=args.loss,
+            labels_per_class=args.labels_per_class,
+            init=args.init,
+            seed=args.seed,
+            device=args.device,
+            space=args.space,
+            data_root=args.data_root,
+            download=args.download,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+        )
+        palette = run.train(config, resume=args.resume)
+        print(f"wrote {args.out}/checkpoint.pt, palette.json, report.md, pareto.png")
+        for entry in palette:
+            print(
+                f"  {entry['flops'] / 1e6:8.2f} MFLOPs  {entry['params']:>9,} params  accuracy {entry['accuracy']:.2%}"
+            )
+        return 0
+    if args.command == "select":
+        print(run.arch_json(run.select(args.run, args.max_mflops)))
+        return 0
+    if args.command == "export":
+        arch = run.export(args.run, args.max_mflops, args.output)
+        print(f"wrote {args.output} ({arch})")
+        return 0
+    if args.command == "evaluate":
+        for entry in run.evaluate(args.run):
+            print(f"{entry['flops'] / 1e6:8.2f} MFLOPs  accuracy {entry['accuracy']:.2%}  {json.dumps(entry['arch'])}")
         return 0
     print(f"tofa-fast {args.command}: not implemented yet", file=sys.stderr)
     return 2

@@ -32,10 +32,12 @@ class ElasticMBConv(nn.Module):
         self.stage_index, self.layer_index = stage_index, layer_index
         self.stride = stage.stride if layer_index == 0 else 1
         self.divisor = space.channel_divisor
-        self.expand_ratios = stage.expands
+        self.expand_ratios = stage.expand_choices(layer_index)
         self.residual = space.has_residual(stage_index, layer_index)
+        # Stochastic depth on residual branches during training (EfficientNet's "drop connect").
+        self.drop_connect_rate = 0.0
         self.max_in, self.max_out = max_in, max(stage.widths)
-        self.max_mid = space.middle_channels(stage_index, max_in, max(stage.expands))
+        self.max_mid = space.middle_channels(stage_index, max_in, max(self.expand_ratios))
         bn = dict(eps=space.bn_eps, momentum=space.bn_momentum)
         self.act = build_activation(stage.act)
         if stage.has_expansion:
@@ -48,7 +50,7 @@ class ElasticMBConv(nn.Module):
         self.se = ElasticSqueezeExcite(self.max_mid, space.se_reduction, space.channel_divisor) if stage.se else None
         self.project_conv = ElasticConv2d(self.max_mid, self.max_out, 1)
         self.project_bn = ElasticBatchNorm2d(self.max_out, **bn)
-        self.set_active(max(stage.kernels), max(stage.expands), self.max_out)
+        self.set_active(max(stage.kernels), max(self.expand_ratios), self.max_out)
 
     def set_active(self, kernel: int, expand: float, width: int) -> None:
         self.active_kernel, self.active_expand, self.active_width = kernel, expand, width
@@ -67,7 +69,13 @@ class ElasticMBConv(nn.Module):
         if self.se is not None:
             y = self.se(y)
         y = self.project_bn(self.project_conv(y, self.active_width))
-        return x + y if self.residual else y
+        if not self.residual:
+            return y
+        if self.training and self.drop_connect_rate > 0:
+            keep = 1.0 - self.drop_connect_rate
+            mask = torch.empty(y.shape[0], 1, 1, 1, dtype=y.dtype, device=y.device).bernoulli_(keep)
+            y = y * mask / keep
+        return x + y
 
     def extract(self, in_channels: int) -> MBConvBlock:
         """A static copy of this layer for ``in_channels`` inputs and the active choices."""

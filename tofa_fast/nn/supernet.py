@@ -58,11 +58,24 @@ class Supernet(nn.Module):
         self.final_expand_conv = ElasticConv2d(max_in, max_final, 1)
         self.final_expand_bn = ElasticBatchNorm2d(max_final, **bn)
         self.head_act = build_activation(space.head.act)
-        self.feature_mix_conv = ElasticConv2d(max_final, max(space.head.widths), 1)
+        self.feature_mix_conv = ElasticConv2d(max_final, max(space.head.widths), 1, bias=space.head.feature_mix_bias)
         self.dropout = nn.Dropout(space.head.dropout)
         self.classifier = ElasticLinear(max(space.head.widths), num_classes)
         self._init_weights()
         self.set_active(space.max_arch())
+
+    def set_regularization(self, dropout: float | None = None, drop_connect: float | None = None) -> None:
+        """Training-time regularisation: classifier dropout and residual drop-connect rates."""
+        if dropout is not None:
+            if not 0.0 <= dropout < 1.0:
+                raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+            self.dropout.p = dropout
+        if drop_connect is not None:
+            if not 0.0 <= drop_connect < 1.0:
+                raise ValueError(f"drop_connect must be in [0, 1), got {drop_connect}")
+            for layers in self.stages:
+                for layer in layers:
+                    layer.drop_connect_rate = drop_connect
 
     def _init_weights(self) -> None:
         # MobileNetV3's initialisation (torchvision): He fan-out for convs, small normal for the classifier.

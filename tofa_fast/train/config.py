@@ -1,0 +1,85 @@
+"""Training configuration: a typed dataclass that round-trips to JSON and lives in every checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from .losses import LOSS_VARIANTS
+
+STRATEGIES = ("tofa", "rss", "ps", "single")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run (SPEC §7 defaults; paper §4.2).
+
+    ``None`` fields are filled per data set by :meth:`resolved`.
+    """
+
+    data: str = "digits"
+    out: str = "runs/digits"
+    epochs: int | None = None
+    strategy: str = "tofa"
+    loss: str | None = None
+    labels_per_class: int | None = None
+    init: str | None = None
+    seed: int = 0
+    device: str | None = None
+    space: str | None = None
+    data_root: str = "data"
+    download: bool = False
+    image_size: int | None = None  # base resolution images are stored at (≥ the largest resolution)
+    batch_size: int = 32
+    mu: int = 1  # unlabelled batch = mu × batch_size
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 1
+    label_smoothing: float = 0.1
+    threshold: float = 0.95
+    dropout: float = 0.1
+    drop_connect: float = 0.05
+    palette_size: int = 5
+    calibration_images: int = 500
+    num_workers: int = 0
+
+    def resolved(self) -> TrainConfig:
+        """Fill data-set dependent defaults and validate every field (errors name the field)."""
+        c = self
+        if c.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {c.strategy!r}")
+        if c.space is None:
+            small = c.data == "digits"
+            c = replace(
+                c, space="digits" if small else ("rss" if c.data.lower() in ("cifar10", "cifar100") else "tofa")
+            )
+        if c.epochs is None:
+            c = replace(c, epochs=30 if c.data == "digits" else 100)
+        if c.loss is None:
+            has_unlabelled = c.data == "digits" or c.labels_per_class is not None
+            c = replace(c, loss="sup+fm+kd" if has_unlabelled else "sup")
+        if c.loss not in LOSS_VARIANTS:
+            raise ValueError(f"loss must be one of {list(LOSS_VARIANTS)}, got {c.loss!r}")
+        for name in ("epochs", "batch_size", "mu", "palette_size", "calibration_images"):
+            value = getattr(c, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if c.labels_per_class is not None and c.labels_per_class < 1:
+            raise ValueError(f"labels_per_class must be a positive integer, got {c.labels_per_class}")
+        for name in ("lr", "label_smoothing", "threshold", "weight_decay"):
+            if getattr(c, name) < 0:
+                raise ValueError(f"{name} must be non-negative, got {getattr(c, name)}")
+        return c
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training-config field(s) {unknown}")
+        return cls(**d)

@@ -1,0 +1,98 @@
+"""The run's deliverables (SPEC §10): ``palette.json``, ``report.md`` and ``pareto.png``.
+
+The palette picks, for a spread of FLOPs budgets, the subnet TOFA's zero-cost rule selects
+(:class:`SelectionIndex`), then measures each one: extracted, BN recalibrated on training images,
+tested. Budgets are geometrically spaced between the cheapest and the most expensive trained subnet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+from ..spaces import Arch
+from .checkpoint import write_text_atomic
+
+
+def palette_budgets(flops: list[float], count: int) -> list[float]:
+    lo, hi = min(flops), max(flops)
+    if count == 1 or hi <= lo:
+        return [hi]
+    return [float(b) for b in np.geomspace(lo, hi, count)]
+
+
+def build_palette(trainer, estimator, progress: bool = True) -> list[dict]:
+    """Select and evaluate one subnet per budget; entries sorted by FLOPs, duplicates merged."""
+    from tqdm import tqdm
+
+    archs = trainer.selection.archs()
+    flops = [float(f) for f in estimator.flops(archs)]
+    chosen: dict[str, tuple[float, Arch]] = {}
+    for budget in palette_budgets(flops, trainer.config.palette_size):
+        arch = trainer.selection.select(estimator.flops, budget, "FLOPs")
+        chosen.setdefault(str(arch), (budget, arch))
+    entries = []
+    for budget, arch in tqdm(list(chosen.values()), desc="palette", disable=not progress, leave=False):
+        sub = trainer.calibrated_subnet(arch)
+        entries.append(
+            {
+                "budget_mflops": round(budget / 1e6, 4),
+                "arch": arch.to_dict(),
+                "flops": int(estimator.flops([arch])[0]),
+                "params": int(estimator.params([arch])[0]),
+                "accuracy": trainer.evaluate(sub, arch.resolution),
+            }
+        )
+    return sorted(entries, key=lambda e: e["flops"])
+
+
+def write_outputs(out: str, palette: list[dict], config: dict, seconds: float, extra: dict | None = None) -> None:
+    write_text_atomic(json.dumps(palette, indent=2) + "\n", os.path.join(out, "palette.json"))
+    write_text_atomic(report_markdown(palette, config, seconds, extra or {}), os.path.join(out, "report.md"))
+    plot_pareto(
+        palette, os.path.join(out, "pareto.png"), title=f"{config['data']} — {config['strategy']} ({config['loss']})"
+    )
+
+
+def report_markdown(palette: list[dict], config: dict, seconds: float, extra: dict) -> str:
+    lines = [
+        f"# tofa_fast run: {config['data']}",
+        "",
+        f"- strategy `{config['strategy']}`, loss `{config['loss']}`, space `{config['space']}`, "
+        f"{config['epochs']} epochs, seed {config['seed']}",
+        f"- wall time {seconds / 60:.1f} min; written {time.strftime('%Y-%m-%d %H:%M:%S')}",
+    ]
+    for k, v in extra.items():
+        lines.append(f"- {k}: {v}")
+    lines += ["", "| budget MFLOPs | MFLOPs | params | accuracy | arch |", "|---:|---:|---:|---:|---|"]
+    for e in palette:
+        arch = e["arch"]
+        short = f"r{arch['resolution']} " + " ".join(f"{s['width']}×{s['depth']}" for s in arch["stages"])
+        lines.append(
+            f"| {e['budget_mflops']:.2f} | {e['flops'] / 1e6:.2f} | {e['params']:,} | {e['accuracy']:.2%} | {short} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_pareto(palette: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    mflops = [e["flops"] / 1e6 for e in palette]
+    acc = [100 * e["accuracy"] for e in palette]
+    ax.plot(mflops, acc, "o-", color="tab:blue")
+    ax.set_xlabel("MFLOPs")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,68 @@
+"""Zero-cost subnet selection (TOFA Algorithm 2).
+
+Every time subnet a is trained at iteration t (1-based), I(a) += t. Given a metric M and budget B,
+select argmax { I(a) : I(a) > 0, M(a) ≤ B }. Subnets trained often and late — the ones the shared
+weights were most recently fitted to — win.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+from ..spaces import Arch, SearchSpace
+
+
+class SelectionIndex:
+    """The index I over subnets, keyed by canonical arch string; JSON/checkpoint friendly."""
+
+    def __init__(self, space: SearchSpace, index: Mapping[str, int] | None = None):
+        self.space = space
+        self._index: dict[str, int] = {}
+        for key, value in (index or {}).items():
+            self.space.arch_from_string(key)  # validates that the key belongs to this space
+            self._index[key] = int(value)
+
+    def update(self, archs: Iterable[Arch], iteration: int) -> None:
+        """Record that ``archs`` were trained at 1-based ``iteration``. A subnet listed twice in one
+        step (e.g. a random draw equal to the max) is counted once per appearance."""
+        if iteration < 1:
+            raise ValueError(f"iteration is 1-based, got {iteration}")
+        for arch in archs:
+            key = str(arch)
+            self._index[key] = self._index.get(key, 0) + iteration
+
+    def __getitem__(self, arch: Arch | str) -> int:
+        return self._index.get(str(arch), 0)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def archs(self) -> list[Arch]:
+        return [self.space.arch_from_string(k) for k in self._index]
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self._index)
+
+    def select(
+        self, metric: Callable[[list[Arch]], Iterable[float]], budget: float, metric_name: str = "metric"
+    ) -> Arch:
+        """argmax I(a) subject to metric(a) ≤ budget, among trained subnets (ties: smaller metric).
+
+        ``metric`` maps a list of archs to their values (e.g. ``Estimator.flops``). Raises
+        ``ValueError`` naming the smallest available value when nothing fits.
+        """
+        archs = self.archs()
+        if not archs:
+            raise ValueError("the selection index is empty: no subnet has been trained yet")
+        values = [float(v) for v in metric(archs)]
+        best, best_key = None, None
+        for arch, value in zip(archs, values):
+            if value <= budget:
+                key = (self._index[str(arch)], -value)
+                if best_key is None or key > best_key:
+                    best, best_key = arch, key
+        if best is None:
+            raise ValueError(
+                f"no trained subnet fits {metric_name} ≤ {budget:g}; the smallest available is {min(values):g}"
+            )
+        return best

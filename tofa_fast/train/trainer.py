@@ -1,0 +1,322 @@
+"""The TOFA trainer (SPEC §7): semi-supervised sandwich training of one supernet.
+
+Determinism and resume: everything random in epoch e (batch order, augmentation, dropout, subnet
+sampling) is seeded from (seed, e). Checkpoints are written atomically at the end of every epoch
+with the model, optimizer, schedule, step counter and selection index, so a run resumed from any
+checkpoint computes exactly what the uninterrupted run computes (on the same device and thread count).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .. import spaces
+from ..nn import Supernet
+from ..spaces import Arch
+from . import losses
+from .augment import eval_transform, strong_transform, weak_transform
+from .checkpoint import FORMAT, load_checkpoint, save_atomic
+from .config import TrainConfig
+from .data import DataSplits, ImageSet, load_data
+from .selection import SelectionIndex
+
+
+class _Labelled(Dataset):
+    def __init__(self, images: ImageSet, transform):
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        img, label = self.images[i]
+        return self.transform(img), label
+
+
+class _Unlabelled(Dataset):
+    def __init__(self, images: ImageSet, weak, strong):
+        self.images, self.weak, self.strong = images, weak, strong
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        img = self.images.image(i)
+        return self.weak(img), self.strong(img)
+
+
+class _Plain(Dataset):
+    def __init__(self, images: ImageSet, transform):
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        item = self.images[i]
+        if isinstance(item, tuple):
+            return self.transform(item[0]), item[1]
+        return self.transform(item), -1
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919) % (2**63 - 1)
+
+
+def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator) -> list[list[int]]:
+    """``steps`` batches of indices drawn as concatenated random permutations of range(n)."""
+    order: list[int] = []
+    while len(order) < steps * batch_size:
+        order += torch.randperm(n, generator=generator).tolist()
+    return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
+
+
+def resize(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    if images.shape[-1] == resolution and images.shape[-2] == resolution:
+        return images
+    return F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
+
+
+class Trainer:
+    """Trains a supernet with the TOFA strategy and writes its run folder (SPEC §10)."""
+
+    def __init__(self, config: TrainConfig, splits: DataSplits | None = None, resume: bool = False):
+        self.checkpoint_path = os.path.join(config.out, "checkpoint.pt")
+        saved = None
+        if resume:
+            saved = load_checkpoint(self.checkpoint_path)
+            config = TrainConfig.from_dict({**saved["config"], "out": config.out, "device": config.device})
+        self.config = config = config.resolved()
+        if config.strategy != "tofa":
+            raise ValueError(
+                f"strategy {config.strategy!r} is not implemented yet (coming with issue 6); use --strategy tofa"
+            )
+        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.space = spaces.get(config.space)
+        size = config.image_size or max(self.space.resolutions)
+        self.splits = splits or load_data(
+            config.data, size, config.labels_per_class, config.seed, config.data_root, config.download
+        )
+        self.use_fm, self.use_kd = losses.variant_terms(config.loss)
+        if (self.use_fm or self.use_kd) and self.splits.unlabelled is None:
+            raise ValueError(f"loss {config.loss!r} needs unlabelled data; pass --labels-per-class or use --loss sup")
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)  # the initial weights depend on the seed only
+            self.net = self._build_network().to(self.device)
+        self.net.set_regularization(dropout=config.dropout, drop_connect=config.drop_connect)
+        if self.device.type == "cuda":
+            self.net = self.net.to(memory_format=torch.channels_last)
+        decay = [p for p in self.net.parameters() if p.ndim > 1]
+        no_decay = [p for p in self.net.parameters() if p.ndim <= 1]  # biases and BN: no weight decay
+        self.optimizer = torch.optim.SGD(
+            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=config.lr,
+            momentum=config.momentum,
+            nesterov=config.nesterov,
+        )
+        self.steps_per_epoch = self._steps_per_epoch()
+        total, warmup = config.epochs * self.steps_per_epoch, config.warmup_epochs * self.steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: _warmup_cosine(s, warmup, total))
+        self.selection = SelectionIndex(self.space)
+        self.epoch, self.step = 0, 0
+        if saved is not None:
+            self._restore(saved)
+
+    # -- construction -------------------------------------------------------------------------
+
+    def _build_network(self) -> Supernet:
+        if self.config.init:
+            from ..transfer import load_init
+
+            net = load_init(self.config.init, self.splits.num_classes)
+            if net.space != self.space:
+                self.space = net.space
+            return net
+        return Supernet(self.space, self.splits.num_classes)
+
+    def _steps_per_epoch(self) -> int:
+        c = self.config
+        if self.splits.unlabelled is not None and (self.use_fm or self.use_kd):
+            return max(1, len(self.splits.unlabelled) // (c.mu * c.batch_size))
+        return max(1, len(self.splits.labelled) // c.batch_size)
+
+    def _restore(self, saved: dict[str, Any]) -> None:
+        self.net.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.selection = SelectionIndex(self.space, saved["selection_index"])
+        self.epoch, self.step = int(saved["epoch"]), int(saved["step"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "config": self.config.to_dict(),
+            "space": self.space.to_json(),
+            "classes": list(self.splits.classes),
+            "model": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "selection_index": self.selection.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+        }
+
+    # -- training -----------------------------------------------------------------------------
+
+    def sandwich(self, rng: random.Random) -> list[Arch]:
+        """A_t = {a_max, a_min, a_1, a_2} with a_1, a_2 uniform random (SPEC §7)."""
+        return [self.space.max_arch(), self.space.min_arch(), self.space.sample(rng), self.space.sample(rng)]
+
+    def _loaders(self, epoch: int):
+        c, s = self.config, self.splits
+        g = torch.Generator().manual_seed(_epoch_seed(c.seed, epoch))
+        weak = weak_transform(s.size, s.flip)
+        lab = _Labelled(s.labelled, weak)
+        lab_batches = _batches(len(lab), c.batch_size, self.steps_per_epoch, g)
+        kw = dict(num_workers=c.num_workers, generator=g, persistent_workers=False)
+        lab_loader = DataLoader(lab, batch_sampler=lab_batches, **kw)
+        if not (self.use_fm or self.use_kd):
+            return lab_loader, [None] * self.steps_per_epoch
+        unl = _Unlabelled(s.unlabelled, weak, strong_transform(s.size, s.flip))
+        unl_batches = _batches(len(unl), c.mu * c.batch_size, self.steps_per_epoch, g)
+        return lab_loader, DataLoader(unl, batch_sampler=unl_batches, **kw)
+
+    def train_step(self, labelled, unlabelled, archs: list[Arch]) -> dict[str, float]:
+        """One optimizer step on the sandwich set; returns the loss terms summed over subnets."""
+        net, dev = self.net, self.device
+        fmt = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
+        x, y = (t.to(dev, non_blocking=True) for t in labelled)
+        x = x.to(memory_format=fmt)
+        autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+        self.optimizer.zero_grad(set_to_none=True)
+        pseudo, u_weak, u_strong = None, None, None
+        if unlabelled is not None:
+            u_weak, u_strong = (t.to(dev, non_blocking=True).to(memory_format=fmt) for t in unlabelled)
+            with torch.no_grad(), autocast:
+                net.set_active(archs[0])
+                pseudo = losses.pseudo_labels(net(resize(u_weak, archs[0].resolution)), self.config.threshold)
+        terms: dict[str, float] = defaultdict(float)
+        for position, arch in enumerate(archs):
+            net.set_active(arch)
+            use_kd = self.use_kd and position >= 2  # KD only for the two random subnets
+            parts = [x] + ([u_strong] if self.use_fm else []) + ([u_weak] if use_kd else [])
+            with autocast:
+                logits = net(resize(torch.cat(parts), arch.resolution)).float()
+            chunks = logits.split([p.shape[0] for p in parts])
+            loss = losses.supervised_loss(chunks[0], y, self.config.label_smoothing)
+            terms["sup"] += loss.item()
+            if self.use_fm:
+                fm = losses.fixmatch_loss(chunks[1], pseudo)
+                terms["fm"] += fm.item()
+                loss = loss + fm
+            if use_kd:
+                kd = losses.distillation_loss(chunks[-1], pseudo)
+                terms["kd"] += kd.item()
+                loss = loss + kd
+            loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.selection.update(archs, self.step)
+        if pseudo is not None:
+            terms["mask"] = pseudo.mask.mean().item()
+        terms["lr"] = self.scheduler.get_last_lr()[0]
+        return dict(terms)
+
+    def train_epoch(self) -> dict[str, float]:
+        epoch = self.epoch
+        seed = _epoch_seed(self.config.seed, epoch)
+        torch.manual_seed(seed)  # augmentation, dropout and drop-connect of this epoch
+        rng = random.Random(seed)
+        self.net.train()
+        lab_loader, unl_loader = self._loaders(epoch)
+        totals: dict[str, float] = defaultdict(float)
+        bar = tqdm(
+            zip(lab_loader, unl_loader),
+            total=self.steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{self.config.epochs}",
+            leave=False,
+            dynamic_ncols=True,
+        )
+        for labelled, unlabelled in bar:
+            terms = self.train_step(labelled, unlabelled, self.sandwich(rng))
+            for k, v in terms.items():
+                totals[k] += v
+            bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items() if k != "lr"})
+        self.epoch += 1
+        return {k: v / self.steps_per_epoch for k, v in totals.items()}
+
+    def save(self) -> None:
+        save_atomic(self.state_dict(), self.checkpoint_path)
+
+    def fit(self, max_epochs: int | None = None) -> None:
+        """Train up to ``config.epochs`` (or ``max_epochs`` more), checkpointing after each epoch
+        and logging per-term losses to ``train_log.jsonl``."""
+        os.makedirs(self.config.out, exist_ok=True)
+        target = self.config.epochs if max_epochs is None else min(self.config.epochs, self.epoch + max_epochs)
+        log_path = os.path.join(self.config.out, "train_log.jsonl")
+        while self.epoch < target:
+            start = time.perf_counter()
+            terms = self.train_epoch()
+            self.save()
+            record = {"epoch": self.epoch, "step": self.step, "seconds": round(time.perf_counter() - start, 2), **terms}
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(
+                " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()), flush=True
+            )
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    def calibration_batches(self, resolution: int, batch_size: int = 128) -> list[torch.Tensor]:
+        """Un-augmented training images (labelled first, then unlabelled) for BN recalibration."""
+        s = self.splits
+        sets = [s.labelled] + ([s.unlabelled] if s.unlabelled is not None else [])
+        tf = eval_transform(s.size)
+        images, budget = [], self.config.calibration_images
+        for images_set in sets:
+            for i in range(min(len(images_set), budget - len(images))):
+                images.append(tf(images_set.image(i)))
+        stacked = resize(torch.stack(images), resolution)
+        return list(stacked.split(batch_size))
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, resolution: int, images: ImageSet | None = None) -> float:
+        """Top-1 accuracy in [0, 1] of ``model`` on the test split at ``resolution``."""
+        images = images or self.splits.test
+        loader = DataLoader(
+            _Plain(images, eval_transform(self.splits.size)), batch_size=256, num_workers=self.config.num_workers
+        )
+        model.eval()
+        correct = total = 0
+        for x, y in loader:
+            logits = model(resize(x.to(self.device), resolution))
+            correct += (logits.argmax(1).cpu() == y).sum().item()
+            total += len(y)
+        return correct / max(total, 1)
+
+    def calibrated_subnet(self, arch: Arch) -> torch.nn.Module:
+        from ..nn import recalibrate_bn
+
+        sub = self.net.extract(arch)
+        recalibrate_bn(sub, self.calibration_batches(arch.resolution))
+        return sub.eval()
+
+
+def _warmup_cosine(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
