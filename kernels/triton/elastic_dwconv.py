@@ -1,0 +1,363 @@
+"""Triton kernels of the elastic depthwise convolution (installed as ``tofa_fast.triton_kernels``).
+
+Math (the reference is :func:`tofa_fast.ops.elastic_dwconv2d_reference`; F = active filter of
+channel c, k×k, padding p = k // 2, stride S):
+
+* active filter: start from the K×K filter W_c; each transform step of target size t computes
+  ``out[q] = Σ_p' E[q, p'] · cur[p']`` where ``E[q, p'] = M[q, pos(p')]`` when p' lies in the centred
+  t×t window of the current grid (``pos`` its index inside the window) and 0 elsewhere, so the
+  window slice is folded into the matrix load. One program handles a block of channels through the
+  whole chain: one launch, whatever the chain length.
+* forward: ``y[n,c,r,s] = Σ_{i,j} F[i,j] · x[n, c, rS + i − p, sS + j − p]`` (zero outside x).
+* grad input: ``dx[n,c,h,w] = Σ_{i,j} F[i,j] · dy[n, c, (h + p − i)/S, (w + p − j)/S]`` over the
+  (i, j) for which both quotients are exact and in range.
+* grad filter: ``dF[c,i,j] = Σ_{n,r,s} dy[n,c,r,s] · x[n, c, rS + i − p, sS + j − p]``, a reduction
+  over N·H_out·W_out split across programs (atomic adds into a float32/float64 buffer).
+* active-filter backward: recompute the chain, then walk it back from k:
+  ``dE[q, p'] = Σ_c g[c, q] · cur_prev[c, p']`` is atomically added into dM at ``pos(p')`` and
+  ``g_prev[c, p'] = Σ_q g[c, q] · E[q, p']`` (zero outside the window, as the slice's gradient must be).
+  The final g is the weight gradient, zero for channels ≥ C. One launch.
+
+Strides are passed explicitly, so NCHW, channels_last and non-contiguous inputs need no copies.
+Accumulation is float32 (float64 for float64 tensors). On CPU tensors the kernels run only under
+``TRITON_INTERPRET=1``, which must be set before this module is imported (``INTERPRETED`` records
+which mode the kernels were decorated in).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton import knobs
+
+import torch
+
+from tofa_fast.ops.elastic_dwconv import check_elastic_dwconv_args, output_memory_format
+
+INTERPRETED = bool(knobs.runtime.interpret)
+
+MAX_TRANSFORMS = 3
+
+
+@triton.jit
+def _window_matrix(m_ptr, T_PREV: tl.constexpr, T: tl.constexpr, P_PREV: tl.constexpr, P: tl.constexpr):
+    """E (P × P_PREV): the t²×t² matrix spread over the centred t×t window of a t_prev×t_prev grid."""
+    q = tl.arange(0, P)[:, None]
+    grid = tl.arange(0, P_PREV)[None, :]
+    row = grid // T_PREV
+    col = grid % T_PREV
+    off = (T_PREV - T) // 2
+    inside = (grid < T_PREV * T_PREV) & (row >= off) & (row < off + T) & (col >= off) & (col < off + T)
+    pos = (row - off) * T + (col - off)
+    return tl.load(m_ptr + q * (T * T) + pos, mask=inside & (q < T * T), other=0.0), inside, q * (T * T) + pos
+
+
+@triton.jit
+def _chain_step(cur, m_ptr, T_PREV: tl.constexpr, T: tl.constexpr, P_PREV: tl.constexpr, P: tl.constexpr, ACC: tl.constexpr):
+    e, _, _ = _window_matrix(m_ptr, T_PREV, T, P_PREV, P)
+    return tl.sum(cur[:, None, :] * e.to(ACC)[None, :, :], axis=2)
+
+
+@triton.jit
+def _chain_step_backward(
+    g, prev, m_ptr, gm_ptr, T_PREV: tl.constexpr, T: tl.constexpr, P_PREV: tl.constexpr, P: tl.constexpr,
+    ACC: tl.constexpr, WANT_GM: tl.constexpr,
+):
+    e, inside, offsets = _window_matrix(m_ptr, T_PREV, T, P_PREV, P)
+    if WANT_GM:
+        q = tl.arange(0, P)[:, None]
+        dm = tl.sum(g[:, :, None] * prev[:, None, :], axis=0)
+        tl.atomic_add(gm_ptr + offsets, dm, mask=inside & (q < T * T))
+    return tl.sum(g[:, :, None] * e.to(ACC)[None, :, :], axis=1)
+
+
+@triton.jit
+def _load_weight_rows(w_ptr, c, c_mask, K: tl.constexpr, P0: tl.constexpr, ACC: tl.constexpr):
+    grid = tl.arange(0, P0)[None, :]
+    return tl.load(w_ptr + c[:, None] * (K * K) + grid, mask=c_mask[:, None] & (grid < K * K), other=0.0).to(ACC)
+
+
+@triton.jit
+def _active_filter_kernel(
+    w_ptr, m1_ptr, m2_ptr, m3_ptr, out_ptr, C,
+    K: tl.constexpr, KOUT: tl.constexpr, NUM_T: tl.constexpr,
+    T1: tl.constexpr, T2: tl.constexpr, T3: tl.constexpr,
+    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr, PK: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    q = tl.arange(0, PK)[None, :]
+    if NUM_T == 0:
+        off = (K - KOUT) // 2
+        pos = (q // KOUT + off) * K + q % KOUT + off
+        cur = tl.load(w_ptr + c[:, None] * (K * K) + pos, mask=c_mask[:, None] & (q < KOUT * KOUT), other=0.0).to(ACC)
+    else:
+        cur = _load_weight_rows(w_ptr, c, c_mask, K, P0, ACC)
+        cur = _chain_step(cur, m1_ptr, K, T1, P0, P1, ACC)
+        if NUM_T >= 2:
+            cur = _chain_step(cur, m2_ptr, T1, T2, P1, P2, ACC)
+        if NUM_T >= 3:
+            cur = _chain_step(cur, m3_ptr, T2, T3, P2, P3, ACC)
+    tl.store(out_ptr + c[:, None] * (KOUT * KOUT) + q, cur, mask=c_mask[:, None] & (q < KOUT * KOUT))
+
+
+@triton.jit
+def _active_filter_backward_kernel(
+    w_ptr, m1_ptr, m2_ptr, m3_ptr, gf_ptr, gw_ptr, gm1_ptr, gm2_ptr, gm3_ptr, C, C_MAX,
+    K: tl.constexpr, KOUT: tl.constexpr, NUM_T: tl.constexpr,
+    T1: tl.constexpr, T2: tl.constexpr, T3: tl.constexpr,
+    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr, PK: tl.constexpr,
+    ACC: tl.constexpr, WANT_GW: tl.constexpr, WANT_GM: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    used = c < C
+    grid = tl.arange(0, P0)[None, :]
+    if NUM_T == 0:
+        off = (K - KOUT) // 2
+        row = grid // K
+        col = grid % K
+        inside = (grid < K * K) & (row >= off) & (row < off + KOUT) & (col >= off) & (col < off + KOUT)
+        pos = (row - off) * KOUT + (col - off)
+        g0 = tl.load(gf_ptr + c[:, None] * (KOUT * KOUT) + pos, mask=used[:, None] & inside, other=0.0)
+    else:
+        cur0 = _load_weight_rows(w_ptr, c, used, K, P0, ACC)
+        cur1 = _chain_step(cur0, m1_ptr, K, T1, P0, P1, ACC)
+        if NUM_T == 1:
+            g1 = tl.load(gf_ptr + c[:, None] * (KOUT * KOUT) + tl.arange(0, P1)[None, :],
+                         mask=used[:, None] & (tl.arange(0, P1)[None, :] < KOUT * KOUT), other=0.0)
+        else:
+            cur2 = _chain_step(cur1, m2_ptr, T1, T2, P1, P2, ACC)
+            if NUM_T == 2:
+                g2 = tl.load(gf_ptr + c[:, None] * (KOUT * KOUT) + tl.arange(0, P2)[None, :],
+                             mask=used[:, None] & (tl.arange(0, P2)[None, :] < KOUT * KOUT), other=0.0)
+            else:
+                g3 = tl.load(gf_ptr + c[:, None] * (KOUT * KOUT) + tl.arange(0, P3)[None, :],
+                             mask=used[:, None] & (tl.arange(0, P3)[None, :] < KOUT * KOUT), other=0.0)
+                g2 = _chain_step_backward(g3, cur2, m3_ptr, gm3_ptr, T2, T3, P2, P3, ACC, WANT_GM)
+            g1 = _chain_step_backward(g2, cur1, m2_ptr, gm2_ptr, T1, T2, P1, P2, ACC, WANT_GM)
+        g0 = _chain_step_backward(g1, cur0, m1_ptr, gm1_ptr, K, T1, P0, P1, ACC, WANT_GM)
+    if WANT_GW:
+        tl.store(gw_ptr + c[:, None] * (K * K) + grid, g0, mask=(c < C_MAX)[:, None] & (grid < K * K))
+
+
+@triton.jit
+def _dwconv_forward_kernel(
+    x_ptr, f_ptr, y_ptr, C, H, W, OH, OW,
+    sxn, sxc, sxh, sxw, syn, syc, syh, syw,
+    K: tl.constexpr, STRIDE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    nc = tl.program_id(0)
+    n = nc // C
+    c = nc % C
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < OH * OW
+    oh = offs // OW
+    ow = offs % OW
+    x_base = x_ptr + n * sxn + c * sxc
+    acc = tl.zeros([BLOCK], dtype=ACC)
+    for i in tl.static_range(K):
+        ih = oh * STRIDE + i - K // 2
+        row_ok = mask & (ih >= 0) & (ih < H)
+        for j in tl.static_range(K):
+            iw = ow * STRIDE + j - K // 2
+            xv = tl.load(x_base + ih * sxh + iw * sxw, mask=row_ok & (iw >= 0) & (iw < W), other=0.0)
+            acc += xv.to(ACC) * tl.load(f_ptr + c * (K * K) + i * K + j)
+    tl.store(y_ptr + n * syn + c * syc + oh * syh + ow * syw, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dwconv_grad_input_kernel(
+    gy_ptr, f_ptr, gx_ptr, C, H, W, OH, OW,
+    sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
+    K: tl.constexpr, STRIDE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    nc = tl.program_id(0)
+    n = nc // C
+    c = nc % C
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < H * W
+    h = offs // W
+    w = offs % W
+    gy_base = gy_ptr + n * sgn + c * sgc
+    acc = tl.zeros([BLOCK], dtype=ACC)
+    for i in tl.static_range(K):
+        th = h + K // 2 - i
+        oh = th // STRIDE
+        row_ok = mask & (th >= 0) & (th % STRIDE == 0) & (oh < OH)
+        for j in tl.static_range(K):
+            tw = w + K // 2 - j
+            ow = tw // STRIDE
+            ok = row_ok & (tw >= 0) & (tw % STRIDE == 0) & (ow < OW)
+            gv = tl.load(gy_base + oh * sgh + ow * sgw, mask=ok, other=0.0)
+            acc += gv.to(ACC) * tl.load(f_ptr + c * (K * K) + i * K + j)
+    tl.store(gx_ptr + n * sxn + c * sxc + h * sxh + w * sxw, acc.to(gx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dwconv_grad_filter_kernel(
+    x_ptr, gy_ptr, gf_ptr, N, H, W, OH, OW,
+    sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
+    K: tl.constexpr, STRIDE: tl.constexpr, PKK: tl.constexpr, SPLIT: tl.constexpr, ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    c = tl.program_id(0)
+    taps = tl.arange(0, PKK)
+    ti = (taps // K)[:, None]
+    tj = (taps % K)[:, None]
+    tap_ok = (taps < K * K)[:, None]
+    acc = tl.zeros([PKK, BLOCK], dtype=ACC)
+    total = N * OH * OW
+    for start in range(tl.program_id(1) * BLOCK, total, SPLIT * BLOCK):
+        e = start + tl.arange(0, BLOCK)
+        ok = e < total
+        n = e // (OH * OW)
+        rem = e % (OH * OW)
+        oh = rem // OW
+        ow = rem % OW
+        g = tl.load(gy_ptr + n * sgn + c * sgc + oh * sgh + ow * sgw, mask=ok, other=0.0).to(ACC)
+        ih = oh[None, :] * STRIDE + ti - K // 2
+        iw = ow[None, :] * STRIDE + tj - K // 2
+        m = ok[None, :] & tap_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        xv = tl.load(x_ptr + n[None, :] * sxn + c * sxc + ih * sxh + iw * sxw, mask=m, other=0.0).to(ACC)
+        acc += xv * g[None, :]
+    total_taps = tl.sum(acc, axis=1)
+    if SPLIT == 1:
+        tl.store(gf_ptr + c * (K * K) + taps, total_taps, mask=taps < K * K)
+    else:
+        tl.atomic_add(gf_ptr + c * (K * K) + taps, total_taps, mask=taps < K * K)
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _acc_torch(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chain_meta(weight: torch.Tensor, kernel_size: int, transforms: list[torch.Tensor]) -> dict:
+    if len(transforms) > MAX_TRANSFORMS:
+        raise ValueError(f"the Triton kernels take at most {MAX_TRANSFORMS} transforms, got {len(transforms)}")
+    big = weight.shape[-1]
+    sizes = [round(m.shape[0] ** 0.5) for m in transforms]
+    padded = sizes + [1] * (MAX_TRANSFORMS - len(sizes))
+    return {
+        "K": big,
+        "KOUT": kernel_size,
+        "NUM_T": len(sizes),
+        "T1": padded[0],
+        "T2": padded[1],
+        "T3": padded[2],
+        "P0": triton.next_power_of_2(big * big),
+        "P1": triton.next_power_of_2(padded[0] ** 2),
+        "P2": triton.next_power_of_2(padded[1] ** 2),
+        "P3": triton.next_power_of_2(padded[2] ** 2),
+        "PK": triton.next_power_of_2(kernel_size * kernel_size),
+    }
+
+
+def _matrix_args(transforms: list[torch.Tensor], like: torch.Tensor) -> list[torch.Tensor]:
+    mats = [m.contiguous() for m in transforms]
+    return mats + [like] * (MAX_TRANSFORMS - len(mats))  # unused slots: any valid pointer
+
+
+_BLOCK_C = 4  # channels per active-filter program: the E tile is BLOCK_C × t² × t_prev² values
+
+
+def active_filter(weight: torch.Tensor, kernel_size: int, transforms: list[torch.Tensor], channels: int) -> torch.Tensor:
+    """(channels, k·k) active filters in the accumulation dtype, one launch."""
+    weight = weight.contiguous()
+    out = torch.empty((channels, kernel_size * kernel_size), dtype=_acc_torch(weight.dtype), device=weight.device)
+    _active_filter_kernel[(triton.cdiv(channels, _BLOCK_C),)](
+        weight, *_matrix_args(transforms, weight), out, channels,
+        **_chain_meta(weight, kernel_size, transforms), ACC=_acc_dtype(weight.dtype), BLOCK_C=_BLOCK_C,
+    )
+    return out
+
+
+def _plane_block(size: int) -> int:
+    return min(256, triton.next_power_of_2(size))
+
+
+def elastic_dwconv2d_forward(
+    x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int, transforms: list[torch.Tensor]
+) -> torch.Tensor:
+    """(N, C, H, W) → (N, C, H_out, W_out) in ``output_memory_format(x)``."""
+    check_elastic_dwconv_args(x, weight, kernel_size, stride, transforms)
+    n, c, h, w = x.shape
+    pad = kernel_size // 2
+    oh, ow = (h + 2 * pad - kernel_size) // stride + 1, (w + 2 * pad - kernel_size) // stride + 1
+    y = torch.empty((n, c, oh, ow), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+    if y.numel() == 0:
+        return y
+    filters = active_filter(weight, kernel_size, transforms, c)
+    block = _plane_block(oh * ow)
+    _dwconv_forward_kernel[(n * c, triton.cdiv(oh * ow, block))](
+        x, filters, y, c, h, w, oh, ow, *x.stride(), *y.stride(),
+        K=kernel_size, STRIDE=stride, ACC=_acc_dtype(x.dtype), BLOCK=block,
+    )
+    return y
+
+
+def elastic_dwconv2d_backward(
+    grad_output: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    kernel_size: int,
+    stride: int,
+    transforms: list[torch.Tensor],
+    output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """(grad_x, grad_weight (C_max, 1, K, K), grad per transform); masked-off entries are empty (0,)."""
+    check_elastic_dwconv_args(x, weight, kernel_size, stride, transforms)
+    need_x, need_weight, need_transforms = output_mask
+    need_transforms = need_transforms and bool(transforms)
+    n, c, h, w = x.shape
+    oh, ow = grad_output.shape[-2:]
+    acc, acc_torch = _acc_dtype(x.dtype), _acc_torch(x.dtype)
+    grad_output = grad_output.to(x.dtype)
+    empty = x.new_empty((0,))
+    filters = active_filter(weight, kernel_size, transforms, c)
+    grad_x = empty
+    if need_x:
+        grad_x = torch.empty_like(x, memory_format=output_memory_format(x))
+        block = _plane_block(h * w)
+        _dwconv_grad_input_kernel[(n * c, triton.cdiv(h * w, block))](
+            grad_output, filters, grad_x, c, h, w, oh, ow, *grad_output.stride(), *grad_x.stride(),
+            K=kernel_size, STRIDE=stride, ACC=acc, BLOCK=block,
+        )
+    if not (need_weight or need_transforms):
+        return grad_x, empty, [empty for _ in transforms]
+    total = n * oh * ow
+    block = min(128, triton.next_power_of_2(max(total, 1)))
+    # Enough programs per channel to fill a GPU; the interpreter runs programs one by one.
+    split = 1 if INTERPRETED else max(1, min(64, triton.cdiv(total, block * 8)))
+    grad_filters = (torch.zeros if split > 1 else torch.empty)((c, kernel_size * kernel_size), dtype=acc_torch, device=x.device)
+    if total > 0:
+        _dwconv_grad_filter_kernel[(c, split)](
+            x, grad_output, grad_filters, n, h, w, oh, ow, *x.stride(), *grad_output.stride(),
+            K=kernel_size, STRIDE=stride, PKK=triton.next_power_of_2(kernel_size * kernel_size), SPLIT=split,
+            ACC=acc, BLOCK=block,
+        )
+    else:
+        grad_filters.zero_()
+    c_max, big = weight.shape[0], weight.shape[-1]
+    grad_weight = torch.empty((c_max, 1, big, big), dtype=x.dtype, device=x.device) if need_weight else empty
+    sizes = [round(m.shape[0] ** 0.5) for m in transforms]
+    numels = [t**4 for t in sizes]
+    grad_mats_flat = torch.zeros(sum(numels) if need_transforms else 1, dtype=acc_torch, device=x.device)
+    grad_mats = list(torch.split(grad_mats_flat, numels)) if need_transforms else []
+    weight_c = weight.contiguous()
+    _active_filter_backward_kernel[(triton.cdiv(c_max, _BLOCK_C),)](
+        weight_c, *_matrix_args(transforms, weight_c), grad_filters,
+        grad_weight if need_weight else grad_filters,
+        *(grad_mats + [grad_mats_flat] * (MAX_TRANSFORMS - len(grad_mats))),
+        c, c_max, **_chain_meta(weight, kernel_size, transforms), ACC=acc,
+        WANT_GW=need_weight, WANT_GM=need_transforms, BLOCK_C=_BLOCK_C,
+    )
+    if need_transforms:
+        grad_transforms = [g.view(t * t, t * t).to(x.dtype) for g, t in zip(grad_mats, sizes)]
+    else:
+        grad_transforms = [empty for _ in transforms]
+    return grad_x, grad_weight, grad_transforms
