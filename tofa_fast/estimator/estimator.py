@@ -149,7 +149,10 @@ class Estimator:
     def _sum_cpp(self, name: str, codes: np.ndarray) -> np.ndarray:
         if name not in self._torch_tables:
             self._torch_tables[name] = torch.from_numpy(self._tables[name])
-        out = torch.ops.tofa_fast.estimator_sum(torch.from_numpy(codes), *self._plan, self._torch_tables[name])
+        try:
+            out = torch.ops.tofa_fast.estimator_sum(torch.from_numpy(codes), *self._plan, self._torch_tables[name])
+        except ValueError as exc:  # bad codes: the kernel names row and field, we add the space
+            raise ValueError(f"{exc} (space {self.space.name!r})") from None
         return out.numpy()
 
     def flops(self, archs: ArchBatch) -> Any:

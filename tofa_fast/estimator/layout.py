@@ -236,58 +236,71 @@ class TableLayout:
 def validate_codes(layout: TableLayout, codes: np.ndarray) -> None:
     """Raise ``ValueError`` naming the first bad row and field of an ``(n, code_length)`` int array.
 
-    Same rules as :meth:`SearchSpace.decode` and the C++ kernel: every index in range, layers beyond
-    the active depth hold ``-1``, and in a stage-granularity space all active layers of a stage
-    repeat the first layer's kernel and expand.
+    Same rules and messages as the C++ kernel (and :meth:`SearchSpace.decode`): every index in range,
+    layers beyond the active depth hold ``-1``, and in a stage-granularity space all active layers of
+    a stage repeat the first layer's kernel and expand.
     """
     space = layout.space
     stage_granularity = layout.field("stage_granularity") == 1
 
-    def fail(mask: np.ndarray, what: str, values: np.ndarray, allowed: str) -> None:
-        row = int(np.flatnonzero(mask)[0])
-        raise ValueError(
-            f"codes[{row}] {what} index {int(values[row])} is out of range {allowed} for space {space.name!r}"
-        )
+    def outside(column: np.ndarray, n: int) -> np.ndarray:
+        return (column < 0) | (column >= n)
 
-    def check_range(column: np.ndarray, n: int, what: str) -> None:
-        bad = (column < 0) | (column >= n)
-        if bad.any():
-            fail(bad, what, column, f"0..{n - 1}")
-
-    check_range(codes[:, 0], len(space.resolutions), "resolution")
-    check_range(codes[:, 1], len(space.stem.widths), "stem")
-    check_range(codes[:, 2], len(space.head.widths), "head")
+    bad = outside(codes[:, 0], len(space.resolutions))
+    bad |= outside(codes[:, 1], len(space.stem.widths)) | outside(codes[:, 2], len(space.head.widths))
     for s, stage in enumerate(space.stages):
         off, dmax = int(layout.plan[s, 0]), stage.max_depth
-        check_range(codes[:, off], len(stage.widths), f"stages[{s}].width")
-        check_range(codes[:, off + 1], len(stage.depths), f"stages[{s}].depth")
-        depth = np.asarray(stage.depths)[codes[:, off + 1]]
+        bad |= outside(codes[:, off], len(stage.widths)) | outside(codes[:, off + 1], len(stage.depths))
+        depth = np.asarray(stage.depths)[np.clip(codes[:, off + 1], 0, len(stage.depths) - 1)]
         for j in range(dmax):
             active = j < depth
-            for name, col, n in (
-                ("kernel", off + 2 + j, len(stage.kernels)),
-                ("expand", off + 2 + dmax + j, len(stage.expands)),
-            ):
+            for col, n in ((off + 2 + j, len(stage.kernels)), (off + 2 + dmax + j, len(stage.expands))):
                 values = codes[:, col]
-                bad = active & ((values < 0) | (values >= n))
-                if bad.any():
-                    fail(bad, f"stages[{s}].{name}[{j}]", values, f"0..{n - 1}")
-                bad = ~active & (values != -1)
-                if bad.any():
-                    row = int(np.flatnonzero(bad)[0])
-                    raise ValueError(
-                        f"codes[{row}] stages[{s}].{name}[{j}] is {int(values[row])} but layers beyond the active "
-                        f"depth {int(depth[row])} must hold -1 (space {space.name!r})"
-                    )
+                bad |= np.where(active, outside(values, n), values != -1)
                 if stage_granularity and j > 0:
-                    first = codes[:, col - j]
-                    bad = active & (values != first)
-                    if bad.any():
-                        row = int(np.flatnonzero(bad)[0])
-                        raise ValueError(
-                            f"codes[{row}] stages[{s}].{name}[{j}] index {int(values[row])} differs from layer 0's "
-                            f"{int(first[row])}; space {space.name!r} has stage granularity (one {name} per stage)"
-                        )
+                    bad |= active & (values != codes[:, col - j])
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{describe_bad_row(layout, codes[row], row)} (space {space.name!r})")
+
+
+def describe_bad_row(layout: TableLayout, code: np.ndarray, row: int) -> str:
+    """The first invalid field of one code row, worded as the C++ kernel words it."""
+    space = layout.space
+    code = [int(v) for v in code]
+
+    def out_of_range(what: str, value: int, n: int) -> str | None:
+        if 0 <= value < n:
+            return None
+        return f"codes[{row}] {what} index {value} is out of range 0..{n - 1}"
+
+    for what, value, n in (
+        ("resolution", code[0], len(space.resolutions)),
+        ("stem", code[1], len(space.stem.widths)),
+        ("head", code[2], len(space.head.widths)),
+    ):
+        if message := out_of_range(what, value, n):
+            return message
+    for s, stage in enumerate(space.stages):
+        off, dmax = int(layout.plan[s, 0]), stage.max_depth
+        for what, value, n in (("width", code[off], len(stage.widths)), ("depth", code[off + 1], len(stage.depths))):
+            if message := out_of_range(f"stages[{s}].{what}", value, n):
+                return message
+        depth = stage.depths[code[off + 1]]
+        for part, (name, n) in enumerate((("kernel", len(stage.kernels)), ("expand", len(stage.expands)))):
+            values = code[off + 2 + part * dmax : off + 2 + (part + 1) * dmax]
+            for j, value in enumerate(values):
+                field = f"stages[{s}].{name}[{j}]"
+                if j < depth and (message := out_of_range(field, value, n)):
+                    return message
+                if j >= depth and value != -1:
+                    return f"codes[{row}] {field} is {value} but layers beyond the active depth {depth} must hold -1"
+                if space.granularity == "stage" and 0 < j < depth and value != values[0]:
+                    return (
+                        f"codes[{row}] {field} index {value} differs from layer 0's {values[0]}; "
+                        f"the space has stage granularity (one {name} per stage)"
+                    )
+    return f"codes[{row}] is invalid"
 
 
 def table_sum_reference(layout: TableLayout, codes: np.ndarray, table: np.ndarray) -> np.ndarray:

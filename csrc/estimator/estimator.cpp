@@ -1,0 +1,275 @@
+// Batched efficiency estimation: sum the per-part lookup-table entries of many encoded archs.
+//
+//   tofa_fast::estimator_sum(Tensor codes, Tensor header, Tensor plan, Tensor depths, Tensor table)
+//       -> Tensor
+//
+// codes:  int32 (n, code_length), the rows of SearchSpace.encode (choice indices, -1 past the depth).
+// header: int64 (10,), plan: int64 (n_stages, 9), depths: int64 (n_stages, >= max #depth choices),
+//         table: int64 or float64 (table_size,) — built by tofa_fast/estimator/layout.py, whose module
+//         docstring documents the layout; table_sum_reference there is the pure-Python reference.
+// Returns (n,) of the table's dtype: FLOPs / parameters (int64, exact) or latency (float64).
+//
+// Every row is validated while it is summed (ranges, -1 beyond the active depth, one kernel/expand
+// per stage in stage-granularity spaces): codes of another space or corrupted codes raise a
+// ValueError naming the first bad row and field, never read outside the table.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace tofa_fast {
+namespace estimator {
+namespace {
+
+// Indices into `header` and into a row of `plan` (HEADER_FIELDS / STAGE_FIELDS in layout.py).
+enum Header : int64_t {
+  kCodeLength, kNumResolutions, kNumStem, kNumHead, kNumStages, kStageGranularity,
+  kStemOffset, kHeadOffset, kNumLast, kTableSize, kHeaderSize
+};
+enum Stage : int64_t {
+  kCodeOffset, kMaxDepth, kNumWidths, kNumInWidths, kNumDepths, kNumKernels, kNumExpands,
+  kTableOffset, kLayer0Block, kStageFields
+};
+
+struct StagePlan {
+  int64_t code_offset, max_depth, n_w, n_in, n_d, n_k, n_e, table_offset, layer0_block;
+  const int64_t* depth_values;  // n_d depth values
+};
+
+struct Plan {
+  int64_t code_length, n_res, n_stem, n_head, n_last, stem_offset, head_offset, table_size;
+  bool stage_granularity;
+  std::vector<StagePlan> stages;
+};
+
+// Index v is a valid choice among n (one unsigned compare covers v < 0 too).
+inline bool out_of_range(int32_t v, int64_t n) {
+  return static_cast<uint32_t>(v) >= static_cast<uint64_t>(n);
+}
+
+Plan read_plan(const at::Tensor& header, const at::Tensor& plan, const at::Tensor& depths) {
+  TORCH_CHECK(header.device().is_cpu() && header.scalar_type() == at::kLong && header.dim() == 1 &&
+                  header.numel() == kHeaderSize && header.is_contiguous(),
+              "estimator_sum: header must be a contiguous CPU int64 tensor of shape (", kHeaderSize,
+              ",), got ", header.scalar_type(), " ", header.sizes());
+  const int64_t* h = header.data_ptr<int64_t>();
+  Plan p;
+  p.code_length = h[kCodeLength];
+  p.n_res = h[kNumResolutions];
+  p.n_stem = h[kNumStem];
+  p.n_head = h[kNumHead];
+  p.n_last = h[kNumLast];
+  p.stem_offset = h[kStemOffset];
+  p.head_offset = h[kHeadOffset];
+  p.table_size = h[kTableSize];
+  p.stage_granularity = h[kStageGranularity] != 0;
+  const int64_t n_stages = h[kNumStages];
+  TORCH_CHECK(n_stages >= 1 && p.n_res >= 1 && p.n_stem >= 1 && p.n_head >= 1 && p.n_last >= 1,
+              "estimator_sum: header has an empty dimension");
+  TORCH_CHECK(plan.device().is_cpu() && plan.scalar_type() == at::kLong && plan.dim() == 2 &&
+                  plan.size(0) == n_stages && plan.size(1) == kStageFields && plan.is_contiguous(),
+              "estimator_sum: plan must be a contiguous CPU int64 tensor of shape (", n_stages, ", ",
+              kStageFields, "), got ", plan.scalar_type(), " ", plan.sizes());
+  TORCH_CHECK(depths.device().is_cpu() && depths.scalar_type() == at::kLong && depths.dim() == 2 &&
+                  depths.size(0) == n_stages && depths.is_contiguous(),
+              "estimator_sum: depths must be a contiguous CPU int64 tensor of shape (", n_stages,
+              ", D), got ", depths.scalar_type(), " ", depths.sizes());
+  // The plan comes from Python, but a wrong plan would read outside the table: check it once here
+  // so that the per-row loop only has to check the codes.
+  auto within = [&](int64_t offset, int64_t size) {
+    return offset >= 0 && size >= 0 && offset + size <= p.table_size;
+  };
+  TORCH_CHECK(within(p.stem_offset, p.n_res * p.n_stem), "estimator_sum: stem block outside the table");
+  TORCH_CHECK(within(p.head_offset, p.n_res * p.n_last * p.n_head), "estimator_sum: head block outside the table");
+  const int64_t* rows = plan.data_ptr<int64_t>();
+  int64_t previous_widths = p.n_stem;
+  for (int64_t s = 0; s < n_stages; ++s) {
+    const int64_t* r = rows + s * kStageFields;
+    StagePlan st{r[kCodeOffset], r[kMaxDepth], r[kNumWidths], r[kNumInWidths], r[kNumDepths], r[kNumKernels],
+                 r[kNumExpands], r[kTableOffset], r[kLayer0Block], depths.data_ptr<int64_t>() + s * depths.size(1)};
+    TORCH_CHECK(st.max_depth >= 1 && st.n_w >= 1 && st.n_d >= 1 && st.n_k >= 1 && st.n_e >= 1 &&
+                    st.n_d <= depths.size(1) && st.n_in == previous_widths,
+                "estimator_sum: plan row ", s, " is inconsistent");
+    TORCH_CHECK(st.code_offset >= 3 && st.code_offset + 2 + 2 * st.max_depth <= p.code_length,
+                "estimator_sum: plan row ", s, " points outside a code row of length ", p.code_length);
+    for (int64_t d = 0; d < st.n_d; ++d) {
+      TORCH_CHECK(st.depth_values[d] >= 1 && st.depth_values[d] <= st.max_depth,
+                  "estimator_sum: depth value ", st.depth_values[d], " of stage ", s, " is outside 1..",
+                  st.max_depth);
+    }
+    const int64_t per_choice = p.n_res * st.n_in * st.n_w * st.n_k * st.n_e;
+    if (p.stage_granularity) {
+      TORCH_CHECK(st.layer0_block == per_choice * st.n_d && within(st.table_offset, st.layer0_block),
+                  "estimator_sum: stage ", s, " block outside the table");
+    } else {
+      TORCH_CHECK(st.layer0_block == per_choice &&
+                      within(st.table_offset, st.layer0_block + p.n_res * st.n_w * st.n_k * st.n_e),
+                  "estimator_sum: stage ", s, " block outside the table");
+    }
+    previous_widths = st.n_w;
+    p.stages.push_back(st);
+  }
+  TORCH_CHECK(p.n_last == previous_widths, "estimator_sum: n_last does not match the last stage");
+  return p;
+}
+
+// Sums one row; returns false (and leaves `total` meaningless) when the row is not a valid code.
+// Validation is accumulated branch-free into `bad` and tested once per stage: the happy path is a
+// straight run of loads, compares and a handful of table lookups.
+template <typename scalar_t, bool kStageGranularity>
+inline bool sum_row(const int32_t* c, const Plan& p, const scalar_t* table, scalar_t& total) {
+  const int32_t r = c[0], stem = c[1], head = c[2];
+  if (out_of_range(r, p.n_res) | out_of_range(stem, p.n_stem) | out_of_range(head, p.n_head)) return false;
+  scalar_t acc = table[p.stem_offset + r * p.n_stem + stem];
+  int64_t prev = stem;
+  for (const StagePlan& st : p.stages) {
+    const int32_t* sc = c + st.code_offset;
+    const int32_t w = sc[0], di = sc[1];
+    if (out_of_range(w, st.n_w) | out_of_range(di, st.n_d)) return false;
+    const int64_t depth = st.depth_values[di];
+    const int32_t* ks = sc + 2;
+    const int32_t* es = sc + 2 + st.max_depth;
+    const int32_t k0 = ks[0], e0 = es[0];
+    bool bad = out_of_range(k0, st.n_k) | out_of_range(e0, st.n_e);
+    if (bad) return false;
+    const int64_t base = (r * st.n_in + prev) * st.n_w + w;
+    if constexpr (kStageGranularity) {
+      // Active layers repeat layer 0's choices, inactive ones hold -1: one fixed-length compare loop.
+      for (int64_t j = 1; j < st.max_depth; ++j) {
+        const int32_t want_k = j < depth ? k0 : -1, want_e = j < depth ? e0 : -1;
+        bad |= (ks[j] != want_k) | (es[j] != want_e);
+      }
+      acc += table[st.table_offset + ((base * st.n_d + di) * st.n_k + k0) * st.n_e + e0];
+    } else {
+      acc += table[st.table_offset + (base * st.n_k + k0) * st.n_e + e0];
+      const scalar_t* later = table + st.table_offset + st.layer0_block + (r * st.n_w + w) * st.n_k * st.n_e;
+      for (int64_t j = 1; j < depth; ++j) {
+        const int32_t k = ks[j], e = es[j];
+        const bool bad_layer = out_of_range(k, st.n_k) | out_of_range(e, st.n_e);
+        bad |= bad_layer;
+        // Clamp instead of branching so a bad index is never dereferenced; the row is rejected anyway.
+        acc += later[bad_layer ? 0 : k * st.n_e + e];
+      }
+      for (int64_t j = depth; j < st.max_depth; ++j) bad |= (ks[j] != -1) | (es[j] != -1);
+    }
+    if (bad) return false;
+    prev = w;
+  }
+  acc += table[p.head_offset + (r * p.n_last + prev) * p.n_head + head];
+  total = acc;
+  return true;
+}
+
+// The message for the first invalid field of a row that sum_row rejected (the slow, rare path).
+std::string describe_bad_row(const int32_t* c, int64_t row, const Plan& p) {
+  std::ostringstream msg;
+  msg << "codes[" << row << "] ";
+  auto range = [&](const char* what, int32_t v, int64_t n) {
+    msg << what << " index " << v << " is out of range 0.." << n - 1;
+    return msg.str();
+  };
+  if (out_of_range(c[0], p.n_res)) return range("resolution", c[0], p.n_res);
+  if (out_of_range(c[1], p.n_stem)) return range("stem", c[1], p.n_stem);
+  if (out_of_range(c[2], p.n_head)) return range("head", c[2], p.n_head);
+  for (size_t s = 0; s < p.stages.size(); ++s) {
+    const StagePlan& st = p.stages[s];
+    const int32_t* sc = c + st.code_offset;
+    const std::string where = "stages[" + std::to_string(s) + "].";
+    if (out_of_range(sc[0], st.n_w)) return range((where + "width").c_str(), sc[0], st.n_w);
+    if (out_of_range(sc[1], st.n_d)) return range((where + "depth").c_str(), sc[1], st.n_d);
+    const int64_t depth = st.depth_values[sc[1]];
+    for (int part = 0; part < 2; ++part) {
+      const char* name = part == 0 ? "kernel" : "expand";
+      const int64_t n = part == 0 ? st.n_k : st.n_e;
+      const int32_t* v = sc + 2 + part * st.max_depth;
+      for (int64_t j = 0; j < st.max_depth; ++j) {
+        const std::string field = where + name + "[" + std::to_string(j) + "]";
+        if (j < depth && out_of_range(v[j], n)) return range(field.c_str(), v[j], n);
+        if (j >= depth && v[j] != -1) {
+          msg << field << " is " << v[j] << " but layers beyond the active depth " << depth << " must hold -1";
+          return msg.str();
+        }
+        if (p.stage_granularity && j > 0 && j < depth && v[j] != v[0]) {
+          msg << field << " index " << v[j] << " differs from layer 0's " << v[0]
+              << "; the space has stage granularity (one " << name << " per stage)";
+          return msg.str();
+        }
+      }
+    }
+  }
+  msg << "is invalid";
+  return msg.str();
+}
+
+template <typename scalar_t, bool kStageGranularity>
+void sum_rows(const int32_t* codes, int64_t n, const Plan& p, const scalar_t* table, scalar_t* out,
+              std::atomic<int64_t>& first_bad) {
+  // Rows are independent; a grain of 16k rows keeps thread start-up negligible next to the work.
+  at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      if (!sum_row<scalar_t, kStageGranularity>(codes + i * p.code_length, p, table, out[i])) {
+        int64_t seen = first_bad.load();
+        while (i < seen && !first_bad.compare_exchange_weak(seen, i)) {
+        }
+        return;  // this chunk's later rows cannot be the first bad one
+      }
+    }
+  });
+}
+
+at::Tensor estimator_sum(const at::Tensor& codes, const at::Tensor& header, const at::Tensor& plan,
+                         const at::Tensor& depths, const at::Tensor& table) {
+  const Plan p = read_plan(header, plan, depths);
+  TORCH_CHECK_VALUE(codes.device().is_cpu() && codes.dim() == 2 && codes.size(1) == p.code_length,
+                    "codes must be a CPU tensor of shape (n, ", p.code_length, ") (SearchSpace.encode), got ",
+                    codes.sizes(), " on ", codes.device());
+  TORCH_CHECK_VALUE(codes.scalar_type() == at::kInt, "codes must be int32 (SearchSpace.encode), got ",
+                    codes.scalar_type());
+  TORCH_CHECK(table.device().is_cpu() && table.dim() == 1 && table.numel() == p.table_size,
+              "estimator_sum: table must be a CPU tensor of shape (", p.table_size, ",), got ", table.sizes());
+  TORCH_CHECK(table.scalar_type() == at::kLong || table.scalar_type() == at::kDouble,
+              "estimator_sum: table must be int64 or float64, got ", table.scalar_type());
+  const at::Tensor c = codes.contiguous();
+  const at::Tensor t = table.contiguous();
+  at::Tensor out = at::empty({c.size(0)}, t.options());
+  const int64_t n = c.size(0);
+  if (n == 0) return out;
+  std::atomic<int64_t> first_bad{n};
+  const int32_t* code_ptr = c.data_ptr<int32_t>();
+  auto run = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    if (p.stage_granularity) {
+      sum_rows<scalar_t, true>(code_ptr, n, p, t.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), first_bad);
+    } else {
+      sum_rows<scalar_t, false>(code_ptr, n, p, t.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), first_bad);
+    }
+  };
+  if (t.scalar_type() == at::kLong) {
+    run(int64_t{});
+  } else {
+    run(double{});
+  }
+  const int64_t bad = first_bad.load();
+  TORCH_CHECK_VALUE(bad == n, describe_bad_row(code_ptr + bad * p.code_length, bad, p));
+  return out;
+}
+
+}  // namespace
+}  // namespace estimator
+}  // namespace tofa_fast
+
+// FRAGMENT: the tofa_fast namespace is shared with the elastic depthwise op (csrc/ops).
+TORCH_LIBRARY_FRAGMENT(tofa_fast, m) {
+  m.def("estimator_sum(Tensor codes, Tensor header, Tensor plan, Tensor depths, Tensor table) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tofa_fast, CPU, m) {
+  m.impl("estimator_sum", &tofa_fast::estimator::estimator_sum);
+}
