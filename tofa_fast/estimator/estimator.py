@@ -173,3 +173,61 @@ class Estimator:
                 f"{self.space.name} -o table.json` and pass latency_table='table.json'"
             )
         return self._sum("latency", archs)
+
+    # -- FLOPs band -----------------------------------------------------------------------------
+
+    def _band_sampler(self):
+        from .sampler import FlopsBandSampler
+
+        if self._sampler is None:
+            self._sampler = FlopsBandSampler(self.layout, self._tables["flops"], self.flops)
+        return self._sampler
+
+    def flops_range(self) -> tuple[int, int]:
+        """Exact (smallest, largest) FLOPs over all subnets of the space."""
+        return self._band_sampler().flops_range()
+
+    def sample(
+        self,
+        n: int,
+        min_flops: float | None = None,
+        max_flops: float | None = None,
+        seed: int | np.random.Generator = 0,
+        *,
+        as_codes: bool = False,
+    ) -> list[Arch] | np.ndarray:
+        """``n`` subnets drawn independently and uniformly among *all* subnets of the space whose
+        FLOPs lie in ``[min_flops, max_flops]`` (inclusive; ``None`` leaves that side open).
+
+        Exact counting by dynamic programming over the stages (see :mod:`tofa_fast.estimator.sampler`
+        for the algorithm and why it is exactly uniform). Raises ``ValueError`` naming the space's
+        FLOPs range when no subnet lies in the band.
+
+        Returns a list of :class:`Arch`, or their ``int32 (n, code_length)`` codes with ``as_codes``.
+        """
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"n must be a non-negative integer, got {n!r}")
+        low, high = self.flops_range()
+        lo = low if min_flops is None else _flops_bound(min_flops, "min_flops", ceil=True)
+        hi = high if max_flops is None else _flops_bound(max_flops, "max_flops", ceil=False)
+        if lo > hi:
+            raise ValueError(f"min_flops ({min_flops}) must not exceed max_flops ({max_flops})")
+        sampler = self._band_sampler()
+        if hi < low or lo > high:
+            from .sampler import EmptyBandError
+
+            raise EmptyBandError(sampler._empty_message(lo, hi))  # noqa: SLF001
+        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        codes = sampler.sample(int(n), max(lo, low), min(hi, high), rng)
+        return codes if as_codes else self.space.decode(codes)
+
+
+def _flops_bound(value: float, name: str, ceil: bool) -> int:
+    """FLOPs are integers: an inclusive real bound becomes the integer bound it implies."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.integer, np.floating))
+        or not np.isfinite(value)
+    ):
+        raise ValueError(f"{name} must be a finite number of FLOPs, got {value!r}")
+    return int(np.ceil(value)) if ceil else int(np.floor(value))
