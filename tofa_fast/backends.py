@@ -26,7 +26,11 @@ def cpp_status() -> BackendStatus:
     if _extension.available():
         threads = torch.get_num_threads()
         omp = "OpenMP" if _extension.built_with_openmp() else "no OpenMP (single-threaded kernels)"
-        return BackendStatus("C++", True, f"CPU kernels, {omp}, {threads} threads")
+        detail = f"CPU kernels, {omp}, {threads} threads"
+        if hasattr(torch.ops.tofa_fast, "_elastic_dwconv2d_cpu_isa"):
+            # Which of the compiled SIMD paths this CPU runs (TOFA_FAST_CPU_ISA caps it).
+            detail += f", depthwise tiles: {torch.ops.tofa_fast._elastic_dwconv2d_cpu_isa()}"
+        return BackendStatus("C++", True, detail)
     return BackendStatus("C++", False, _extension.LOAD_ERROR or "extension not loaded")
 
 

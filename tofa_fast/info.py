@@ -7,6 +7,7 @@ import platform
 import torch
 
 from . import __version__, backends
+from .ops.elastic_dwconv_dispatch import describe_dispatch
 
 
 def info_text() -> str:
@@ -18,4 +19,6 @@ def info_text() -> str:
     for status in backends.statuses():
         mark = "yes" if status.available else "no "
         lines.append(f"  {status.name:<7} {mark}  {status.detail}")
+    lines.append("elastic_dwconv2d dispatch (per device, the first backend without a reason to refuse serves):")
+    lines.extend(f"  {line}" for line in describe_dispatch())
     return "\n".join(lines)

@@ -327,10 +327,12 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> elastic_dwconv2d_bac
   const at::Tensor grad_y = grad_output_arg.to(x.scalar_type());
   const bool need_x = output_mask[0], need_weight = output_mask[1];
   const bool need_mats = output_mask[2] && !mats.empty();
-  const at::Tensor empty = at::empty({0}, x.options());
-  at::Tensor grad_x = need_x ? at::empty_like(x, format) : empty;
-  at::Tensor grad_weight = need_weight ? at::empty_like(weight, at::MemoryFormat::Contiguous) : empty;
-  std::vector<at::Tensor> grad_mats(mats.size(), empty);
+  // Masked-off gradients are (0,) tensors, each its own: op outputs must not alias one another.
+  const auto empty = [&] { return at::empty({0}, x.options()); };
+  at::Tensor grad_x = need_x ? at::empty_like(x, format) : empty();
+  at::Tensor grad_weight = need_weight ? at::empty_like(weight, at::MemoryFormat::Contiguous) : empty();
+  std::vector<at::Tensor> grad_mats;
+  for (size_t i = 0; i < mats.size(); ++i) grad_mats.push_back(empty());
   if (!need_x && !need_weight && !need_mats) return {grad_x, grad_weight, grad_mats};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "elastic_dwconv2d_backward_cuda", [&] {

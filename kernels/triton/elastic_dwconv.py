@@ -317,9 +317,12 @@ def elastic_dwconv2d_backward(
     oh, ow = grad_output.shape[-2:]
     acc, acc_torch = _acc_dtype(x.dtype), _acc_torch(x.dtype)
     grad_output = grad_output.to(x.dtype)
-    empty = x.new_empty((0,))
+
+    def empty() -> torch.Tensor:  # masked-off gradients: distinct (0,) tensors (op outputs must not alias)
+        return x.new_empty((0,))
+
     filters = active_filter(weight, kernel_size, transforms, c)
-    grad_x = empty
+    grad_x = empty()
     if need_x:
         grad_x = torch.empty_like(x, memory_format=output_memory_format(x))
         block = _plane_block(h * w)
@@ -328,7 +331,7 @@ def elastic_dwconv2d_backward(
             K=kernel_size, STRIDE=stride, ACC=acc, BLOCK=block,
         )
     if not (need_weight or need_transforms):
-        return grad_x, empty, [empty for _ in transforms]
+        return grad_x, empty(), [empty() for _ in transforms]
     total = n * oh * ow
     block = min(128, triton.next_power_of_2(max(total, 1)))
     # Enough programs per channel to fill a GPU; the interpreter runs programs one by one.
@@ -343,7 +346,7 @@ def elastic_dwconv2d_backward(
     else:
         grad_filters.zero_()
     c_max, big = weight.shape[0], weight.shape[-1]
-    grad_weight = torch.empty((c_max, 1, big, big), dtype=x.dtype, device=x.device) if need_weight else empty
+    grad_weight = torch.empty((c_max, 1, big, big), dtype=x.dtype, device=x.device) if need_weight else empty()
     sizes = [round(m.shape[0] ** 0.5) for m in transforms]
     numels = [t**4 for t in sizes]
     grad_mats_flat = torch.zeros(sum(numels) if need_transforms else 1, dtype=acc_torch, device=x.device)
@@ -359,5 +362,5 @@ def elastic_dwconv2d_backward(
     if need_transforms:
         grad_transforms = [g.view(t * t, t * t).to(x.dtype) for g, t in zip(grad_mats, sizes)]
     else:
-        grad_transforms = [empty for _ in transforms]
+        grad_transforms = [empty() for _ in transforms]
     return grad_x, grad_weight, grad_transforms

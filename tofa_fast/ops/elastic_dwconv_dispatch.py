@@ -83,7 +83,7 @@ class ElasticDwconvBackend:
 
 class ReferenceBackend(ElasticDwconvBackend):
     name = "reference"
-    supports = "every device and dtype (slice + transform + F.conv2d, differentiated by autograd)"
+    supports = "every device and dtype (slice + transform + F.conv2d; ATen conv backward + the chain rule)"
 
     def not_supported_reasons(self, problem: DwconvProblem) -> list[str]:
         return []
@@ -112,15 +112,17 @@ class ReferenceBackend(ElasticDwconvBackend):
             channels,
             [need_x, need_filter, False],
         )
-        empty = x.new_empty((0,))
-        grad_x = grad_x.contiguous(memory_format=output_memory_format(x)) if need_x else empty
+        def empty() -> torch.Tensor:  # masked-off gradients: distinct (0,) tensors (op outputs must not alias)
+            return x.new_empty((0,))
+
+        grad_x = grad_x.contiguous(memory_format=output_memory_format(x)) if need_x else empty()
         if not need_filter:
-            return grad_x, empty, [empty for _ in transforms]
+            return grad_x, empty(), [empty() for _ in transforms]
         grad_weight, grad_transforms = active_filter_backward_reference(grad_filter, weight, transforms)
         return (
             grad_x,
-            grad_weight if need_weight else empty,
-            [g.contiguous() if need_transforms else empty for g in grad_transforms],
+            grad_weight if need_weight else empty(),
+            [g.contiguous() if need_transforms else empty() for g in grad_transforms],
         )
 
 

@@ -243,19 +243,24 @@ void conv_rows(const T* in, int64_t in_row, const T* filt, T* out, int64_t out_r
 
 // gf[i][j] += Σ_{r<rows, c<cols} gy pixel (r, c) · x pixel (rS + i, cS + j). x pixels outside `valid`
 // are zero and skipped; gy must read as zero from column cols to ⌈cols/RW⌉·RW.
-// One kernel row at a time keeps its K accumulators and RW gradient pixels in registers.
+// One kernel row at a time keeps its K accumulators and RW gradient pixels in registers. Sums run per
+// output row, then over rows, then (in gf) over samples: float32 rounding then grows with the square
+// root of each level's length rather than of the whole plane.
 template <typename T, int K, int S, int RW>
 void wgrad_rows(const T* x, int64_t x_row, const T* gy, int64_t gy_row, int64_t rows, int64_t cols,
                 const Window& valid, T* gf) {
   constexpr int L = kLanes<T>;
   constexpr int SPAN = (RW - 1) * S + K;
   for (int i = 0; i < K; ++i) {
-    vec_t<T> acc[K];
+    vec_t<T> plane[K];
 #pragma GCC unroll 8
-    for (int j = 0; j < K; ++j) acc[j] = vec_t<T>{};
+    for (int j = 0; j < K; ++j) plane[j] = vec_t<T>{};
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t xr = r * S + i;
       if (xr < valid.row_lo || xr >= valid.row_hi) continue;
+      vec_t<T> acc[K];
+#pragma GCC unroll 8
+      for (int j = 0; j < K; ++j) acc[j] = vec_t<T>{};
       const T* xs = x + xr * x_row;
       const T* g = gy + r * gy_row;
       for (int64_t c = 0; c < cols; c += RW) {
@@ -275,9 +280,11 @@ void wgrad_rows(const T* x, int64_t x_row, const T* gy, int64_t gy_row, int64_t 
           }
         }
       }
+#pragma GCC unroll 8
+      for (int j = 0; j < K; ++j) plane[j] += acc[j];
     }
 #pragma GCC unroll 8
-    for (int j = 0; j < K; ++j) vstore(gf + (i * K + j) * L, vload(gf + (i * K + j) * L) + acc[j]);
+    for (int j = 0; j < K; ++j) vstore(gf + (i * K + j) * L, vload(gf + (i * K + j) * L) + plane[j]);
   }
 }
 

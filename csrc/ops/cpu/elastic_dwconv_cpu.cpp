@@ -292,11 +292,12 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> elastic_dwconv2d_bac
   const bool need_x = output_mask[0], need_weight = output_mask[1];
   const bool need_mats = output_mask[2] && !in.transforms.empty();
   const bool need_filter = need_weight || need_mats;
-  const at::Tensor empty = at::empty({0}, in.x.options());
-  at::Tensor grad_x = need_x ? at::empty_like(in.x, in.format) : empty;
-  at::Tensor grad_weight = need_weight ? at::zeros_like(in.weight, at::MemoryFormat::Contiguous) : empty;
+  // Masked-off gradients are (0,) tensors, each its own: op outputs must not alias one another.
+  const auto empty = [&] { return at::empty({0}, in.x.options()); };
+  at::Tensor grad_x = need_x ? at::empty_like(in.x, in.format) : empty();
+  at::Tensor grad_weight = need_weight ? at::zeros_like(in.weight, at::MemoryFormat::Contiguous) : empty();
   std::vector<at::Tensor> grad_mats;
-  for (const auto& m : in.transforms) grad_mats.push_back(output_mask[2] ? at::zeros_like(m) : empty);
+  for (const auto& m : in.transforms) grad_mats.push_back(output_mask[2] ? at::zeros_like(m) : empty());
   if (g.batch == 0 || (!need_x && !need_filter)) return {grad_x, grad_weight, grad_mats};
 
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "elastic_dwconv2d_backward_cpu", [&] {

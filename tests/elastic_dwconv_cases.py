@@ -1,0 +1,138 @@
+"""Problem generator shared by the elastic_dwconv2d tests (CPU, Triton, CUDA) and the benchmarks.
+
+A case fixes every axis the kernels branch on: K, k ≤ K, stride, C_active < or = C_max, odd and
+non-square H×W, batch, memory layout (contiguous / channels_last / strided view), with or without
+the transform chain, dtype.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass
+
+import torch
+
+from tofa_fast.ops import elastic_dwconv2d_reference
+
+LAYOUTS = ("contiguous", "channels_last", "strided")
+
+
+@dataclass(frozen=True)
+class DwconvCase:
+    batch: int
+    channels: int
+    max_channels: int
+    height: int
+    width: int
+    max_kernel: int
+    kernel: int
+    stride: int
+    layout: str
+    with_transforms: bool
+    dtype: torch.dtype = torch.float32
+
+    def __str__(self) -> str:
+        chain = "T" if self.with_transforms and self.kernel < self.max_kernel else "-"
+        return (
+            f"N{self.batch}C{self.channels}of{self.max_channels}_{self.height}x{self.width}_K{self.max_kernel}"
+            f"k{self.kernel}s{self.stride}_{self.layout}_{chain}_{str(self.dtype).removeprefix('torch.')}"
+        )
+
+
+def transform_chain(max_kernel: int, kernel: int, dtype: torch.dtype, device="cpu") -> list[torch.Tensor]:
+    """OFA's chain K→K−2→…→k, identity plus noise so every entry matters."""
+    sizes = range(max_kernel - 2, kernel - 1, -2)
+    return [torch.eye(t * t, dtype=dtype, device=device) + 0.1 * torch.randn(t * t, t * t, dtype=dtype, device=device) for t in sizes]
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        # A view with a gap between columns and permuted batch/channel strides: neither NCHW nor NHWC.
+        wide = torch.zeros(x.shape[1], x.shape[0], x.shape[2], 2 * x.shape[3], dtype=x.dtype, device=x.device)
+        wide[..., ::2] = x.transpose(0, 1)
+        return wide.transpose(0, 1)[..., ::2]
+    return x.contiguous()
+
+
+def make_inputs(case: DwconvCase, device="cpu", generator_seed: int = 0):
+    """(x, weight, transforms) for a case; float64 values are drawn first so dtypes share data."""
+    gen = torch.Generator().manual_seed(generator_seed)
+    x = torch.randn(case.batch, case.channels, case.height, case.width, generator=gen, dtype=torch.float64)
+    weight = torch.randn(case.max_channels, 1, case.max_kernel, case.max_kernel, generator=gen, dtype=torch.float64)
+    torch.manual_seed(generator_seed)
+    transforms = transform_chain(case.max_kernel, case.kernel, torch.float64) if case.with_transforms else []
+    x = _layout(x.to(case.dtype).to(device), case.layout)
+    weight = weight.to(case.dtype).to(device)
+    if case.layout == "strided":
+        weight = _layout(weight, "strided")  # a non-contiguous weight too
+    return x, weight, [m.to(case.dtype).to(device) for m in transforms]
+
+
+def reference_outputs(x, weight, kernel, stride, transforms, grad_output=None):
+    """Output and autograd gradients (x, weight, *transforms) of the reference: the test oracle."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, *transforms)]
+    out = elastic_dwconv2d_reference(leaves[0], leaves[1], kernel, stride, leaves[2:])
+    if grad_output is None:
+        grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        grad_output = grad_output.to(out.dtype).to(out.device)
+    grads = torch.autograd.grad(out, leaves, grad_output)
+    return out.detach(), grad_output, list(grads)
+
+
+def assert_matches_oracle(got, torch_value, oracle, dtype, tolerance, name="output"):
+    """float64: equal to the reference within tolerance(float64). Lower precisions (flash-attention's
+    rule): the kernel's largest error against the float64 oracle is at most twice PyTorch's own error
+    in that dtype, plus what tolerance(dtype) allows at the largest value (atol + rtol·max|oracle|);
+    both implementations round differently over long reductions (weight gradients).
+    """
+    if dtype == torch.float64:
+        torch.testing.assert_close(got, oracle.to(got.dtype), **tolerance(dtype), msg=lambda m: f"{name}: {m}")
+        return
+    assert got.shape == oracle.shape and got.dtype == dtype, f"{name}: {got.shape}/{got.dtype} vs {oracle.shape}/{dtype}"
+    ours = (got.double() - oracle).abs().max().item()
+    theirs = (torch_value.double() - oracle).abs().max().item()
+    tol = tolerance(dtype)
+    bound = 2 * theirs + tol["atol"] + tol["rtol"] * oracle.abs().max().item()
+    assert ours <= bound, f"{name}: max error {ours:.3g} > 2 × PyTorch's {theirs:.3g} + atol"
+
+
+def oracle_outputs(x, weight, kernel, stride, transforms, grad_output):
+    """The reference run in float64 on the same (upcast) values: what every dtype is measured against."""
+    return reference_outputs(
+        x.double(), weight.double(), kernel, stride, [m.double() for m in transforms], grad_output.double()
+    )
+
+
+def grid_cases(count: int, seed: int, dtypes=(torch.float32, torch.float64), max_batch: int = 32) -> list[DwconvCase]:
+    """`count` cases cycling through (K, k) × stride × layout, other axes drawn from a seeded RNG.
+
+    Every fourth case has batch `max_batch`, every third uses all C_max channels, transforms alternate.
+    """
+    rng = random.Random(seed)
+    kernel_pairs = [(big, k) for big in (3, 5, 7) for k in (3, 5, 7) if k <= big]
+    axes = list(itertools.product(kernel_pairs, (1, 2), LAYOUTS))
+    rng.shuffle(axes)
+    cases = []
+    for i in range(count):
+        (big, k), stride, layout = axes[i % len(axes)]
+        max_channels = rng.choice([3, 16, 19, 33])
+        channels = max_channels if i % 3 == 0 else rng.randint(1, max_channels - 1)
+        cases.append(
+            DwconvCase(
+                batch=max_batch if i % 4 == 0 else rng.choice([1, 2, 3]),
+                channels=channels,
+                max_channels=max_channels,
+                height=rng.choice([1, 5, 7, 9, 12]),
+                width=rng.choice([3, 6, 8, 11]),
+                max_kernel=big,
+                kernel=k,
+                stride=stride,
+                layout=layout,
+                with_transforms=i % 2 == 0,
+                dtype=dtypes[i % len(dtypes)],
+            )
+        )
+    return cases
