@@ -153,6 +153,7 @@ def test_cpp_matches_reference(case):
         DwconvCase(1, 4, 4, 4, 4, 7, 7, 2, "contiguous", False),  # kernel larger than the plane
         DwconvCase(2, 5, 5, 9, 7, 3, 1, 2, "strided", True),  # k = 1 with a chain 3→1
         DwconvCase(2, 3, 5, 1, 1, 5, 5, 1, "contiguous", False),  # 1×1 plane
+        DwconvCase(2, 5, 7, 6, 5, 9, 3, 1, "contiguous", True, torch.float64),  # chain 9→7→5→3
     ],
     ids=str,
 )

@@ -368,7 +368,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> elastic_dwconv2d_bac
       int64_t offset = 0;
       for (size_t i = 0; i < mats.size(); ++i) {
         const int64_t tt = sizes[i] * sizes[i];
-        grad_mats[i] = grad_mats_acc.narrow(0, offset, tt * tt).view({tt, tt}).to(x.scalar_type());
+        // copy: views of one buffer would alias each other, which op outputs must not.
+        grad_mats[i] = grad_mats_acc.narrow(0, offset, tt * tt).view({tt, tt}).to(x.scalar_type(), false, true);
         offset += tt * tt;
       }
     }

@@ -360,7 +360,8 @@ def elastic_dwconv2d_backward(
         WANT_GW=need_weight, WANT_GM=need_transforms, BLOCK_C=_BLOCK_C,
     )
     if need_transforms:
-        grad_transforms = [g.view(t * t, t * t).to(x.dtype) for g, t in zip(grad_mats, sizes)]
+        # copy=True: views of one buffer would alias each other, which op outputs must not.
+        grad_transforms = [g.view(t * t, t * t).to(x.dtype, copy=True) for g, t in zip(grad_mats, sizes)]
     else:
         grad_transforms = [empty() for _ in transforms]
     return grad_x, grad_weight, grad_transforms

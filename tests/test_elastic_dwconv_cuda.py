@@ -1,0 +1,120 @@
+"""CUDA kernels of elastic_dwconv2d: they compile wherever nvcc is, and match the reference on a GPU.
+
+The compile check builds every kernels/cuda/*.cu into an object file against this torch's headers
+(an object is enough to catch syntax, template and API errors without a GPU or a full link).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+from conftest import tolerance
+from elastic_dwconv_cases import DwconvCase, assert_matches_oracle, make_inputs, oracle_outputs, reference_outputs
+
+from tofa_fast.ops import elastic_dwconv2d
+from tofa_fast.ops import elastic_dwconv_dispatch as dispatch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUDA_SOURCES = sorted(glob.glob(os.path.join(ROOT, "kernels", "cuda", "**", "*.cu"), recursive=True))
+
+
+def _nvcc() -> str | None:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def _compile_skip_reason() -> str | None:
+    if _nvcc() is None:
+        return "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+    if torch.version.cuda is None:
+        return "this PyTorch is a CPU-only build (no c10/cuda headers to compile against)"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_compile_skip_reason() is not None, reason=_compile_skip_reason() or "")
+@pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda p: os.path.relpath(p, ROOT))
+def test_cuda_sources_compile(source, tmp_path):
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
+
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    arch = os.environ.get("TOFA_FAST_TEST_CUDA_ARCH", "90")  # Hopper: the GPU the benchmarks run on
+    command = [
+        _nvcc(),
+        "-c",
+        source,
+        "-o",
+        str(tmp_path / "kernel.o"),
+        "-std=c++20",
+        "-Xcompiler",
+        "-fPIC",
+        f"-gencode=arch=compute_{arch},code=sm_{arch}",
+        "-DTORCH_API_INCLUDE_EXTENSION_H",
+        "-DTORCH_EXTENSION_NAME=_C",
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        *COMMON_NVCC_FLAGS,
+        *[f"-I{path}" for path in include_paths()],
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}\n{result.stderr}"
+    assert (tmp_path / "kernel.o").stat().st_size > 0
+
+
+gpu = pytest.mark.gpu
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_cuda_kernels = pytest.mark.skipif(
+    not torch.cuda.is_available()
+    or bool(dispatch.CUDA.not_supported_reasons(dispatch.DwconvProblem("cuda", torch.float32, 3, 7, 1, 2))),
+    reason="needs a CUDA device and the extension built with the CUDA kernels",
+)
+
+GPU_CASES = [
+    DwconvCase(32, 19, 33, 12, 11, 7, 3, 2, "contiguous", True),
+    DwconvCase(2, 16, 16, 9, 7, 7, 7, 1, "channels_last", False),
+    DwconvCase(3, 5, 8, 8, 8, 5, 5, 2, "strided", False, torch.float64),
+    DwconvCase(2, 6, 8, 7, 9, 7, 5, 1, "contiguous", True, torch.float64),
+    DwconvCase(4, 24, 32, 14, 14, 7, 7, 1, "channels_last", False, torch.bfloat16),
+    DwconvCase(4, 24, 32, 14, 14, 5, 3, 2, "contiguous", True, torch.float16),
+]
+
+
+@gpu
+@needs_cuda_kernels
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+def test_cuda_matches_reference(case):
+    x, weight, transforms = make_inputs(case, device="cuda")
+    expected, grad_output, expected_grads = reference_outputs(x, weight, case.kernel, case.stride, transforms)
+    oracle, _, oracle_grads = oracle_outputs(x, weight, case.kernel, case.stride, transforms, grad_output)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, *transforms)]
+    with dispatch.use_backend("CUDA"):
+        out = elastic_dwconv2d(leaves[0], leaves[1], case.kernel, case.stride, leaves[2:])
+        grads = torch.autograd.grad(out, leaves, grad_output)
+    names = ["output", "grad x", "grad weight"] + [f"grad transforms[{i}]" for i in range(len(transforms))]
+    for name, got, want, exact in zip(names, [out, *grads], [expected, *expected_grads], [oracle, *oracle_grads]):
+        assert_matches_oracle(got, want, exact, case.dtype, tolerance, name)
+
+
+@gpu
+@needs_cuda_kernels
+def test_cuda_opcheck():
+    x, weight, transforms = make_inputs(DwconvCase(2, 5, 6, 7, 6, 7, 3, 2, "channels_last", True), device="cuda")
+    args = (x.requires_grad_(), weight.requires_grad_(), 3, 2, [m.requires_grad_() for m in transforms])
+    with dispatch.use_backend("CUDA"):
+        torch.library.opcheck(torch.ops.tofa_fast.elastic_dwconv2d.default, args)
+
+
+@gpu
+@needs_gpu
+def test_cuda_dispatch_picks_a_gpu_backend():
+    x, weight = torch.randn(2, 4, 6, 6, device="cuda"), torch.randn(4, 1, 7, 7, device="cuda")
+    chosen = dispatch.select_backend(x, weight, 3, 1, [])
+    assert chosen.name in {"CUDA", "Triton"} or chosen.name == "reference"
+    reasons = dict(dispatch.explain(dispatch.DwconvProblem.of(x, weight, 3, 1, [])))
+    assert all(name == chosen.name or reasons[name] or name == "reference" for name in reasons)
