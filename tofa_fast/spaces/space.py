@@ -27,6 +27,7 @@ where ``D_s = max(stage.depths)``; layers beyond the active depth hold ``-1``. T
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -96,6 +97,12 @@ class StageSpec:
 
     ``expands`` equal to ``(1,)`` means the layer has no 1×1 expansion convolution (the depthwise
     convolution runs on the input channels directly), as in MobileNetV3's first block.
+
+    ``layer_expands`` (optional, layer-granularity spaces only) narrows the expand choices layer by
+    layer: entry ``j`` lists the ratios layer ``j`` allows, a subset of ``expands``. Networks
+    converted from torchvision need it, because their layers within one stage have different
+    largest expand ratios (MobileNetV3-Large: 6, 2.5, 2.3, 2.3). ``None`` (the default) lets every
+    layer use every ratio of ``expands``.
     """
 
     widths: tuple[int, ...]
@@ -105,6 +112,7 @@ class StageSpec:
     stride: int = 1
     se: bool = False
     act: str = "relu"
+    layer_expands: tuple[tuple[float, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", _choices(self.widths, "stage.widths"))
@@ -120,6 +128,27 @@ class StageSpec:
         if self.stride not in (1, 2):
             raise ValueError(f"stage.stride must be 1 or 2, got {self.stride}")
         _check_act(self.act, "stage.act")
+        if self.layer_expands is not None:
+            per_layer = tuple(
+                tuple(_plain_number(e) for e in _choices(choices, f"stage.layer_expands[{j}]"))
+                for j, choices in enumerate(self.layer_expands)
+            )
+            if len(per_layer) != self.max_depth:
+                raise ValueError(
+                    f"stage.layer_expands must have one entry per layer (max depth {self.max_depth}), "
+                    f"got {len(per_layer)}"
+                )
+            for j, choices in enumerate(per_layer):
+                stray = [e for e in choices if e not in self.expands]
+                if stray:
+                    raise ValueError(
+                        f"stage.layer_expands[{j}] lists {stray}, which stage.expands {list(self.expands)} lacks"
+                    )
+            object.__setattr__(self, "layer_expands", per_layer)
+
+    def expand_choices(self, layer_index: int) -> tuple[float, ...]:
+        """Expand ratios layer ``layer_index`` of this stage allows (see ``layer_expands``)."""
+        return self.expands if self.layer_expands is None else self.layer_expands[layer_index]
 
     @property
     def max_depth(self) -> int:
@@ -134,12 +163,17 @@ class StageSpec:
 @dataclass(frozen=True)
 class HeadSpec:
     """Head: 1×1 conv to ``expand``× the last stage width (BN + act), global pool, 1×1 feature-mix
-    conv to one of ``widths`` (no BN, act), dropout, linear classifier."""
+    conv to one of ``widths`` (no BN, act), dropout, linear classifier.
+
+    ``feature_mix_bias`` gives the feature-mix conv a bias: OFA's has none, torchvision's MobileNetV3
+    (a ``Linear`` on the pooled features, which is the same map) has one.
+    """
 
     widths: tuple[int, ...]
     expand: float = 6
     act: str = "hswish"
     dropout: float = 0.1
+    feature_mix_bias: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", _choices(self.widths, "head.widths"))
@@ -257,6 +291,8 @@ class SearchSpace:
             raise ValueError("a search space needs at least one stage")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {list(GRANULARITIES)}, got {self.granularity!r}")
+        if self.granularity == "stage" and any(st.layer_expands is not None for st in self.stages):
+            raise ValueError("stage.layer_expands (per-layer expand choices) needs granularity 'layer'")
         offsets, pos = [], 3
         for stage in self.stages:
             offsets.append(pos)
@@ -308,7 +344,11 @@ class SearchSpace:
         stages = []
         for st in self.stages:
             depth = pick(st.depths)
-            stages.append(StageArch(pick(st.widths), depth, (pick(st.kernels),) * depth, (pick(st.expands),) * depth))
+            if self.granularity == "stage":
+                expand = (pick(st.expands),) * depth
+            else:
+                expand = tuple(pick(st.expand_choices(j)) for j in range(depth))
+            stages.append(StageArch(pick(st.widths), depth, (pick(st.kernels),) * depth, expand))
         return Arch(pick(self.resolutions), pick(self.stem.widths), tuple(stages), pick(self.head.widths))
 
     def sample(self, rng: int | random.Random | None = None) -> Arch:
@@ -334,7 +374,7 @@ class SearchSpace:
                 expand = (rng.choice(st.expands),) * depth
             else:
                 kernel = tuple(rng.choice(st.kernels) for _ in range(depth))
-                expand = tuple(rng.choice(st.expands) for _ in range(depth))
+                expand = tuple(rng.choice(st.expand_choices(j)) for j in range(depth))
             stages.append(StageArch(width, depth, kernel, expand))
         head = rng.choice(self.head.widths)
         return Arch(resolution, stem, tuple(stages), head)
@@ -367,13 +407,17 @@ class SearchSpace:
             width = _check_choice(raw["width"], st.widths, f"{where}.width")
             depth = _check_choice(raw["depth"], st.depths, f"{where}.depth")
             per_layer = {}
-            for key, allowed in (("kernel", st.kernels), ("expand", st.expands)):
+            per_layer_allowed = (
+                ("kernel", [st.kernels] * depth),
+                ("expand", [st.expand_choices(j) for j in range(depth)]),
+            )
+            for key, allowed in per_layer_allowed:
                 values = raw[key]
                 if not isinstance(values, Sequence) or isinstance(values, (str, bytes)):
                     raise ValueError(f"{where}.{key} must be a list of {depth} values (one per layer)")
                 if len(values) != depth:
                     raise ValueError(f"{where}.{key} must have exactly depth={depth} entries, got {len(values)}")
-                checked = tuple(_check_choice(v, allowed, f"{where}.{key}[{j}]") for j, v in enumerate(values))
+                checked = tuple(_check_choice(v, allowed[j], f"{where}.{key}[{j}]") for j, v in enumerate(values))
                 if self.granularity == "stage" and len(set(checked)) > 1:
                     raise ValueError(
                         f"{where}.{key} must repeat one value in a stage-granularity space "
@@ -507,11 +551,11 @@ class SearchSpace:
         """Number of distinct archs in the space."""
         total = len(self.resolutions) * len(self.stem.widths) * len(self.head.widths)
         for st in self.stages:
-            per_layer = len(st.kernels) * len(st.expands)
             if self.granularity == "stage":
-                total *= len(st.widths) * len(st.depths) * per_layer
+                total *= len(st.widths) * len(st.depths) * len(st.kernels) * len(st.expands)
             else:
-                total *= len(st.widths) * sum(per_layer**d for d in st.depths)
+                per_layer = [len(st.kernels) * len(st.expand_choices(j)) for j in range(st.max_depth)]
+                total *= len(st.widths) * sum(math.prod(per_layer[:d]) for d in st.depths)
         return total
 
     def to_dict(self) -> dict[str, Any]:
