@@ -11,8 +11,8 @@ Public API (SPEC §11)::
 
 __version__ = "0.1.0"
 
-from . import _extension, nn, ops, spaces  # noqa: E402  (_extension registers the compiled ops)
+from . import _extension, nn, ops, spaces, transfer  # noqa: E402  (_extension registers the compiled ops)
 from .estimator import Estimator  # noqa: E402
 from .nn import Supernet, recalibrate_bn  # noqa: E402
 
-__all__ = ["Estimator", "Supernet", "__version__", "_extension", "nn", "ops", "recalibrate_bn", "spaces"]
+__all__ = ["Estimator", "Supernet", "__version__", "_extension", "nn", "ops", "recalibrate_bn", "spaces", "transfer"]
