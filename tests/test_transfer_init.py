@@ -83,3 +83,16 @@ def test_malformed_sources_are_explained(source, message):
 def test_num_classes_is_validated():
     with pytest.raises(ValueError, match="num_classes must be a positive integer"):
         load_init("torchvision:mobilenet_v3_small", 0)
+
+
+def test_cached_torchvision_weights_are_loaded_weights_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    path = cache / os.path.basename(MobileNet_V3_Small_Weights.IMAGENET1K_V1.url)
+    torch.save({"model": torch.nn.Linear(2, 2)}, path)  # a pickled module, not a state dict
+    with pytest.raises(ValueError, match="could not load torchvision weights"):
+        load_init("torchvision:mobilenet_v3_small:IMAGENET1K_V1", 10)
+    torch.save({"features.0.0.weight": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match="does not hold MobileNet_V3_Small_Weights.IMAGENET1K_V1"):
+        load_init("torchvision:mobilenet_v3_small:IMAGENET1K_V1", 10)

@@ -100,4 +100,14 @@ def _torchvision_model(name: str, weights: str | None, download: bool) -> torch.
             f'network, fetch them with `python -c "import torchvision; torchvision.models.{name}'
             f"(weights='{chosen.name}')\"` and copy the file there (or set TORCH_HOME), or pass download=True."
         )
-    return models.get_model(name, weights=chosen)
+    model = models.get_model(name, weights=None, num_classes=len(chosen.meta["categories"]))
+    try:
+        # Not torchvision's own loader: it unpickles cached files with weights_only=False (SPEC §12).
+        state = torch.hub.load_state_dict_from_url(chosen.url, map_location="cpu", check_hash=True, weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"could not load torchvision weights {chosen} from {str(cached)!r}: {exc}") from exc
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"{str(cached)!r} does not hold {chosen}: {exc}") from exc
+    return model
