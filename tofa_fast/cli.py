@@ -73,9 +73,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     profile = sub.add_parser("profile", help="build or validate a latency table on this device")
     profile.add_argument("--space", default="rss")
-    profile.add_argument("--device", default="cpu")
-    profile.add_argument("-o", "--output", metavar="FILE")
-    profile.add_argument("--validate", metavar="TABLE", default=None)
+    profile.add_argument("--device", default=None, help="cpu or cuda (default: cpu; with --validate: the table's)")
+    profile.add_argument(
+        "-o", "--output", metavar="FILE", help="latency table to write or resume (with --validate: a JSON report)"
+    )
+    profile.add_argument("--validate", metavar="TABLE", default=None, help="time random subnets against TABLE")
+    profile.add_argument("--batch-size", type=_positive_int, default=1)
+    profile.add_argument("--num-classes", type=_positive_int, default=1000, help="classifier outputs (default: 1000)")
+    profile.add_argument("--threads", type=_positive_int, default=None, help="intra-op threads (default: torch's)")
+    profile.add_argument("--time-budget", type=float, default=None, metavar="SECONDS", help="stop (resumably) after")
+    profile.add_argument("--min-time", type=float, default=0.05, metavar="SECONDS", help="timing time per layer")
+    profile.add_argument("--calibration", type=int, default=12, metavar="N", help="subnets timed to fit overheads")
+    profile.add_argument("--passes", type=_positive_int, default=3, help="timing passes (minimum kept)")
+    profile.add_argument(
+        "--cold-mib", type=float, default=0, metavar="MIB", help="weights cycled per layer (default: 2x last-level cache)"
+    )
+    profile.add_argument("--samples", type=_positive_int, default=50, metavar="N", help="subnets to validate on")
+    profile.add_argument("--seed", type=int, default=0, help="first seed of the validation subnets")
 
     sub.add_parser("info", help="version, available backends and why any is missing")
     return parser
@@ -135,5 +149,9 @@ def _run(args: argparse.Namespace) -> int:
         for entry in run.evaluate(args.run):
             print(f"{entry['flops'] / 1e6:8.2f} MFLOPs  accuracy {entry['accuracy']:.2%}  {json.dumps(entry['arch'])}")
         return 0
+    if args.command == "profile":
+        from .estimator.profile import main as profile_main
+
+        return profile_main(args)
     print(f"tofa-fast {args.command}: not implemented yet", file=sys.stderr)
     return 2

@@ -1,10 +1,11 @@
 // Batched efficiency estimation: sum the per-part lookup-table entries of many encoded archs.
 //
-//   tofa_fast::estimator_sum(Tensor codes, Tensor header, Tensor plan, Tensor depths, Tensor table)
-//       -> Tensor
+//   tofa_fast::estimator_sum(Tensor codes, Tensor header, Tensor plan, Tensor depths,
+//                            Tensor expand_masks, Tensor table) -> Tensor
 //
 // codes:  int32 (n, code_length), the rows of SearchSpace.encode (choice indices, -1 past the depth).
 // header: int64 (10,), plan: int64 (n_stages, 9), depths: int64 (n_stages, >= max #depth choices),
+// expand_masks: int64 (n_stages, >= max depth), bit e set when that layer allows expand index e,
 //         table: int64 or float64 (table_size,) — built by tofa_fast/estimator/layout.py, whose module
 //         docstring documents the layout; table_sum_reference there is the pure-Python reference.
 // Returns (n,) of the table's dtype: FLOPs / parameters (int64, exact) or latency (float64).
@@ -41,6 +42,10 @@ enum Stage : int64_t {
 struct StagePlan {
   int64_t code_offset, max_depth, n_w, n_in, n_d, n_k, n_e, table_offset, layer0_block;
   const int64_t* depth_values;  // n_d depth values
+  const int64_t* expand_masks;  // max_depth bit masks of allowed expand indices
+  // inactive[di * max_depth + j] = -1 (all bits) when layer j is beyond depth_values[di], else 0:
+  // lets the per-layer checks run as branch-free OR-reductions the compiler vectorises.
+  std::vector<int32_t> inactive;
 };
 
 struct Plan {
@@ -54,7 +59,8 @@ inline bool out_of_range(int32_t v, int64_t n) {
   return static_cast<uint32_t>(v) >= static_cast<uint64_t>(n);
 }
 
-Plan read_plan(const at::Tensor& header, const at::Tensor& plan, const at::Tensor& depths) {
+Plan read_plan(const at::Tensor& header, const at::Tensor& plan, const at::Tensor& depths,
+               const at::Tensor& expand_masks) {
   TORCH_CHECK(header.device().is_cpu() && header.scalar_type() == at::kLong && header.dim() == 1 &&
                   header.numel() == kHeaderSize && header.is_contiguous(),
               "estimator_sum: header must be a contiguous CPU int64 tensor of shape (", kHeaderSize,
@@ -81,6 +87,10 @@ Plan read_plan(const at::Tensor& header, const at::Tensor& plan, const at::Tenso
                   depths.size(0) == n_stages && depths.is_contiguous(),
               "estimator_sum: depths must be a contiguous CPU int64 tensor of shape (", n_stages,
               ", D), got ", depths.scalar_type(), " ", depths.sizes());
+  TORCH_CHECK(expand_masks.device().is_cpu() && expand_masks.scalar_type() == at::kLong &&
+                  expand_masks.dim() == 2 && expand_masks.size(0) == n_stages && expand_masks.is_contiguous(),
+              "estimator_sum: expand_masks must be a contiguous CPU int64 tensor of shape (", n_stages,
+              ", max depth), got ", expand_masks.scalar_type(), " ", expand_masks.sizes());
   // The plan comes from Python, but a wrong plan would read outside the table: check it once here
   // so that the per-row loop only has to check the codes.
   auto within = [&](int64_t offset, int64_t size) {
@@ -93,9 +103,10 @@ Plan read_plan(const at::Tensor& header, const at::Tensor& plan, const at::Tenso
   for (int64_t s = 0; s < n_stages; ++s) {
     const int64_t* r = rows + s * kStageFields;
     StagePlan st{r[kCodeOffset], r[kMaxDepth], r[kNumWidths], r[kNumInWidths], r[kNumDepths], r[kNumKernels],
-                 r[kNumExpands], r[kTableOffset], r[kLayer0Block], depths.data_ptr<int64_t>() + s * depths.size(1)};
-    TORCH_CHECK(st.max_depth >= 1 && st.n_w >= 1 && st.n_d >= 1 && st.n_k >= 1 && st.n_e >= 1 &&
-                    st.n_d <= depths.size(1) && st.n_in == previous_widths,
+                 r[kNumExpands], r[kTableOffset], r[kLayer0Block], depths.data_ptr<int64_t>() + s * depths.size(1),
+                 expand_masks.data_ptr<int64_t>() + s * expand_masks.size(1)};
+    TORCH_CHECK(st.max_depth >= 1 && st.n_w >= 1 && st.n_d >= 1 && st.n_k >= 1 && st.n_e >= 1 && st.n_e <= 62 &&
+                    st.n_d <= depths.size(1) && st.max_depth <= expand_masks.size(1) && st.n_in == previous_widths,
                 "estimator_sum: plan row ", s, " is inconsistent");
     TORCH_CHECK(st.code_offset >= 3 && st.code_offset + 2 + 2 * st.max_depth <= p.code_length,
                 "estimator_sum: plan row ", s, " points outside a code row of length ", p.code_length);
@@ -113,8 +124,12 @@ Plan read_plan(const at::Tensor& header, const at::Tensor& plan, const at::Tenso
                       within(st.table_offset, st.layer0_block + p.n_res * st.n_w * st.n_k * st.n_e),
                   "estimator_sum: stage ", s, " block outside the table");
     }
+    st.inactive.assign(st.n_d * st.max_depth, 0);
+    for (int64_t d = 0; d < st.n_d; ++d) {
+      for (int64_t j = st.depth_values[d]; j < st.max_depth; ++j) st.inactive[d * st.max_depth + j] = -1;
+    }
     previous_widths = st.n_w;
-    p.stages.push_back(st);
+    p.stages.push_back(std::move(st));
   }
   TORCH_CHECK(p.n_last == previous_widths, "estimator_sum: n_last does not match the last stage");
   return p;
@@ -139,13 +154,16 @@ inline bool sum_row(const int32_t* c, const Plan& p, const scalar_t* table, scal
     const int32_t k0 = ks[0], e0 = es[0];
     bool bad = out_of_range(k0, st.n_k) | out_of_range(e0, st.n_e);
     if (bad) return false;
+    bad |= !((st.expand_masks[0] >> e0) & 1);
     const int64_t base = (r * st.n_in + prev) * st.n_w + w;
+    const int32_t* inactive = st.inactive.data() + di * st.max_depth;
     if constexpr (kStageGranularity) {
-      // Active layers repeat layer 0's choices, inactive ones hold -1: one fixed-length compare loop.
+      // Active layers repeat layer 0's choices, inactive ones hold -1 (= k0 | inactive[j]).
+      int32_t diff = 0;
       for (int64_t j = 1; j < st.max_depth; ++j) {
-        const int32_t want_k = j < depth ? k0 : -1, want_e = j < depth ? e0 : -1;
-        bad |= (ks[j] != want_k) | (es[j] != want_e);
+        diff |= (ks[j] ^ (k0 | inactive[j])) | (es[j] ^ (e0 | inactive[j]));
       }
+      bad |= diff != 0;
       acc += table[st.table_offset + ((base * st.n_d + di) * st.n_k + k0) * st.n_e + e0];
     } else {
       acc += table[st.table_offset + (base * st.n_k + k0) * st.n_e + e0];
@@ -153,11 +171,14 @@ inline bool sum_row(const int32_t* c, const Plan& p, const scalar_t* table, scal
       for (int64_t j = 1; j < depth; ++j) {
         const int32_t k = ks[j], e = es[j];
         const bool bad_layer = out_of_range(k, st.n_k) | out_of_range(e, st.n_e);
-        bad |= bad_layer;
-        // Clamp instead of branching so a bad index is never dereferenced; the row is rejected anyway.
+        // Clamp instead of branching so a bad index is never used; the row is rejected anyway.
+        bad |= bad_layer | !((st.expand_masks[j] >> (bad_layer ? 0 : e)) & 1);
         acc += later[bad_layer ? 0 : k * st.n_e + e];
       }
-      for (int64_t j = depth; j < st.max_depth; ++j) bad |= (ks[j] != -1) | (es[j] != -1);
+      // Inactive layers hold -1: (v ^ -1) is 0 exactly then; active ones are masked out (& 0).
+      int32_t diff = 0;
+      for (int64_t j = 1; j < st.max_depth; ++j) diff |= ((ks[j] ^ -1) | (es[j] ^ -1)) & inactive[j];
+      bad |= diff != 0;
     }
     if (bad) return false;
     prev = w;
@@ -201,6 +222,17 @@ std::string describe_bad_row(const int32_t* c, int64_t row, const Plan& p) {
               << "; the space has stage granularity (one " << name << " per stage)";
           return msg.str();
         }
+        if (part == 1 && j < depth && !((st.expand_masks[j] >> v[j]) & 1)) {
+          msg << field << " index " << v[j] << " is not allowed at layer " << j << " (allowed indices: [";
+          for (int64_t e = 0, first = 1; e < st.n_e; ++e) {
+            if ((st.expand_masks[j] >> e) & 1) {
+              msg << (first ? "" : ", ") << e;
+              first = 0;
+            }
+          }
+          msg << "])";
+          return msg.str();
+        }
       }
     }
   }
@@ -225,8 +257,8 @@ void sum_rows(const int32_t* codes, int64_t n, const Plan& p, const scalar_t* ta
 }
 
 at::Tensor estimator_sum(const at::Tensor& codes, const at::Tensor& header, const at::Tensor& plan,
-                         const at::Tensor& depths, const at::Tensor& table) {
-  const Plan p = read_plan(header, plan, depths);
+                         const at::Tensor& depths, const at::Tensor& expand_masks, const at::Tensor& table) {
+  const Plan p = read_plan(header, plan, depths, expand_masks);
   TORCH_CHECK_VALUE(codes.device().is_cpu() && codes.dim() == 2 && codes.size(1) == p.code_length,
                     "codes must be a CPU tensor of shape (n, ", p.code_length, ") (SearchSpace.encode), got ",
                     codes.sizes(), " on ", codes.device());
@@ -267,7 +299,9 @@ at::Tensor estimator_sum(const at::Tensor& codes, const at::Tensor& header, cons
 
 // FRAGMENT: the tofa_fast namespace is shared with the elastic depthwise op (csrc/ops).
 TORCH_LIBRARY_FRAGMENT(tofa_fast, m) {
-  m.def("estimator_sum(Tensor codes, Tensor header, Tensor plan, Tensor depths, Tensor table) -> Tensor");
+  m.def(
+      "estimator_sum(Tensor codes, Tensor header, Tensor plan, Tensor depths, Tensor expand_masks, Tensor table) "
+      "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tofa_fast, CPU, m) {

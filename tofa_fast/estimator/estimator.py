@@ -78,7 +78,10 @@ class Estimator:
             "params": self.layout.fill(lambda c: c.params(), np.int64),
         }
         self._torch_tables: dict[str, torch.Tensor] = {}
-        self._plan = tuple(torch.from_numpy(a) for a in (self.layout.header, self.layout.plan, self.layout.depths))
+        self._plan = tuple(
+            torch.from_numpy(a)
+            for a in (self.layout.header, self.layout.plan, self.layout.depths, self.layout.expand_masks)
+        )
         self.latency_table = None
         if latency_table is not None:
             self._set_latency_table(latency_table, device)

@@ -114,7 +114,8 @@ class MBConvConfig:
 @dataclass(frozen=True)
 class HeadConfig:
     """Head: 1×1 conv to ``final_channels`` + BN + act, global average pool, 1×1 feature-mix conv to
-    ``head_channels`` (no bias) + act, flatten, dropout, linear classifier. ``size`` is the input side."""
+    ``head_channels`` (bias only with ``feature_mix_bias``) + act, flatten, dropout, linear classifier.
+    ``size`` is the input side."""
 
     in_channels: int
     final_channels: int
@@ -122,6 +123,7 @@ class HeadConfig:
     num_classes: int
     size: int
     act: str
+    feature_mix_bias: bool = False
 
     def flops(self) -> int:
         hw, final = self.size**2, self.final_channels
@@ -139,6 +141,7 @@ class HeadConfig:
             self.in_channels * final
             + 2 * final
             + final * self.head_channels
+            + (self.head_channels if self.feature_mix_bias else 0)
             + self.head_channels * self.num_classes
             + self.num_classes
         )
@@ -147,7 +150,7 @@ class HeadConfig:
     def key(self) -> str:
         return (
             f"head:in={self.in_channels},final={self.final_channels},head={self.head_channels},"
-            f"classes={self.num_classes},hw={self.size},act={self.act}"
+            f"classes={self.num_classes},hw={self.size},act={self.act},bias={int(self.feature_mix_bias)}"
         )
 
 
@@ -209,7 +212,13 @@ def mbconv_config(
 def head_config(space: SearchSpace, resolution: int, last_width: int, head_width: int, num_classes: int) -> HeadConfig:
     size = stage_input_sizes(space, resolution)[-1]
     return HeadConfig(
-        last_width, space.final_expand_channels(last_width), head_width, num_classes, size, space.head.act
+        last_width,
+        space.final_expand_channels(last_width),
+        head_width,
+        num_classes,
+        size,
+        space.head.act,
+        bool(getattr(space.head, "feature_mix_bias", False)),  # optional field of HeadSpec
     )
 
 

@@ -18,7 +18,9 @@ encoded arch (``SearchSpace.encode``) with a few table lookups. The layout of th
   ``((r · n_w + w) · n_k + k) · n_e + e``.
 
 ``plan`` (int64, one row per stage) and ``header`` carry these sizes and offsets to C++; the column
-names are :data:`HEADER_FIELDS` and :data:`STAGE_FIELDS`.
+names are :data:`HEADER_FIELDS` and :data:`STAGE_FIELDS`. ``expand_masks`` says which expand indices
+each layer allows (bit ``e`` of ``[stage, layer]``): every one, unless the stage narrows its expand
+choices layer by layer (``StageSpec.layer_expands``, networks converted from torchvision).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from itertools import product
 
 import numpy as np
 
-from ..spaces import SearchSpace
+from ..spaces import SearchSpace, StageSpec
 from .layers import LayerConfig, head_config, mbconv_config, stage_input_sizes, stem_config
 
 HEADER_FIELDS = (
@@ -57,6 +59,17 @@ STAGE_FIELDS = (
 )
 
 
+def layer_expand_choices(stage: StageSpec, layer_index: int) -> tuple[float, ...]:
+    """Expand ratios layer ``layer_index`` of ``stage`` allows (a subset of ``stage.expands``)."""
+    narrowed = getattr(stage, "layer_expands", None)
+    return stage.expands if narrowed is None else tuple(narrowed[layer_index])
+
+
+def allowed_expand_indices(stage: StageSpec, layer_index: int) -> list[int]:
+    allowed = layer_expand_choices(stage, layer_index)
+    return [i for i, e in enumerate(stage.expands) if e in allowed]
+
+
 @dataclass(frozen=True)
 class TableLayout:
     """Where every part of every arch of ``space`` lives in the flat table (see module docstring).
@@ -65,6 +78,8 @@ class TableLayout:
         header: int64 (len(HEADER_FIELDS),).
         plan: int64 (n_stages, len(STAGE_FIELDS)).
         depths: int64 (n_stages, max number of depth choices); depth *values*, padded with 0.
+        expand_masks: int64 (n_stages, max depth over stages); bit ``e`` set when layer ``j`` of the
+            stage allows expand index ``e``.
     """
 
     space: SearchSpace
@@ -72,6 +87,7 @@ class TableLayout:
     header: np.ndarray
     plan: np.ndarray
     depths: np.ndarray
+    expand_masks: np.ndarray
 
     @classmethod
     def build(cls, space: SearchSpace, num_classes: int) -> TableLayout:
@@ -113,12 +129,19 @@ class TableLayout:
         depths = np.zeros((len(space.stages), max_nd), dtype=np.int64)
         for i, stage in enumerate(space.stages):
             depths[i, : len(stage.depths)] = stage.depths
+        masks = np.zeros((len(space.stages), max(st.max_depth for st in space.stages)), dtype=np.int64)
+        for i, stage in enumerate(space.stages):
+            if len(stage.expands) > 62:
+                raise ValueError(f"stage {i} has {len(stage.expands)} expand choices; the estimator handles ≤ 62")
+            for j in range(stage.max_depth):
+                masks[i, j] = sum(1 << e for e in allowed_expand_indices(stage, j))
         return cls(
             space,
             num_classes,
             np.asarray(header, dtype=np.int64),
             np.asarray(rows, dtype=np.int64),
             depths,
+            masks,
         )
 
     def field(self, name: str) -> int:
@@ -157,9 +180,13 @@ class TableLayout:
                 inputs = space.stage_input_widths(s)
                 n_in, n_w, n_d = row["n_in_widths"], row["n_widths"], row["n_depths"]
                 n_k, n_e = row["n_kernels"], row["n_expands"]
+                first_expands = set(allowed_expand_indices(stage, 0))
+                later_expands = {e for j in range(1, stage.max_depth) for e in allowed_expand_indices(stage, j)}
                 for (ii, win), (wi, w), (ki, k), (ei, e) in product(
                     enumerate(inputs), enumerate(stage.widths), enumerate(stage.kernels), enumerate(stage.expands)
                 ):
+                    if ei not in first_expands and ei not in later_expands:
+                        continue
                     first = mbconv_config(space, s, 0, sizes[s], win, w, k, e)
                     later = mbconv_config(space, s, 1, sizes[s], win, w, k, e)
                     if stage_granularity:
@@ -171,8 +198,9 @@ class TableLayout:
                             out.append((slot, layers))
                     else:
                         slot = row["table_offset"] + (((ri * n_in + ii) * n_w + wi) * n_k + ki) * n_e + ei
-                        out.append((slot, [(1, first)]))
-                        if ii == 0 and stage.max_depth > 1:
+                        if ei in first_expands:
+                            out.append((slot, [(1, first)]))
+                        if ii == 0 and ei in later_expands:
                             slot = row["table_offset"] + row["layer0_block"] + ((ri * n_w + wi) * n_k + ki) * n_e + ei
                             out.append((slot, [(1, later)]))
         return out
@@ -259,6 +287,10 @@ def validate_codes(layout: TableLayout, codes: np.ndarray) -> None:
                 bad |= np.where(active, outside(values, n), values != -1)
                 if stage_granularity and j > 0:
                     bad |= active & (values != codes[:, col - j])
+            allowed = np.zeros(len(stage.expands) + 1, dtype=bool)
+            allowed[allowed_expand_indices(stage, j)] = True
+            expand = codes[:, off + 2 + dmax + j]
+            bad |= active & ~allowed[np.clip(expand, 0, len(stage.expands))]
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise ValueError(f"{describe_bad_row(layout, codes[row], row)} (space {space.name!r})")
@@ -299,6 +331,11 @@ def describe_bad_row(layout: TableLayout, code: np.ndarray, row: int) -> str:
                     return (
                         f"codes[{row}] {field} index {value} differs from layer 0's {values[0]}; "
                         f"the space has stage granularity (one {name} per stage)"
+                    )
+                if name == "expand" and j < depth and value not in allowed_expand_indices(stage, j):
+                    return (
+                        f"codes[{row}] {field} index {value} is not allowed at layer {j} "
+                        f"(allowed indices: {allowed_expand_indices(stage, j)})"
                     )
     return f"codes[{row}] is invalid"
 
