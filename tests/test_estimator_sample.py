@@ -13,21 +13,31 @@ import tofa_fast
 from tofa_fast.estimator import Estimator
 from tofa_fast.spaces import Arch, HeadSpec, SearchSpace, StageArch, StageSpec, StemSpec
 
+# Per-layer expand choices (StageSpec.layer_expands, used by torchvision conversions), when the
+# spaces module has them.
+LAYER_EXPANDS = "layer_expands" in StageSpec.__dataclass_fields__
 
-def tiny_space(granularity: str) -> SearchSpace:
-    """Small enough to enumerate (12 800 / 2 048 subnets), with every feature the DP must carry:
-    elastic widths feeding the next stage, two resolutions, depth choices, SE, two head widths."""
+
+def tiny_space(kind: str) -> SearchSpace:
+    """Small enough to enumerate (12 800 / 2 048 / 5 408 subnets), with every feature the DP must
+    carry: elastic widths feeding the next stage, two resolutions, depth choices, SE, two head
+    widths; ``narrowed``: layer granularity with per-layer expand choices."""
+    narrowed = {"layer_expands": ((2, 3), (3, 4))} if kind == "narrowed" else {}
     return SearchSpace(
-        name=f"tiny_{granularity}",
+        name=f"tiny_{kind}",
         resolutions=(16, 24),
         stem=StemSpec((8, 16), stride=2),
         stages=(
-            StageSpec((8, 16), (1, 2), (3, 5), (2, 3), stride=1, act="relu"),
+            StageSpec((8, 16), (1, 2), (3, 5), (2, 3, 4), stride=1, act="relu", **narrowed),
             StageSpec((16, 24), (1, 2), (3, 5), (2, 4), stride=2, se=True, act="hswish"),
         ),
         head=HeadSpec((32, 48), expand=2),
-        granularity=granularity,
+        granularity="stage" if kind == "stage" else "layer",
     )
+
+
+def expand_choices(stage: StageSpec, layer: int) -> tuple:
+    return stage.expand_choices(layer) if LAYER_EXPANDS else stage.expands
 
 
 def all_archs(space: SearchSpace) -> list[Arch]:
@@ -38,7 +48,7 @@ def all_archs(space: SearchSpace) -> list[Arch]:
                     yield StageArch(width, depth, (k,) * depth, (e,) * depth)
             else:
                 for ks in product(stage.kernels, repeat=depth):
-                    for es in product(stage.expands, repeat=depth):
+                    for es in product(*(expand_choices(stage, j) for j in range(depth))):
                         yield StageArch(width, depth, ks, es)
 
     per_stage = [list(stage_choices(st)) for st in space.stages]
@@ -49,7 +59,14 @@ def all_archs(space: SearchSpace) -> list[Arch]:
     ]
 
 
-@pytest.fixture(scope="module", params=["layer", "stage"])
+@pytest.fixture(
+    scope="module",
+    params=[
+        "layer",
+        "stage",
+        pytest.param("narrowed", marks=pytest.mark.skipif(not LAYER_EXPANDS, reason="no StageSpec.layer_expands")),
+    ],
+)
 def enumerated(request):
     space = tiny_space(request.param)
     archs = all_archs(space)

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .layout import STAGE_FIELDS, TableLayout
+from .layout import STAGE_FIELDS, TableLayout, allowed_expand_indices
 
 MAX_ROUNDS = 32
 MAX_CANDIDATES_PER_ROUND = 1 << 16
@@ -71,6 +71,11 @@ class FlopsBandSampler:
         self.rows = [dict(zip(STAGE_FIELDS, row.tolist())) for row in layout.plan]
         # Parts per path: stem + head + one per stage (stage granularity) or one per active layer.
         self.parts = 2 + sum(1 if self.stage_granularity else st.max_depth for st in self.space.stages)
+        # allowed[s][j]: bool (n_expands,), the expand indices layer j of stage s may use.
+        self.allowed = [
+            [np.isin(np.arange(len(st.expands)), allowed_expand_indices(st, j)) for j in range(st.max_depth)]
+            for st in self.space.stages
+        ]
         self._range: tuple[int, int] | None = None
 
     # -- exact range ----------------------------------------------------------------------------
@@ -91,9 +96,14 @@ class FlopsBandSampler:
                 if self.stage_granularity:
                     part = pick(first[r].reshape(*first.shape[1:3], -1), axis=2)  # [w_in, w]
                 else:
-                    f = pick(first[r].reshape(*first.shape[1:3], -1), axis=2)
-                    per_layer = pick(later[r].reshape(later.shape[1], -1), axis=1) if later is not None else 0
-                    part = pick(np.stack([f + (d - 1) * per_layer for d in stage.depths]), axis=0)
+                    allowed = self.allowed[s]
+                    f = pick(first[r][:, :, :, allowed[0]].reshape(*first.shape[1:3], -1), axis=2)
+                    # cumulative[d] = extreme over the first d layers (layers ≥ 1 may allow other expands)
+                    cumulative = [f]
+                    for j in range(1, stage.max_depth):
+                        layer = pick(later[r][:, :, allowed[j]].reshape(later.shape[1], -1), axis=1)
+                        cumulative.append(cumulative[-1] + layer[None, :])
+                    part = pick(np.stack([cumulative[d - 1] for d in stage.depths]), axis=0)
                 cur = pick(cur[:, None] + part.astype(object), axis=0)
             head = layout.head_table(table)[r]
             best.append(pick(cur[:, None] + head.astype(object)))
@@ -212,9 +222,11 @@ class FlopsBandSampler:
                 for ii in range(row["n_in_widths"]):
                     for wi in range(row["n_widths"]):
                         partial[ii, wi, 0] = hist[ii]
-                        _shift_add(partial[ii, wi, 1], hist[ii], st.first[r, ii, wi].ravel())
-                        for j in range(2, dmax + 1):
-                            _shift_add(partial[ii, wi, j], partial[ii, wi, j - 1], st.later[r, wi].ravel())
+                        allowed = self.allowed[s]
+                        _shift_add(partial[ii, wi, 1], hist[ii], st.first[r, ii, wi][:, allowed[0]].ravel())
+                        for j in range(2, dmax + 1):  # layer j − 1 takes the count from j − 1 to j layers
+                            shifts = st.later[r, wi][:, allowed[j - 1]].ravel()
+                            _shift_add(partial[ii, wi, j], partial[ii, wi, j - 1], shifts)
                         for depth in stage.depths:
                             out[wi] += partial[ii, wi, depth]
                 stored.append(partial if store else None)
@@ -291,9 +303,11 @@ class FlopsBandSampler:
                         continue
                     table = st.first[r][w_in[idx], w[idx]] if j == 0 else st.later[r][w[idx]]
                     parts = table.reshape(idx.size, -1)  # (n, kernel·expand options)
+                    allowed = np.tile(self.allowed[s][j], row["n_kernels"])  # option = kernel·n_e + expand
+                    before = np.where(allowed[None, :], remaining[idx, None] - parts, -1)
                     # partial[..., j, :] counts the paths after j layers: the state before layer j.
                     level = (w_in[idx][:, None], w[idx][:, None], j)
-                    pick = _categorical(_gather(partial, level, remaining[idx, None] - parts), rng)
+                    pick = _categorical(_gather(partial, level, before), rng)
                     remaining[idx] -= parts[np.arange(idx.size), pick]
                     codes[idx, off + 2 + j] = pick // n_e
                     codes[idx, off + 2 + dmax + j] = pick % n_e
