@@ -54,7 +54,8 @@ def test_checkpoint_holds_everything_and_loads_weights_only(tmp_path):
     state = load_checkpoint(str(tmp_path / "checkpoint.pt"))
     assert {"model", "optimizer", "scheduler", "selection_index", "config", "epoch", "step", "space"} <= set(state)
     assert state["config"]["loss"] == "sup+fm"
-    assert sum(state["selection_index"].values()) == sum(4 * t for t in range(1, trainer.step + 1))
+    # the two sampled members of every sandwich are indexed (selection.py explains why not a_max/a_min)
+    assert sum(state["selection_index"].values()) == sum(2 * t for t in range(1, trainer.step + 1))
 
 
 def _write_folder(root, classes=("cat", "dog", "owl"), per_class=6, test_per_class=3, unlabelled=8, size=20):
@@ -153,6 +154,14 @@ def test_bad_data_folders(tmp_path):
     _write_folder(tmp_path / "f")
     with pytest.raises(ValueError, match="labels_per_class=10 but class 0 has only 6"):
         load_data(str(tmp_path / "f"), 32, 10, 0)
+
+
+def test_torchvision_sets_are_not_downloaded_unless_asked(tmp_path):
+    with pytest.raises(ValueError, match="cifar10 not found under .*pass --download"):
+        load_data("cifar10", 32, None, 0, root=str(tmp_path))
+    with pytest.raises(ValueError, match="FGVCAircraft not found under .*pass --download"):
+        load_data("FGVCAircraft", 32, None, 0, root=str(tmp_path))
+    assert not any(tmp_path.iterdir())  # nothing was fetched
 
 
 def test_bad_checkpoints(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tofa_fast
-from tofa_fast.train import SelectionIndex, TrainConfig, losses
+from tofa_fast.train import SelectionIndex, TrainConfig, losses, select_subnet
 
 
 def test_supervised_loss_is_label_smoothed_cross_entropy():
@@ -84,6 +84,28 @@ def test_selection_index_follows_algorithm_2():
     assert restored.state_dict() == index.state_dict()
     with pytest.raises(ValueError, match="iteration is 1-based"):
         index.update([a], 0)
+
+
+def test_select_subnet_handles_the_fixed_sandwich_members():
+    space = tofa_fast.spaces.get("digits")
+    big, small = space.max_arch(), space.min_arch()
+    mid_old, mid_new, mid_bigger = space.sample(1), space.sample(2), space.sample(3)
+    flops = {str(big): 100.0, str(small): 10.0, str(mid_old): 40.0, str(mid_new): 45.0, str(mid_bigger): 70.0}
+
+    def metric(archs):
+        return [flops[str(x)] for x in archs]
+
+    index = SelectionIndex(space)
+    index.update([mid_old, mid_bigger], 1)
+    index.update([mid_new, mid_old], 2)  # I: old 3, new 2, bigger 1
+    assert select_subnet(index, metric, 150) == big
+    assert select_subnet(index, metric, 99) == mid_old  # highest index that fits
+    assert select_subnet(index, metric, 42) == mid_old
+    assert select_subnet(index, metric, 39) == small  # nothing sampled fits; a_min does
+    with pytest.raises(ValueError, match="smallest available is 10"):
+        select_subnet(index, metric, 9)
+    index.update([mid_new], 3)  # new: 5 > old: 3
+    assert select_subnet(index, metric, 99) == mid_new
 
 
 def test_sandwich_set_composition():

@@ -4,7 +4,7 @@ from .checkpoint import load_checkpoint
 from .config import STRATEGIES, TrainConfig
 from .data import DataSplits, load_data
 from .losses import LOSS_VARIANTS
-from .selection import SelectionIndex
+from .selection import SelectionIndex, select_subnet
 from .trainer import Trainer
 
 __all__ = [

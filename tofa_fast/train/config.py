@@ -41,7 +41,7 @@ class TrainConfig:
     threshold: float = 0.95
     dropout: float = 0.1
     drop_connect: float = 0.05
-    palette_size: int = 5
+    palette_size: int = 6
     calibration_images: int = 500
     num_workers: int = 0
 

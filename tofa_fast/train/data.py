@@ -171,32 +171,20 @@ def load_torchvision(
 
     key = name.lower()
     to_tensor = v2.Compose([v2.ToImage(), v2.Resize(size, antialias=True), v2.CenterCrop(size)])
+    # data set -> (class, keyword arguments of the training split, of the test split)
+    table = {
+        "cifar10": (tvd.CIFAR10, {"train": True}, {"train": False}),
+        "cifar100": (tvd.CIFAR100, {"train": True}, {"train": False}),
+        "flowers102": (tvd.Flowers102, {"split": "train"}, {"split": "test"}),
+        "oxfordiiitpet": (tvd.OxfordIIITPet, {"split": "trainval"}, {"split": "test"}),
+        "stanfordcars": (tvd.StanfordCars, {"split": "train"}, {"split": "test"}),
+        "fgvcaircraft": (tvd.FGVCAircraft, {"split": "trainval"}, {"split": "test"}),
+    }
+    if key not in table:
+        raise ValueError(f"unknown torchvision data set {name!r}; available: {list(TORCHVISION_SETS)}")
+    cls, train_kw, test_kw = table[key]
     try:
-        if key in ("cifar10", "cifar100"):
-            cls = tvd.CIFAR10 if key == "cifar10" else tvd.CIFAR100
-            train, test = cls(root, train=True, download=download), cls(root, train=False, download=download)
-        elif key == "flowers102":
-            train, test = (
-                tvd.Flowers102(root, "train", download=download),
-                tvd.Flowers102(root, "test", download=download),
-            )
-        elif key == "oxfordiiitpet":
-            train, test = (
-                tvd.OxfordIIITPet(root, "trainval", download=download),
-                tvd.OxfordIIITPet(root, "test", download=download),
-            )
-        elif key == "stanfordcars":
-            train, test = (
-                tvd.StanfordCars(root, "train", download=download),
-                tvd.StanfordCars(root, "test", download=download),
-            )
-        elif key == "fgvcaircraft":
-            train, test = (
-                tvd.FGVCAircraft(root, "trainval", download=download),
-                tvd.FGVCAircraft(root, "test", download=download),
-            )
-        else:
-            raise ValueError(f"unknown torchvision data set {name!r}; available: {list(TORCHVISION_SETS)}")
+        train, test = cls(root, download=download, **train_kw), cls(root, download=download, **test_kw)
     except RuntimeError as exc:
         raise ValueError(f"{name} not found under {root!r} ({exc}); pass --download to fetch it") from exc
 

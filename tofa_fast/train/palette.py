@@ -2,7 +2,7 @@
 
 The palette picks, for a spread of FLOPs budgets, the subnet TOFA's zero-cost rule selects
 (:class:`SelectionIndex`), then measures each one: extracted, BN recalibrated on training images,
-tested. Budgets are geometrically spaced between the cheapest and the most expensive trained subnet.
+tested. Budgets are geometrically spaced between the FLOPs of the min and the max subnet.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 
 from ..spaces import Arch
 from .checkpoint import write_text_atomic
+from .selection import select_subnet
 
 
 def palette_budgets(flops: list[float], count: int) -> list[float]:
@@ -28,11 +29,11 @@ def build_palette(trainer, estimator, progress: bool = True) -> list[dict]:
     """Select and evaluate one subnet per budget; entries sorted by FLOPs, duplicates merged."""
     from tqdm import tqdm
 
-    archs = trainer.selection.archs()
-    flops = [float(f) for f in estimator.flops(archs)]
+    space = trainer.space
+    flops = [float(f) for f in estimator.flops([space.min_arch(), space.max_arch()])]
     chosen: dict[str, tuple[float, Arch]] = {}
     for budget in palette_budgets(flops, trainer.config.palette_size):
-        arch = trainer.selection.select(estimator.flops, budget, "FLOPs")
+        arch = select_subnet(trainer.selection, estimator.flops, budget, "FLOPs")
         chosen.setdefault(str(arch), (budget, arch))
     entries = []
     for budget, arch in tqdm(list(chosen.values()), desc="palette", disable=not progress, leave=False):

@@ -11,6 +11,7 @@ import torch
 from ..spaces import Arch
 from .config import TrainConfig
 from .palette import build_palette, write_outputs
+from .selection import select_subnet
 from .trainer import Trainer
 
 
@@ -47,7 +48,7 @@ def open_run(run: str, device: str | None = None) -> Trainer:
 
 def select(run: str, max_mflops: float) -> Arch:
     trainer = open_run(run)
-    return trainer.selection.select(_estimator(trainer).flops, max_mflops * 1e6, "FLOPs")
+    return select_subnet(trainer.selection, _estimator(trainer).flops, max_mflops * 1e6, "FLOPs")
 
 
 def export(run: str, max_mflops: float, output: str) -> Arch:
@@ -56,7 +57,7 @@ def export(run: str, max_mflops: float, output: str) -> Arch:
     if ext not in (".onnx", ".pt", ".pt2"):
         raise ValueError(f"output must end in .onnx or .pt, got {output!r}")
     trainer = open_run(run, device="cpu")
-    arch = trainer.selection.select(_estimator(trainer).flops, max_mflops * 1e6, "FLOPs")
+    arch = select_subnet(trainer.selection, _estimator(trainer).flops, max_mflops * 1e6, "FLOPs")
     sub = trainer.calibrated_subnet(arch).cpu().eval()
     # batch 2, not 1: export specialises size-1 dimensions to constants
     example = torch.zeros(2, trainer.space.in_channels, arch.resolution, arch.resolution)

@@ -1,8 +1,15 @@
 """Zero-cost subnet selection (TOFA Algorithm 2).
 
-Every time subnet a is trained at iteration t (1-based), I(a) += t. Given a metric M and budget B,
-select argmax { I(a) : I(a) > 0, M(a) ≤ B }. Subnets trained often and late — the ones the shared
+Every time subnet a is sampled at iteration t (1-based), I(a) += t. Given a metric M and budget B,
+select argmax { I(a) : I(a) > 0, M(a) ≤ B }. Subnets sampled often and late — the ones the shared
 weights were most recently fitted to — win.
+
+Which subnets are "sampled": the paper's wording, and what makes the rule useful with the sandwich
+rule. a_max and a_min are trained at *every* step, so indexing them would give them Σt, far above
+any random subnet (trained once or twice in a space of ~10⁶–10¹⁹), and Algorithm 2 would return a_min
+for every budget below the max subnet's. The trainer therefore indexes the two random members of
+each sandwich, and :func:`select_subnet` treats the two fixed members explicitly: a_max whenever it
+fits the budget (it is the most-trained subnet there is), a_min when no sampled subnet fits.
 """
 
 from __future__ import annotations
@@ -46,7 +53,8 @@ class SelectionIndex:
     def select(
         self, metric: Callable[[list[Arch]], Iterable[float]], budget: float, metric_name: str = "metric"
     ) -> Arch:
-        """argmax I(a) subject to metric(a) ≤ budget, among trained subnets (ties: smaller metric).
+        """argmax I(a) subject to metric(a) ≤ budget, among indexed subnets (ties: larger metric,
+        i.e. more capacity within the budget).
 
         ``metric`` maps a list of archs to their values (e.g. ``Estimator.flops``). Raises
         ``ValueError`` naming the smallest available value when nothing fits.
@@ -58,7 +66,7 @@ class SelectionIndex:
         best, best_key = None, None
         for arch, value in zip(archs, values):
             if value <= budget:
-                key = (self._index[str(arch)], -value)
+                key = (self._index[str(arch)], value)
                 if best_key is None or key > best_key:
                     best, best_key = arch, key
         if best is None:
@@ -66,3 +74,22 @@ class SelectionIndex:
                 f"no trained subnet fits {metric_name} ≤ {budget:g}; the smallest available is {min(values):g}"
             )
         return best
+
+
+def select_subnet(
+    index: SelectionIndex, metric: Callable[[list[Arch]], Iterable[float]], budget: float, metric_name: str = "metric"
+) -> Arch:
+    """TOFA's zero-cost choice for ``budget`` with the sandwich's fixed members (module docstring):
+    a_max if it fits, else Algorithm 2 over the sampled subnets, else a_min if it fits."""
+    largest, smallest = index.space.max_arch(), index.space.min_arch()
+    big, small = (float(v) for v in metric([largest, smallest]))
+    if big <= budget:
+        return largest
+    try:
+        return index.select(metric, budget, metric_name)
+    except ValueError:
+        if small <= budget:
+            return smallest
+        raise ValueError(
+            f"no trained subnet fits {metric_name} ≤ {budget:g}; the smallest available is {small:g}"
+        ) from None

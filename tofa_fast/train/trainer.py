@@ -229,7 +229,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        self.selection.update(archs, self.step)
+        self.selection.update(archs[2:], self.step)  # the sampled members (see selection.py)
         if pseudo is not None:
             terms["mask"] = pseudo.mask.mean().item()
         terms["lr"] = self.scheduler.get_last_lr()[0]
