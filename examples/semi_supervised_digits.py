@@ -20,6 +20,10 @@ import torch
 from tofa_fast.train import TrainConfig, Trainer
 
 
+def _sd(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def run_one(loss: str, seed: int, labels_per_class: int, epochs: int, out: str) -> dict:
     config = TrainConfig(
         data="digits",
@@ -62,10 +66,9 @@ def main() -> None:
     for loss in args.losses:
         rows = [r for r in results if r["loss"] == loss]
         mx, mn = [r["max"] for r in rows], [r["min"] for r in rows]
-        sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0
         per_seed = ", ".join(f"{r['max']:.3f} / {r['min']:.3f}" for r in rows)
         lines.append(
-            f"| {loss} | {statistics.mean(mx):.3f} ± {sd(mx):.3f} | {statistics.mean(mn):.3f} ± {sd(mn):.3f} | {per_seed} |"
+            f"| {loss} | {statistics.mean(mx):.3f} ± {_sd(mx):.3f} | {statistics.mean(mn):.3f} ± {_sd(mn):.3f} | {per_seed} |"
         )
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "semi_supervised_digits.md")
