@@ -35,9 +35,10 @@ struct DwconvTileKernels {
   // Scratch (elements of T) one worker needs; the caller zero-fills it once before the first block.
   size_t (*forward_scratch)(const DwconvGeometry&);
   size_t (*backward_scratch)(const DwconvGeometry&);
-  // y[n, c0 : c0+lanes] = depthwise conv of x[n, c0 : c0+lanes] with filter_block ([k][k][lanes]).
-  void (*forward_block)(const DwconvGeometry&, const T* x, T* y, const T* filter_block, int64_t n, int64_t c0,
-                        T* scratch);
+  // For samples [n0, n1): y[n, c0 : c0+lanes] = depthwise conv of x[n, c0 : c0+lanes] with
+  // filter_block ([k][k][lanes]).
+  void (*forward_block)(const DwconvGeometry&, const T* x, T* y, const T* filter_block, int64_t n0, int64_t n1,
+                        int64_t c0, T* scratch);
   // For samples [n0, n1) of channel block c0: grad_x (when non-null) and, when grad_filter_block
   // ([k][k][lanes]) is non-null, grad_filter_block += Σ_n Σ_pixels grad_y · x.
   void (*backward_block)(const DwconvGeometry&, const T* x, const T* grad_y, T* grad_x, const T* filter_block,

@@ -96,95 +96,120 @@ inline void transpose(vec_t<T>* r) {
 }
 
 // ---- tensor ↔ tile --------------------------------------------------------------------------------
-// Tile pixel (top + h, left + w) ← src[n, c0 : c0 + nc, h, w] for h < rows, w < cols; lanes ≥ nc get 0.
-// NCHW planes are read lanes pixels at a time (across row ends) and transposed in registers.
+// Where the pixels of a rows × cols plane go in a tile: pixel (h, w) at tile pixel
+// (top + h) · tile_w + left + w. For NCHW the kernels walk planes in chunks of `lanes` consecutive
+// pixels (across row ends), so `offsets` tabulates that tile pixel per plane pixel once per block.
+struct TileMap {
+  int64_t rows, cols, tile_w, top, left;
+  int32_t* offsets;  // rows · cols entries; null for NHWC
+};
+
+inline TileMap make_map(int64_t rows, int64_t cols, int64_t tile_w, int64_t top, int64_t left, int32_t*& storage,
+                        bool channels_last) {
+  TileMap map{rows, cols, tile_w, top, left, nullptr};
+  if (channels_last) return map;
+  map.offsets = storage;
+  storage += rows * cols;
+  for (int64_t h = 0; h < rows; ++h)
+    for (int64_t w = 0; w < cols; ++w) map.offsets[h * cols + w] = static_cast<int32_t>((top + h) * tile_w + left + w);
+  return map;
+}
+
+// Tile pixels of `map` ← src[n, c0 : c0 + nc] (lanes ≥ nc get 0). NCHW planes are read lanes
+// pixels at a time and transposed in registers.
 template <typename T>
-void load_tile(const T* src, bool channels_last, int64_t channels, int64_t n, int64_t c0, int64_t nc, int64_t rows,
-               int64_t cols, T* tile, int64_t tile_w, int64_t top, int64_t left) {
+void load_tile(const T* src, bool channels_last, int64_t channels, int64_t n, int64_t c0, int64_t nc,
+               const TileMap& map, T* tile) {
   constexpr int L = kLanes<T>;
-  const int64_t plane = rows * cols;
+  const int64_t plane = map.rows * map.cols;
   if (channels_last) {
     const T* s = src + n * plane * channels + c0;
-    for (int64_t h = 0; h < rows; ++h) {
-      T* d = tile + ((top + h) * tile_w + left) * L;
-      const T* sr = s + h * cols * channels;
+    for (int64_t h = 0; h < map.rows; ++h) {
+      T* d = tile + ((map.top + h) * map.tile_w + map.left) * L;
+      const T* sr = s + h * map.cols * channels;
       if (nc == L) {
-        for (int64_t w = 0; w < cols; ++w) vstore(d + w * L, vload(sr + w * channels));
+        for (int64_t w = 0; w < map.cols; ++w) vstore(d + w * L, vload(sr + w * channels));
       } else {
-        for (int64_t w = 0; w < cols; ++w) vstore(d + w * L, vload_partial(sr + w * channels, nc));
+        for (int64_t w = 0; w < map.cols; ++w) vstore(d + w * L, vload_partial(sr + w * channels, nc));
       }
     }
     return;
   }
   const T* s = src + (n * channels + c0) * plane;
-  T* d = tile + (top * tile_w + left) * L;  // tile pixel of plane pixel q0 + t, walked with the chunk
-  const int64_t row_skip = (tile_w - cols) * L;
-  int64_t w = 0;
-  for (int64_t q0 = 0; q0 < plane; q0 += L) {
-    const int64_t count = min_i(L, plane - q0);
+  const int32_t* offsets = map.offsets;
+  int64_t q0 = 0;
+  for (; q0 + L <= plane; q0 += L) {
     vec_t<T> r[L];
-    if (count == L && nc == L) {
+    if (nc == L) {
 #pragma GCC unroll 16
       for (int l = 0; l < L; ++l) r[l] = vload(s + l * plane + q0);
     } else {
 #pragma GCC unroll 16
-      for (int l = 0; l < L; ++l) r[l] = l >= nc ? vec_t<T>{} : vload_partial(s + l * plane + q0, count);
+      for (int l = 0; l < L; ++l) r[l] = l < nc ? vload(s + l * plane + q0) : vec_t<T>{};
     }
     transpose<T>(r);
 #pragma GCC unroll 16
+    for (int t = 0; t < L; ++t) vstore(tile + int64_t(offsets[q0 + t]) * L, r[t]);
+  }
+  if (q0 < plane) {  // the plane's last, partial chunk
+    const int64_t count = plane - q0;
+    vec_t<T> r[L];
+#pragma GCC unroll 16
+    for (int l = 0; l < L; ++l) r[l] = l < nc ? vload_partial(s + l * plane + q0, count) : vec_t<T>{};
+    transpose<T>(r);
+#pragma GCC unroll 16
     for (int t = 0; t < L; ++t) {
-      if (t == count) break;
-      vstore(d, r[t]);
-      d += L;
-      if (++w == cols) w = 0, d += row_skip;
+      if (t < count) vstore(tile + int64_t(offsets[q0 + t]) * L, r[t]);
     }
   }
 }
 
-// dst[n, c0 : c0 + nc, h, w] ← tile pixel (h, w) (rows of tile_w pixels) for h < rows, w < cols.
+// dst[n, c0 : c0 + nc] ← the tile pixels of `map`.
 template <typename T>
-void store_tile(const T* tile, int64_t tile_w, int64_t rows, int64_t cols, T* dst, bool channels_last,
-                int64_t channels, int64_t n, int64_t c0, int64_t nc) {
+void store_tile(const T* tile, const TileMap& map, T* dst, bool channels_last, int64_t channels, int64_t n,
+                int64_t c0, int64_t nc) {
   constexpr int L = kLanes<T>;
-  const int64_t plane = rows * cols;
+  const int64_t plane = map.rows * map.cols;
   if (channels_last) {
     T* d = dst + n * plane * channels + c0;
-    for (int64_t h = 0; h < rows; ++h) {
-      const T* s = tile + h * tile_w * L;
-      T* dr = d + h * cols * channels;
+    for (int64_t h = 0; h < map.rows; ++h) {
+      const T* s = tile + ((map.top + h) * map.tile_w + map.left) * L;
+      T* dr = d + h * map.cols * channels;
       if (nc == L) {
-        for (int64_t w = 0; w < cols; ++w) vstore(dr + w * channels, vload(s + w * L));
+        for (int64_t w = 0; w < map.cols; ++w) vstore(dr + w * channels, vload(s + w * L));
       } else {
-        for (int64_t w = 0; w < cols; ++w) vstore_partial(dr + w * channels, vload(s + w * L), nc);
+        for (int64_t w = 0; w < map.cols; ++w) vstore_partial(dr + w * channels, vload(s + w * L), nc);
       }
     }
     return;
   }
   T* d = dst + (n * channels + c0) * plane;
-  const T* t_src = tile;  // tile pixel of plane pixel q0 + t, walked with the chunk
-  const int64_t row_skip = (tile_w - cols) * L;
-  int64_t w = 0;
-  for (int64_t q0 = 0; q0 < plane; q0 += L) {
-    const int64_t count = min_i(L, plane - q0);
+  const int32_t* offsets = map.offsets;
+  int64_t q0 = 0;
+  for (; q0 + L <= plane; q0 += L) {
     vec_t<T> r[L];
 #pragma GCC unroll 16
-    for (int t = 0; t < L; ++t) {
-      r[t] = vec_t<T>{};
-      if (t < count) {
-        r[t] = vload(t_src);
-        t_src += L;
-        if (++w == cols) w = 0, t_src += row_skip;
-      }
-    }
+    for (int t = 0; t < L; ++t) r[t] = vload(tile + int64_t(offsets[q0 + t]) * L);
     transpose<T>(r);
-    if (count == L && nc == L) {
+    if (nc == L) {
 #pragma GCC unroll 16
       for (int l = 0; l < L; ++l) vstore(d + l * plane + q0, r[l]);
     } else {
 #pragma GCC unroll 16
       for (int l = 0; l < L; ++l) {
-        if (l < nc) vstore_partial(d + l * plane + q0, r[l], count);
+        if (l < nc) vstore(d + l * plane + q0, r[l]);
       }
+    }
+  }
+  if (q0 < plane) {
+    const int64_t count = plane - q0;
+    vec_t<T> r[L];
+#pragma GCC unroll 16
+    for (int t = 0; t < L; ++t) r[t] = t < count ? vload(tile + int64_t(offsets[q0 + t]) * L) : vec_t<T>{};
+    transpose<T>(r);
+#pragma GCC unroll 16
+    for (int l = 0; l < L; ++l) {
+      if (l < nc) vstore_partial(d + l * plane + q0, r[l], count);
     }
   }
 }
@@ -201,21 +226,26 @@ struct Window {
 // are zero and skipped: the padding taps of small planes (most of a 7×7 kernel on a 4×4 plane)
 // cost nothing. The input must be readable up to column (⌈cols/RW⌉·RW − 1)·S + KW − 1.
 // RW output pixels stay in registers; each input pixel is loaded once per kernel row and multiplied
-// into every output pixel whose window holds it.
+// into every output pixel whose window holds it. FMA latency × issue width needs about 8 independent
+// accumulation chains, so narrow tiles (RW = 4) keep two accumulators per pixel (by column parity).
 template <typename T, int KH, int KW, int S, int RW>
 void conv_rows(const T* in, int64_t in_row, const T* filt, T* out, int64_t out_row, int64_t out_pix, int64_t rows,
                int64_t cols, const Window& valid) {
   constexpr int L = kLanes<T>;
   constexpr int SPAN = (RW - 1) * S + KW;
+  constexpr int CHAINS = RW < 8 ? 2 : 1;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i_lo = max_i(0, valid.row_lo - r * S), i_hi = min_i(KH, valid.row_hi - r * S);
     const T* in_r = in + r * S * in_row;
     T* out_r = out + r * out_row;
     for (int64_t c = 0; c < cols; c += RW) {
       const int64_t col_lo = valid.col_lo - c * S, col_hi = valid.col_hi - c * S;
-      vec_t<T> acc[RW];
+      vec_t<T> acc[CHAINS][RW];
 #pragma GCC unroll 8
-      for (int w = 0; w < RW; ++w) acc[w] = vec_t<T>{};
+      for (int w = 0; w < RW; ++w) {
+#pragma GCC unroll 2
+        for (int h = 0; h < CHAINS; ++h) acc[h][w] = vec_t<T>{};
+      }
       for (int64_t i = i_lo; i < i_hi; ++i) {
         const T* src = in_r + i * in_row + c * S * L;
         vec_t<T> fv[KW];
@@ -228,14 +258,15 @@ void conv_rows(const T* in, int64_t in_row, const T* filt, T* out, int64_t out_r
 #pragma GCC unroll 8
           for (int w = 0; w < RW; ++w) {
             const int j = col - w * S;
-            if (j >= 0 && j < KW) acc[w] += fv[j] * xv;
+            if (j >= 0 && j < KW) acc[col % CHAINS][w] += fv[j] * xv;
           }
         }
       }
       const int64_t count = min_i(RW, cols - c);
 #pragma GCC unroll 8
       for (int w = 0; w < RW; ++w) {
-        if (w < count) vstore(out_r + (c + w) * out_pix, acc[w]);
+        if (CHAINS == 2) acc[0][w] += acc[CHAINS - 1][w];
+        if (w < count) vstore(out_r + (c + w) * out_pix, acc[0][w]);
       }
     }
   }
@@ -330,31 +361,44 @@ inline Plan make_plan(const DwconvGeometry& g) {
   return pl;
 }
 
+// Scratch: the T tiles, then the int32 offset tables (T-sized slots, so the tables stay aligned).
+template <typename T>
+int64_t table_slots(int64_t entries) {
+  return (entries * int64_t(sizeof(int32_t)) + int64_t(sizeof(T)) - 1) / int64_t(sizeof(T));
+}
+
 template <typename T>
 size_t forward_scratch(const DwconvGeometry& g) {
   const Plan pl = make_plan(g);
-  return size_t(pl.x_h * pl.x_w + g.out_height * g.out_width) * kLanes<T>;
+  const int64_t planes = g.height * g.width + g.out_height * g.out_width;
+  return size_t((pl.x_h * pl.x_w + g.out_height * g.out_width) * kLanes<T> + table_slots<T>(planes));
 }
 
 template <typename T>
 size_t backward_scratch(const DwconvGeometry& g) {
   const Plan pl = make_plan(g);
-  const int64_t k = g.kernel_size;
-  return size_t(pl.x_h * pl.x_w + pl.g_h * pl.g_w + g.height * g.width + k * k) * kLanes<T>;
+  const int64_t k = g.kernel_size, planes = 2 * g.height * g.width + g.out_height * g.out_width;
+  return size_t((pl.x_h * pl.x_w + pl.g_h * pl.g_w + g.height * g.width + k * k) * kLanes<T> + table_slots<T>(planes));
 }
 
 // ---- blocks ---------------------------------------------------------------------------------------
 template <typename T, int K, int S, int RW>
-void forward_block_t(const DwconvGeometry& g, const T* x, T* y, const T* filt, int64_t n, int64_t c0, T* scratch) {
+void forward_block_t(const DwconvGeometry& g, const T* x, T* y, const T* filt, int64_t n0, int64_t n1, int64_t c0,
+                     T* scratch) {
   constexpr int L = kLanes<T>;
   const Plan pl = make_plan(g);
   const int64_t nc = min_i(L, g.channels - c0), p = g.pad;
   T* xt = scratch;
   T* ot = xt + pl.x_h * pl.x_w * L;
-  load_tile(x, g.channels_last, g.channels, n, c0, nc, g.height, g.width, xt, pl.x_w, p, p);
-  conv_rows<T, K, K, S, RW>(xt, pl.x_w * L, filt, ot, g.out_width * L, L, g.out_height, g.out_width,
-                            Window{p, p + g.height, p, p + g.width});
-  store_tile(ot, g.out_width, g.out_height, g.out_width, y, g.channels_last, g.channels, n, c0, nc);
+  int32_t* tables = reinterpret_cast<int32_t*>(ot + g.out_height * g.out_width * L);
+  const TileMap x_map = make_map(g.height, g.width, pl.x_w, p, p, tables, g.channels_last);
+  const TileMap out_map = make_map(g.out_height, g.out_width, g.out_width, 0, 0, tables, g.channels_last);
+  for (int64_t n = n0; n < n1; ++n) {
+    load_tile(x, g.channels_last, g.channels, n, c0, nc, x_map, xt);
+    conv_rows<T, K, K, S, RW>(xt, pl.x_w * L, filt, ot, g.out_width * L, L, g.out_height, g.out_width,
+                              Window{p, p + g.height, p, p + g.width});
+    store_tile(ot, out_map, y, g.channels_last, g.channels, n, c0, nc);
+  }
 }
 
 // Grad-input pixels of residue class (A, B): a stride-1 correlation of the grad_y tile with F_AB.
@@ -388,6 +432,10 @@ void backward_block_t(const DwconvGeometry& g, const T* x, const T* gy, T* gx, c
   T* gt = xt + pl.x_h * pl.x_w * L;
   T* gxt = gt + pl.g_h * pl.g_w * L;
   T* sub = gxt + g.height * g.width * L;
+  int32_t* tables = reinterpret_cast<int32_t*>(sub + K * K * L);
+  const TileMap x_map = make_map(g.height, g.width, pl.x_w, p, p, tables, g.channels_last);
+  const TileMap gy_map = make_map(g.out_height, g.out_width, pl.g_w, pl.pt, pl.pt, tables, g.channels_last);
+  const TileMap gx_map = make_map(g.height, g.width, g.width, 0, 0, tables, g.channels_last);
   // Polyphase sub-filters, class (a, b) at offset[a][b].
   int64_t offset[S][S];
   int64_t next = 0;
@@ -402,9 +450,9 @@ void backward_block_t(const DwconvGeometry& g, const T* x, const T* gy, T* gx, c
     }
   }
   for (int64_t n = n0; n < n1; ++n) {
-    load_tile(gy, g.channels_last, g.channels, n, c0, nc, g.out_height, g.out_width, gt, pl.g_w, pl.pt, pl.pt);
+    load_tile(gy, g.channels_last, g.channels, n, c0, nc, gy_map, gt);
     if (gf != nullptr) {
-      load_tile(x, g.channels_last, g.channels, n, c0, nc, g.height, g.width, xt, pl.x_w, p, p);
+      load_tile(x, g.channels_last, g.channels, n, c0, nc, x_map, xt);
       wgrad_rows<T, K, S, RW>(xt, pl.x_w * L, gt + (pl.pt * pl.g_w + pl.pt) * L, pl.g_w * L, g.out_height,
                               g.out_width, Window{p, p + g.height, p, p + g.width}, gf);
     }
@@ -415,7 +463,7 @@ void backward_block_t(const DwconvGeometry& g, const T* x, const T* gy, T* gx, c
         grad_input_class<T, K, S, RW, 1, 0>(g, pl, gt, sub + offset[1][0], gxt);
         grad_input_class<T, K, S, RW, 1, 1>(g, pl, gt, sub + offset[1][1], gxt);
       }
-      store_tile(gxt, g.width, g.height, g.width, gx, g.channels_last, g.channels, n, c0, nc);
+      store_tile(gxt, gx_map, gx, g.channels_last, g.channels, n, c0, nc);
     }
   }
 }
@@ -435,11 +483,12 @@ void backward_block_t(const DwconvGeometry& g, const T* x, const T* gy, T* gx, c
   }
 
 template <typename T>
-void forward_block(const DwconvGeometry& g, const T* x, T* y, const T* filt, int64_t n, int64_t c0, T* scratch) {
+void forward_block(const DwconvGeometry& g, const T* x, T* y, const T* filt, int64_t n0, int64_t n1, int64_t c0,
+                   T* scratch) {
   if (row_tile(g) == 4) {
-    TOFA_DWCONV_DISPATCH(forward_block_t, 4, g, x, y, filt, n, c0, scratch)
+    TOFA_DWCONV_DISPATCH(forward_block_t, 4, g, x, y, filt, n0, n1, c0, scratch)
   } else {
-    TOFA_DWCONV_DISPATCH(forward_block_t, TOFA_ROW_TILE, g, x, y, filt, n, c0, scratch)
+    TOFA_DWCONV_DISPATCH(forward_block_t, TOFA_ROW_TILE, g, x, y, filt, n0, n1, c0, scratch)
   }
 }
 

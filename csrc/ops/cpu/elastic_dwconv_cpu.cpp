@@ -2,12 +2,12 @@
 //
 // Per call:
 //   1. the active filter (centre slice + transform chain) of the C used channels in one parallel
-//      loop over channels (no chain of small ATen ops), repacked into [k][k][lanes] channel blocks;
+//      loop over channel blocks (no chain of small ATen ops), in the [k][k][lanes] block layout;
 //   2. the convolution in vectorised tile kernels (dwconv_tiles.h), parallel over
 //      (sample, channel block) for the forward and over (channel block, batch chunk) for the
 //      backward, which computes grad_x and the filter gradient from the same tiles;
-//   3. backward only: the filter gradient walked back through the transform chain in one parallel
-//      loop over channel groups, giving the full-weight gradient and every matrix's gradient.
+//   3. backward only: the filter gradient taken back through the transform chain in one parallel
+//      loop over channel blocks, giving the full-weight gradient and every matrix's gradient.
 // Batch chunks and channel groups have fixed sizes, so results do not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -20,6 +20,7 @@
 #include <cstring>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../elastic_dwconv.h"
@@ -120,6 +121,13 @@ DenseInputs dense_inputs(const at::Tensor& x, const at::Tensor& weight, int64_t 
   return in;
 }
 
+// Batch chunks per channel block: enough (chunk, block) tasks to balance any core count, few enough to
+// amortise each task's setup over several samples. Depends on the shapes only, so the float sums (and
+// results) do not depend on the thread count.
+int64_t batch_chunks(int64_t batch, int64_t blocks) {
+  return std::min<int64_t>(batch, std::max<int64_t>(1, (64 + blocks - 1) / blocks));
+}
+
 cpu::DwconvGeometry geometry(const at::Tensor& x, int64_t kernel_size, int64_t stride, at::MemoryFormat format) {
   return {x.size(0),
           x.size(1),
@@ -140,118 +148,198 @@ std::vector<const T*> matrix_pointers(const std::vector<at::Tensor>& transforms)
   return out;
 }
 
-// filters[c] (k×k, c < channels) = the transform chain applied to weight[c], one pass per channel.
+// ---- the active filter as one matrix ---------------------------------------------------------------
+// The chain is linear in the window it reads first (t_1×t_1, the centre of W[c]):
+//   active[c] = Q · window(W[c]),  Q (k² × t_1²) = M_m S_m ⋯ M_2 S_2 M_1,
+// S_i selecting the centred t_i×t_i window. Q costs O(K⁶) once per call; the channels then go
+// through one small matrix product, with channels as the contiguous (vectorised) dimension: the
+// result comes out directly in the [block][k·k][lanes] layout the tile kernels read. Backward:
+// dW = Qᵀ g (in the window, zero elsewhere), dQ = Σ_c g_c ⊗ window_c, and for each matrix
+// dM_i = L_iᵀ · dP · R_iᵀ with dP = dQ on the window's columns, L_i = M_m S_m ⋯ M_{i+1} S_{i+1} and
+// R_i = S_i M_{i−1} S_{i−1} ⋯ M_1 S_1. Without transforms the active filter is a plain window copy.
+
+// Row-major dense matrix for the per-call chain algebra (at most K² × K²).
 template <typename T>
-void active_filter_forward(const T* weight, int64_t big, const std::vector<const T*>& mats,
-                           const std::vector<int64_t>& sizes, int64_t k, int64_t channels, T* filters) {
-  at::parallel_for(0, channels, 64, [&](int64_t begin, int64_t end) {
-    std::vector<T> window(big * big), current(big * big);
-    for (int64_t c = begin; c < end; ++c) {
-      const T* cur = weight + c * big * big;
-      int64_t size = big;
-      for (size_t i = 0; i < mats.size(); ++i) {
-        const int64_t t = sizes[i], tt = t * t, off = (size - t) / 2;
-        for (int64_t r = 0; r < t; ++r)
-          for (int64_t s = 0; s < t; ++s) window[r * t + s] = cur[(r + off) * size + s + off];
-        const T* m = mats[i];
-        for (int64_t q = 0; q < tt; ++q) {
-          T acc = 0;
-          for (int64_t p = 0; p < tt; ++p) acc += m[q * tt + p] * window[p];
-          current[q] = acc;
-        }
-        cur = current.data();
-        size = t;
-      }
-      const int64_t off = (size - k) / 2;
-      for (int64_t r = 0; r < k; ++r)
-        for (int64_t s = 0; s < k; ++s) filters[(c * k + r) * k + s] = cur[(r + off) * size + s + off];
-    }
-  });
+struct Matrix {
+  int64_t rows = 0, cols = 0;
+  std::vector<T> data;
+  Matrix(int64_t r, int64_t c) : rows(r), cols(c), data(r * c, T(0)) {}
+  T& operator()(int64_t r, int64_t c) { return data[r * cols + c]; }
+  T operator()(int64_t r, int64_t c) const { return data[r * cols + c]; }
+};
+
+template <typename T>
+Matrix<T> identity(int64_t n) {
+  Matrix<T> m(n, n);
+  for (int64_t i = 0; i < n; ++i) m(i, i) = T(1);
+  return m;
 }
 
-// Walks grad_filters (channels×k×k) back through the chain: grad_weight (C_max×K×K, zero-filled by
-// the caller, or null) and grad_mats (zero-filled, or empty). Per channel: recompute the windows,
-// then for each step back from k: dM += g ⊗ window, g ← centre-padded Mᵀ g.
-template <typename T>
-void active_filter_backward(const T* weight, int64_t big, const std::vector<const T*>& mats,
-                            const std::vector<int64_t>& sizes, int64_t k, int64_t channels, const T* grad_filters,
-                            T* grad_weight, const std::vector<T*>& grad_mats) {
-  constexpr int64_t kGroup = 64;  // channels per partial sum of the matrix gradients
-  const int64_t steps = static_cast<int64_t>(mats.size());
-  std::vector<int64_t> window_offset(steps + 1, 0), matrix_offset(steps + 1, 0);
-  for (int64_t i = 0; i < steps; ++i) {
-    window_offset[i + 1] = window_offset[i] + sizes[i] * sizes[i];
-    matrix_offset[i + 1] = matrix_offset[i] + sizes[i] * sizes[i] * sizes[i] * sizes[i];
-  }
-  const int64_t groups = (channels + kGroup - 1) / kGroup;
-  const bool want_mats = !grad_mats.empty();
-  std::vector<T> partial(want_mats ? groups * matrix_offset[steps] : 0, T(0));
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> windows(window_offset[steps]), current(big * big), grad(big * big), padded(big * big);
-    for (int64_t group = begin; group < end; ++group) {
-      T* part = want_mats ? partial.data() + group * matrix_offset[steps] : nullptr;
-      for (int64_t c = group * kGroup; c < std::min(channels, (group + 1) * kGroup); ++c) {
-        const T* cur = weight + c * big * big;
-        int64_t size = big;
-        for (int64_t i = 0; i < steps; ++i) {
-          const int64_t t = sizes[i], tt = t * t, off = (size - t) / 2;
-          T* window = windows.data() + window_offset[i];
-          for (int64_t r = 0; r < t; ++r)
-            for (int64_t s = 0; s < t; ++s) window[r * t + s] = cur[(r + off) * size + s + off];
-          for (int64_t q = 0; q < tt; ++q) {
-            T acc = 0;
-            for (int64_t p = 0; p < tt; ++p) acc += mats[i][q * tt + p] * window[p];
-            current[q] = acc;
-          }
-          cur = current.data();
-          size = t;
-        }
-        std::memcpy(grad.data(), grad_filters + c * k * k, k * k * sizeof(T));
-        int64_t gsize = k;
-        for (int64_t i = steps - 1; i >= 0; --i) {
-          const int64_t t = sizes[i], tt = t * t;
-          const T* window = windows.data() + window_offset[i];
-          if (want_mats) {
-            T* dm = part + matrix_offset[i];
-            for (int64_t q = 0; q < tt; ++q)
-              for (int64_t p = 0; p < tt; ++p) dm[q * tt + p] += grad[q] * window[p];
-          }
-          const int64_t prev = i == 0 ? big : sizes[i - 1], off = (prev - t) / 2;
-          std::fill(padded.begin(), padded.begin() + prev * prev, T(0));
-          for (int64_t p = 0; p < tt; ++p) {
-            T acc = 0;
-            for (int64_t q = 0; q < tt; ++q) acc += mats[i][q * tt + p] * grad[q];
-            padded[(p / t + off) * prev + p % t + off] = acc;
-          }
-          std::swap(grad, padded);
-          gsize = prev;
-        }
-        if (grad_weight != nullptr) {
-          T* dst = grad_weight + c * big * big;
-          const int64_t off = (big - gsize) / 2;
-          for (int64_t r = 0; r < gsize; ++r)
-            for (int64_t s = 0; s < gsize; ++s) dst[(r + off) * big + s + off] = grad[r * gsize + s];
-        }
-      }
-    }
-  });
-  for (int64_t i = 0; i < steps && want_mats; ++i) {
-    const int64_t count = matrix_offset[i + 1] - matrix_offset[i];
-    for (int64_t group = 0; group < groups; ++group) {
-      const T* src = partial.data() + group * matrix_offset[steps] + matrix_offset[i];
-      for (int64_t e = 0; e < count; ++e) grad_mats[i][e] += src[e];
-    }
-  }
+// Index in a size×size grid of element e of its centred t×t window.
+inline int64_t window_position(int64_t e, int64_t t, int64_t size) {
+  const int64_t off = (size - t) / 2;
+  return (e / t + off) * size + e % t + off;
 }
 
-// [C][k][k] → [blocks][k][k][lanes], zero lanes past C.
+// S · A: the rows of A (size² rows) at the centred t×t window.
 template <typename T>
-std::vector<T> pack_filter_blocks(const std::vector<T>& filters, int64_t channels, int64_t kk, int64_t lanes) {
-  const int64_t blocks = (channels + lanes - 1) / lanes;
+Matrix<T> select_rows(const Matrix<T>& a, int64_t t, int64_t size) {
+  Matrix<T> out(t * t, a.cols);
+  for (int64_t e = 0; e < t * t; ++e)
+    std::copy_n(a.data.begin() + window_position(e, t, size) * a.cols, a.cols, out.data.begin() + e * a.cols);
+  return out;
+}
+
+// A · S: the t² columns of A scattered to the centred window of a size²-column zero matrix.
+template <typename T>
+Matrix<T> scatter_columns(const Matrix<T>& a, int64_t t, int64_t size) {
+  Matrix<T> out(a.rows, size * size);
+  for (int64_t r = 0; r < a.rows; ++r)
+    for (int64_t e = 0; e < t * t; ++e) out(r, window_position(e, t, size)) = a(r, e);
+  return out;
+}
+
+template <typename T>
+Matrix<T> matmul(const Matrix<T>& a, const Matrix<T>& b, bool transpose_a = false, bool transpose_b = false) {
+  const int64_t n = transpose_a ? a.cols : a.rows, inner = transpose_a ? a.rows : a.cols;
+  const int64_t m = transpose_b ? b.rows : b.cols;
+  Matrix<T> out(n, m);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t l = 0; l < inner; ++l) {
+      const T av = transpose_a ? a(l, i) : a(i, l);
+      for (int64_t j = 0; j < m; ++j) out(i, j) += av * (transpose_b ? b(j, l) : b(l, j));
+    }
+  return out;
+}
+
+template <typename T>
+Matrix<T> transform_matrix(const T* data, int64_t t) {
+  Matrix<T> m(t * t, t * t);
+  std::copy_n(data, m.data.size(), m.data.begin());
+  return m;
+}
+
+template <typename T>
+struct ActiveFilterChain {
+  int64_t big, k, first;  // first: the window size the chain reads (k without transforms)
+  std::vector<const T*> mats;
+  std::vector<int64_t> sizes;
+  Matrix<T> q;  // k² × first²; unused without transforms
+
+  ActiveFilterChain(int64_t big_, int64_t k_, std::vector<const T*> mats_, std::vector<int64_t> sizes_)
+      : big(big_),
+        k(k_),
+        first(sizes_.empty() ? k_ : sizes_[0]),
+        mats(std::move(mats_)),
+        sizes(std::move(sizes_)),
+        q(0, 0) {
+    if (mats.empty()) return;
+    q = transform_matrix(mats[0], sizes[0]);
+    for (size_t i = 1; i < mats.size(); ++i)
+      q = matmul(transform_matrix(mats[i], sizes[i]), select_rows(q, sizes[i], sizes[i - 1]));
+  }
+  bool plain() const { return mats.empty(); }
+};
+
+// [blocks][k·k][lanes] active filters of the first `channels` channels (zero lanes past them).
+template <typename T>
+std::vector<T> active_filter_blocks(const T* weight, const ActiveFilterChain<T>& chain, int64_t channels,
+                                    int64_t lanes) {
+  const int64_t blocks = (channels + lanes - 1) / lanes, kk = chain.k * chain.k;
+  const int64_t ff = chain.first * chain.first, bb = chain.big * chain.big;
   std::vector<T> packed(blocks * kk * lanes, T(0));
-  for (int64_t c = 0; c < channels; ++c)
-    for (int64_t tap = 0; tap < kk; ++tap) packed[((c / lanes) * kk + tap) * lanes + c % lanes] = filters[c * kk + tap];
+  at::parallel_for(0, blocks, 4, [&](int64_t begin, int64_t end) {
+    std::vector<T> window(ff * lanes, T(0));
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t c0 = b * lanes, nc = std::min(lanes, channels - c0);
+      T* out = packed.data() + b * kk * lanes;
+      T* win = chain.plain() ? out : window.data();
+      for (int64_t e = 0; e < ff; ++e) {
+        const int64_t pos = window_position(e, chain.first, chain.big);
+        for (int64_t l = 0; l < nc; ++l) win[e * lanes + l] = weight[(c0 + l) * bb + pos];
+        for (int64_t l = nc; l < lanes; ++l) win[e * lanes + l] = T(0);
+      }
+      if (chain.plain()) continue;
+      for (int64_t q = 0; q < kk; ++q)
+        for (int64_t e = 0; e < ff; ++e) {
+          const T qe = chain.q(q, e);
+          for (int64_t l = 0; l < lanes; ++l) out[q * lanes + l] += qe * window[e * lanes + l];
+        }
+    }
+  });
   return packed;
+}
+
+// From the filter gradients in [blocks][k·k][lanes] form: grad_weight (C_max × K², zero-filled by the
+// caller, or null) and grad_mats (zero-filled, or empty).
+template <typename T>
+void active_filter_backward_blocks(const T* weight, const ActiveFilterChain<T>& chain, int64_t channels,
+                                   int64_t lanes, const T* grad_blocks, T* grad_weight,
+                                   const std::vector<T*>& grad_mats) {
+  constexpr int64_t kGroup = 4;  // blocks per partial sum of dQ: results independent of the thread count
+  const int64_t blocks = (channels + lanes - 1) / lanes, kk = chain.k * chain.k;
+  const int64_t ff = chain.first * chain.first, bb = chain.big * chain.big;
+  const int64_t groups = (blocks + kGroup - 1) / kGroup;
+  const bool want_mats = !grad_mats.empty() && !chain.plain();
+  std::vector<T> partial(want_mats ? groups * kk * ff * lanes : 0, T(0));  // per lane, reduced at the end
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> window(ff * lanes), grad_window(ff * lanes);
+    for (int64_t group = begin; group < end; ++group) {
+      T* dq = want_mats ? partial.data() + group * kk * ff * lanes : nullptr;
+      for (int64_t b = group * kGroup; b < std::min(blocks, (group + 1) * kGroup); ++b) {
+        const int64_t c0 = b * lanes, nc = std::min(lanes, channels - c0);
+        const T* g = grad_blocks + b * kk * lanes;
+        const T* gw = g;  // the window's gradient: g itself without transforms
+        if (!chain.plain()) {
+          std::fill(grad_window.begin(), grad_window.end(), T(0));
+          for (int64_t q = 0; q < kk; ++q)
+            for (int64_t e = 0; e < ff; ++e) {
+              const T qe = chain.q(q, e);
+              for (int64_t l = 0; l < lanes; ++l) grad_window[e * lanes + l] += qe * g[q * lanes + l];
+            }
+          gw = grad_window.data();
+        }
+        if (want_mats) {
+          std::fill(window.begin(), window.end(), T(0));
+          for (int64_t e = 0; e < ff; ++e) {
+            const int64_t pos = window_position(e, chain.first, chain.big);
+            for (int64_t l = 0; l < nc; ++l) window[e * lanes + l] = weight[(c0 + l) * bb + pos];
+          }
+          for (int64_t q = 0; q < kk; ++q)
+            for (int64_t e = 0; e < ff; ++e) {
+              T* acc = dq + (q * ff + e) * lanes;
+              for (int64_t l = 0; l < lanes; ++l) acc[l] += g[q * lanes + l] * window[e * lanes + l];
+            }
+        }
+        if (grad_weight != nullptr)
+          for (int64_t e = 0; e < ff; ++e) {
+            const int64_t pos = window_position(e, chain.first, chain.big);
+            for (int64_t l = 0; l < nc; ++l) grad_weight[(c0 + l) * bb + pos] = gw[e * lanes + l];
+          }
+      }
+    }
+  });
+  if (!want_mats) return;
+  Matrix<T> dq(kk, ff);
+  for (int64_t group = 0; group < groups; ++group)
+    for (int64_t qe = 0; qe < kk * ff; ++qe)
+      for (int64_t l = 0; l < lanes; ++l) dq.data[qe] += partial[(group * kk * ff + qe) * lanes + l];
+  // prefixes[i] = M_i S_i ⋯ M_1 S_1 (K² columns); L_i is built from the last step down.
+  std::vector<Matrix<T>> prefixes{identity<T>(bb)};
+  int64_t size = chain.big;
+  for (size_t i = 0; i < chain.mats.size(); ++i) {
+    prefixes.push_back(
+        matmul(transform_matrix(chain.mats[i], chain.sizes[i]), select_rows(prefixes.back(), chain.sizes[i], size)));
+    size = chain.sizes[i];
+  }
+  const Matrix<T> dp = scatter_columns(dq, chain.first, chain.big);
+  Matrix<T> left = identity<T>(kk);
+  for (int64_t i = static_cast<int64_t>(chain.mats.size()) - 1; i >= 0; --i) {
+    const int64_t t = chain.sizes[i], previous = i == 0 ? chain.big : chain.sizes[i - 1];
+    const Matrix<T> dm = matmul(matmul(left, dp, true, false), select_rows(prefixes[i], t, previous), false, true);
+    std::copy(dm.data.begin(), dm.data.end(), grad_mats[i]);
+    left = scatter_columns(matmul(left, transform_matrix(chain.mats[i], t)), t, previous);
+  }
 }
 
 at::Tensor elastic_dwconv2d_forward_cpu(const at::Tensor& x_arg, const at::Tensor& weight_arg, int64_t kernel_size,
@@ -264,18 +352,19 @@ at::Tensor elastic_dwconv2d_forward_cpu(const at::Tensor& x_arg, const at::Tenso
     const auto& kernels = cpu::select_tile_kernels<scalar_t>();
     const int64_t lanes = kernels.lanes, kk = kernel_size * kernel_size;
     const int64_t blocks = (g.channels + lanes - 1) / lanes;
-    std::vector<scalar_t> filters(g.channels * kk);
-    active_filter_forward(in.weight.data_ptr<scalar_t>(), in.weight.size(2), matrix_pointers<scalar_t>(in.transforms),
-                          in.sizes, kernel_size, g.channels, filters.data());
-    const std::vector<scalar_t> packed = pack_filter_blocks(filters, g.channels, kk, lanes);
+    const ActiveFilterChain<scalar_t> chain(in.weight.size(2), kernel_size, matrix_pointers<scalar_t>(in.transforms),
+                                            in.sizes);
+    const std::vector<scalar_t> packed = active_filter_blocks(in.weight.data_ptr<scalar_t>(), chain, g.channels, lanes);
     const scalar_t* x = in.x.data_ptr<scalar_t>();
     scalar_t* out = y.data_ptr<scalar_t>();
     const size_t scratch = kernels.forward_scratch(g);
-    at::parallel_for(0, g.batch * blocks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t chunks = batch_chunks(g.batch, blocks);
+    at::parallel_for(0, chunks * blocks, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> buffer(scratch, scalar_t(0));
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t n = task / blocks, block = task % blocks;
-        kernels.forward_block(g, x, out, packed.data() + block * kk * lanes, n, block * lanes, buffer.data());
+        const int64_t chunk = task / blocks, block = task % blocks;
+        kernels.forward_block(g, x, out, packed.data() + block * kk * lanes, g.batch * chunk / chunks,
+                              g.batch * (chunk + 1) / chunks, block * lanes, buffer.data());
       }
     });
   });
@@ -304,14 +393,10 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> elastic_dwconv2d_bac
     const auto& kernels = cpu::select_tile_kernels<scalar_t>();
     const int64_t lanes = kernels.lanes, kk = kernel_size * kernel_size;
     const int64_t blocks = (g.channels + lanes - 1) / lanes;
-    const auto mats = matrix_pointers<scalar_t>(in.transforms);
-    const int64_t big = in.weight.size(2);
-    std::vector<scalar_t> filters(g.channels * kk);
-    active_filter_forward(in.weight.data_ptr<scalar_t>(), big, mats, in.sizes, kernel_size, g.channels,
-                          filters.data());
-    const std::vector<scalar_t> packed = pack_filter_blocks(filters, g.channels, kk, lanes);
-    // Enough (block, batch chunk) tasks to balance any core count; the split depends on shapes only.
-    const int64_t chunks = std::min<int64_t>(g.batch, std::max<int64_t>(1, (64 + blocks - 1) / blocks));
+    const ActiveFilterChain<scalar_t> chain(in.weight.size(2), kernel_size, matrix_pointers<scalar_t>(in.transforms),
+                                            in.sizes);
+    const std::vector<scalar_t> packed = active_filter_blocks(in.weight.data_ptr<scalar_t>(), chain, g.channels, lanes);
+    const int64_t chunks = batch_chunks(g.batch, blocks);
     std::vector<scalar_t> partial(need_filter ? chunks * blocks * kk * lanes : 0, scalar_t(0));
     const scalar_t* x = in.x.data_ptr<scalar_t>();
     const scalar_t* gy = grad_y.data_ptr<scalar_t>();
@@ -328,16 +413,16 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> elastic_dwconv2d_bac
       }
     });
     if (!need_filter) return;
-    std::vector<scalar_t> grad_filters(g.channels * kk, scalar_t(0));
-    for (int64_t chunk = 0; chunk < chunks; ++chunk)
-      for (int64_t c = 0; c < g.channels; ++c)
-        for (int64_t tap = 0; tap < kk; ++tap)
-          grad_filters[c * kk + tap] += partial[((chunk * blocks + c / lanes) * kk + tap) * lanes + c % lanes];
+    std::vector<scalar_t> grad_blocks(blocks * kk * lanes, scalar_t(0));
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      const scalar_t* src = partial.data() + chunk * blocks * kk * lanes;
+      for (int64_t e = 0; e < blocks * kk * lanes; ++e) grad_blocks[e] += src[e];
+    }
     std::vector<scalar_t*> mat_grads;
     if (need_mats)
       for (auto& m : grad_mats) mat_grads.push_back(m.data_ptr<scalar_t>());
-    active_filter_backward(in.weight.data_ptr<scalar_t>(), big, mats, in.sizes, kernel_size, g.channels,
-                           grad_filters.data(), need_weight ? grad_weight.data_ptr<scalar_t>() : nullptr, mat_grads);
+    active_filter_backward_blocks(in.weight.data_ptr<scalar_t>(), chain, g.channels, lanes, grad_blocks.data(),
+                                  need_weight ? grad_weight.data_ptr<scalar_t>() : nullptr, mat_grads);
   });
   return {grad_x, grad_weight, grad_mats};
 }
