@@ -50,7 +50,10 @@ class LatencyTable:
         counts: layer key → passes measured so far; the table is complete when each of the
             ``expected`` distinct layer configurations of the space has ``passes`` of them.
         scale, layer_overhead_ms, offset_ms: the whole-network correction (module docstring).
-        calibration: how the correction was fitted (subnets, residuals), for the record.
+        calibration_ms, calibration_passes: whole-subnet timings of the calibration subnets (arch
+            string → ms, min over passes) while they are being collected.
+        calibration: how the correction was fitted (subnets, residuals), for the record; ``None``
+            until it is.
     """
 
     space: str
@@ -69,6 +72,8 @@ class LatencyTable:
     scale: float = 1.0
     layer_overhead_ms: float = 0.0
     offset_ms: float = 0.0
+    calibration_ms: dict[str, float] = field(default_factory=dict)
+    calibration_passes: int = 0
     calibration: dict[str, Any] | None = None
 
     @property

@@ -296,7 +296,8 @@ def profile_space(
 
     Every configuration is timed in ``settings.passes`` passes over the whole list and keeps the
     minimum: on a shared machine the load changes over seconds, and passes spread apart in time make
-    every entry (and, likewise, every whole-subnet measurement) the latency of a quiet moment.
+    every entry the latency of a quiet moment. The calibration subnets are timed once per pass too,
+    interleaved with the layers, so that both sides of the calibration fit see the same moments.
     """
     from tqdm.auto import tqdm
 
@@ -305,6 +306,9 @@ def profile_space(
     layout = TableLayout.build(space, settings.num_classes)
     configs = layout.configs()
     table = _resume(output, _new_table(space, layout, settings))
+    calibration_archs = [space.sample(CALIBRATION_SEED + i) for i in range(settings.calibration)]
+    if sorted(table.calibration_ms) != sorted(str(a) for a in calibration_archs):
+        table.calibration_ms, table.calibration_passes, table.calibration = {}, 0, None
     done = sum(table.counts.values())
     total = table.passes * len(configs)
     if done:
@@ -330,37 +334,57 @@ def profile_space(
                     last_save = time.monotonic()
             if stopped:
                 break
+            if calibration_archs and table.calibration_passes <= pass_index:
+                measured = measure_subnets(
+                    space,
+                    calibration_archs,
+                    table,
+                    settings,
+                    f"timing calibration subnets ({pass_index + 1})",
+                    passes=1,
+                )
+                for arch, ms in zip(calibration_archs, measured):
+                    table.calibration_ms[str(arch)] = min(ms, table.calibration_ms.get(str(arch), math.inf))
+                table.calibration_passes = pass_index + 1
+                table.save(output)
     except KeyboardInterrupt:
         stopped = "interrupted"
     finally:
         bar.close()
         table.save(output)
-    if not table.complete:
+    if not table.complete or (calibration_archs and table.calibration_passes < table.passes):
         log(
             f"{stopped or 'stopped'}: {sum(table.counts.values())} of {total} layer timings saved to {output}; "
             "run the same command again to resume"
         )
         return table
-    if not table.calibrated and settings.calibration > 0 and not stopped:
-        calibrate(space, table, settings, log)
+    if calibration_archs and not table.calibrated:
+        calibrate(space, table, calibration_archs, log)
         table.save(output)
     log(f"latency table of {space.name!r} ({table.expected} layer configurations) written to {output}")
     return table
 
 
 def measure_subnets(
-    space: SearchSpace, archs: Sequence[Arch], table: LatencyTable, settings: ProfileSettings, desc: str
+    space: SearchSpace,
+    archs: Sequence[Arch],
+    table: LatencyTable,
+    settings: ProfileSettings,
+    desc: str,
+    passes: int | None = None,
 ) -> np.ndarray:
-    """End-to-end latency (ms) of each extracted subnet: timed like the layers, in ``table.passes``
-    round-robin passes (minimum kept), the subnet extracted afresh in each pass to bound memory."""
+    """End-to-end latency (ms) of each extracted subnet: timed like the layers, in ``passes``
+    (default ``table.passes``) round-robin passes keeping the minimum, each subnet extracted afresh
+    in each pass to bound memory."""
     from tqdm.auto import tqdm
 
     from ..nn import Supernet
 
+    passes = table.passes if passes is None else passes
     supernet = Supernet(space, table.num_classes).requires_grad_(False)
     measured = np.full(len(archs), np.inf)
-    with tqdm(total=table.passes * len(archs), desc=desc, unit="subnet") as bar:
-        for _ in range(table.passes):
+    with tqdm(total=passes * len(archs), desc=desc, unit="subnet") as bar:
+        for _ in range(passes):
             for i, arch in enumerate(archs):
                 sub = supernet.extract(arch).eval().requires_grad_(False).to(settings.device)
                 r = arch.resolution
@@ -371,11 +395,10 @@ def measure_subnets(
     return measured
 
 
-def calibrate(space: SearchSpace, table: LatencyTable, settings: ProfileSettings, log=print) -> None:
-    """Fit ``scale``, ``layer_overhead_ms`` and ``offset_ms`` on ``settings.calibration`` random
-    subnets (least squares on measured = scale·Σ t + overhead·n_layers + offset)."""
-    archs = [space.sample(CALIBRATION_SEED + i) for i in range(settings.calibration)]
-    measured = measure_subnets(space, archs, table, settings, "calibrating on whole subnets")
+def calibrate(space: SearchSpace, table: LatencyTable, archs: Sequence[Arch], log=print) -> None:
+    """Fit ``scale``, ``layer_overhead_ms`` and ``offset_ms`` on the calibration subnets' timings
+    (least squares on measured = scale·Σ t + overhead·n_layers + offset)."""
+    measured = np.asarray([table.calibration_ms[str(a)] for a in archs])
     layer_sums, layer_counts = [], []
     for arch in archs:
         layers = arch_layers(space, arch, table.num_classes)
