@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--threads", type=_positive_int, default=None, help="intra-op threads (default: torch's)")
     profile.add_argument("--time-budget", type=float, default=None, metavar="SECONDS", help="stop (resumably) after")
     profile.add_argument("--min-time", type=float, default=0.05, metavar="SECONDS", help="timing time per layer")
-    profile.add_argument("--calibration", type=int, default=12, metavar="N", help="subnets timed to fit overheads")
+    profile.add_argument("--calibration", type=int, default=16, metavar="N", help="subnets timed to fit overheads")
     profile.add_argument("--passes", type=_positive_int, default=3, help="timing passes (minimum kept)")
     profile.add_argument(
         "--cold-mib", type=float, default=0, metavar="MIB", help="weights cycled per layer (default: 2x last-level cache)"

@@ -219,7 +219,7 @@ class Estimator:
         if hi < low or lo > high:
             from .sampler import EmptyBandError
 
-            raise EmptyBandError(sampler._empty_message(lo, hi))  # noqa: SLF001
+            raise EmptyBandError(sampler.empty_band_message(lo, hi))
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
         codes = sampler.sample(int(n), max(lo, low), min(hi, high), rng)
         return codes if as_codes else self.space.decode(codes)

@@ -3,24 +3,32 @@
 Build (resumable)::
 
     tofa-fast profile --space rss --device cpu -o rss_cpu.json [--batch-size 1] [--threads 1]
-                      [--time-budget 600] [--calibration 12]
+                      [--passes 3] [--calibration 16] [--time-budget 600]
 
 times every distinct layer configuration the space can produce (:meth:`TableLayout.configs`) as
 the plain PyTorch modules an extracted subnet is made of, writing the table atomically every few
-seconds. Interrupted (Ctrl-C, ``--time-budget``), the same command resumes where it stopped. When all
-layers are measured it times ``--calibration`` random subnets end to end and fits the whole-network
-correction of :mod:`.latency`.
+seconds. Interrupted (Ctrl-C, SIGTERM, ``--time-budget``), the same command resumes where it
+stopped. ``--calibration`` random subnets are also timed end to end, and the whole-network
+correction of :mod:`.latency` is fitted on them.
 
 Validate::
 
-    tofa-fast profile --validate rss_cpu.json [--samples 50] [--seed 1]
+    tofa-fast profile --validate rss_cpu.json [--samples 50] [--seed 0]
 
 times random extracted subnets end to end (other subnets than the calibration ones) and reports the
 Spearman rank correlation of predicted vs measured latency and the share predicted within ±10%.
 
-Timing: inference mode, warm-up, then the *minimum* over repeats of the mean time of a block of
-calls — on a shared machine other processes only ever add time, so the minimum is the most
-reproducible estimate of what the layer costs.
+How it times, and why:
+
+* inference mode, warm-up, then the *minimum* over repeats of the mean time of a block of calls,
+  and the minimum again over ``--passes`` passes spread over the whole run: on a shared machine
+  other processes only ever add time, so minima are the reproducible part;
+* one CPU thread is timed with the thread's CPU clock (:func:`timing_clock`), which ignores the
+  time other processes hold the core;
+* layers run with *cold weights* (:func:`time_layer`): inside a subnet the other layers evict a
+  layer's weights from the caches, and at batch 1 loading them is much of its cost;
+* the calibration subnets are timed once per pass, interleaved with the layers, so the fit sees the
+  same moments of load as the table it corrects.
 """
 
 from __future__ import annotations
@@ -240,7 +248,7 @@ class ProfileSettings:
     threads: int | None = None  # None: torch's current intra-op thread count
     min_time_s: float = 0.05
     repeats: int = 7
-    calibration: int = 12
+    calibration: int = 16
     passes: int = 3
     time_budget_s: float | None = None
     cold_bytes: int = 0  # 0: twice the last-level cache (cache_bytes())

@@ -117,7 +117,7 @@ class FlopsBandSampler:
         while True:
             plan = _Candidates.build(self, q, lo, hi)
             if plan.total == 0:
-                raise EmptyBandError(self._empty_message(lo, hi))
+                raise EmptyBandError(self.empty_band_message(lo, hi))
             out, drawn = self._rejection_rounds(plan, n, lo, hi, rng, refine=q > q_min)
             if len(out) == 0 and q > q_min:
                 # Nothing accepted although candidates exist: they all sit in the slack. Refine the
@@ -128,7 +128,7 @@ class FlopsBandSampler:
         if len(out) < n:
             if len(out) == 0:
                 raise EmptyBandError(
-                    self._empty_message(lo, hi)
+                    self.empty_band_message(lo, hi)
                     + f" (none of {drawn} candidates drawn uniformly from the {plan.total:.4g} subnets within "
                     f"{plan.slack} FLOPs of the band was inside it)"
                 )
@@ -163,7 +163,8 @@ class FlopsBandSampler:
     def _resolutions(self) -> range:
         return range(self.layout.field("n_resolutions"))
 
-    def _empty_message(self, lo: int, hi: int) -> str:
+    def empty_band_message(self, lo: int, hi: int) -> str:
+        """The error for an empty band: names the band and the space's exact FLOPs range."""
         low, high = self.flops_range()
         return (
             f"no subnet of space {self.space.name!r} has FLOPs in [{lo}, {hi}] "
