@@ -182,3 +182,12 @@ def test_unsupported_models_are_rejected():
         from_torchvision(mobilenet_v3_small(weights=None, dilated=True))
     with pytest.raises(ValueError, match=r"expand_fractions must lie in \(0, 1\]"):
         from_torchvision(mobilenet_v3_small(weights=None), expand_fractions=(0.5, 1.5))
+
+
+@pytest.mark.parametrize("name, kwargs", [("large", {"width_mult": 0.75}), ("small", {"reduced_tail": True})])
+def test_width_multiplier_and_reduced_tail_variants(name, kwargs):
+    model = make_torchvision(name, seed=1, **kwargs)
+    net = from_torchvision(model)
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        assert rel_err(net(x), model(x)) <= RTOL
