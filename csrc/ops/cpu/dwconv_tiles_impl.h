@@ -140,16 +140,20 @@ void load_tile(const T* src, bool channels_last, int64_t channels, int64_t n, in
   int64_t q0 = 0;
   for (; q0 + L <= plane; q0 += L) {
     vec_t<T> r[L];
+    // One bumped pointer rather than `lanes` plane addresses: keeps the general registers free for
+    // the transpose (otherwise the compiler spills).
+    const T* row = s + q0;
     if (nc == L) {
 #pragma GCC unroll 16
-      for (int l = 0; l < L; ++l) r[l] = vload(s + l * plane + q0);
+      for (int l = 0; l < L; ++l, row += plane) r[l] = vload(row);
     } else {
 #pragma GCC unroll 16
-      for (int l = 0; l < L; ++l) r[l] = l < nc ? vload(s + l * plane + q0) : vec_t<T>{};
+      for (int l = 0; l < L; ++l, row += plane) r[l] = l < nc ? vload(row) : vec_t<T>{};
     }
     transpose<T>(r);
+    const int32_t* offset = offsets + q0;
 #pragma GCC unroll 16
-    for (int t = 0; t < L; ++t) vstore(tile + int64_t(offsets[q0 + t]) * L, r[t]);
+    for (int t = 0; t < L; ++t) vstore(tile + int64_t(offset[t]) * L, r[t]);
   }
   if (q0 < plane) {  // the plane's last, partial chunk
     const int64_t count = plane - q0;
@@ -188,16 +192,18 @@ void store_tile(const T* tile, const TileMap& map, T* dst, bool channels_last, i
   int64_t q0 = 0;
   for (; q0 + L <= plane; q0 += L) {
     vec_t<T> r[L];
+    const int32_t* offset = offsets + q0;
 #pragma GCC unroll 16
-    for (int t = 0; t < L; ++t) r[t] = vload(tile + int64_t(offsets[q0 + t]) * L);
+    for (int t = 0; t < L; ++t) r[t] = vload(tile + int64_t(offset[t]) * L);
     transpose<T>(r);
+    T* row = d + q0;
     if (nc == L) {
 #pragma GCC unroll 16
-      for (int l = 0; l < L; ++l) vstore(d + l * plane + q0, r[l]);
+      for (int l = 0; l < L; ++l, row += plane) vstore(row, r[l]);
     } else {
 #pragma GCC unroll 16
-      for (int l = 0; l < L; ++l) {
-        if (l < nc) vstore(d + l * plane + q0, r[l]);
+      for (int l = 0; l < L; ++l, row += plane) {
+        if (l < nc) vstore(row, r[l]);
       }
     }
   }

@@ -1,14 +1,15 @@
 // CPU kernels of the elastic depthwise convolution (forward, input gradient, weight gradient).
 //
-// Per call:
-//   1. the active filter (centre slice + transform chain) of the C used channels in one parallel
-//      loop over channel blocks (no chain of small ATen ops), in the [k][k][lanes] block layout;
-//   2. the convolution in vectorised tile kernels (dwconv_tiles.h), parallel over
-//      (sample, channel block) for the forward and over (channel block, batch chunk) for the
-//      backward, which computes grad_x and the filter gradient from the same tiles;
-//   3. backward only: the filter gradient taken back through the transform chain in one parallel
-//      loop over channel blocks, giving the full-weight gradient and every matrix's gradient.
-// Batch chunks and channel groups have fixed sizes, so results do not depend on the thread count.
+// Per call, one parallel region of (batch chunk, channel block) tasks. Each task
+//   1. derives its block's active filter (centre slice + transform chain folded into one small
+//      matrix, no chain of small ATen ops) in the [k][k][lanes] layout the tiles read;
+//   2. runs the vectorised tile kernels (dwconv_tiles.h): forward, or grad_x and the filter
+//      gradient from the same tiles;
+//   3. backward, the last task of a block: takes the block's filter gradient back through the chain
+//      (full-weight gradient rows, the block's share of the matrices' gradient).
+// Batch chunks have fixed sizes and sums run in fixed orders, so results do not depend on the thread
+// count or on which thread ran a task. (Under load, every parallel region waits for its threads to
+// be scheduled: one region per call keeps that cost to one.)
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -16,6 +17,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -121,6 +123,20 @@ DenseInputs dense_inputs(const at::Tensor& x, const at::Tensor& weight, int64_t 
   return in;
 }
 
+// Runs task(i, scratch) for i in [0, count) on the intra-op threads, each with its own zero-filled
+// scratch of `scratch_elems`. Threads pull tasks from a shared counter: a thread the OS preempts
+// (a loaded machine) delays only the task it holds, where a static split would stall on its whole
+// share. Each task writes its own outputs and partial sums, so results do not depend on who ran it.
+template <typename T, typename Task>
+void run_tasks(int64_t count, size_t scratch_elems, const Task& task) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(count, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    std::vector<T> scratch(scratch_elems, T(0));
+    for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) task(i, scratch.data());
+  });
+}
+
 // Batch chunks per channel block: enough (chunk, block) tasks to balance any core count, few enough to
 // amortise each task's setup over several samples. Depends on the shapes only, so the float sums (and
 // results) do not depend on the thread count.
@@ -151,9 +167,9 @@ std::vector<const T*> matrix_pointers(const std::vector<at::Tensor>& transforms)
 // ---- the active filter as one matrix ---------------------------------------------------------------
 // The chain is linear in the window it reads first (t_1×t_1, the centre of W[c]):
 //   active[c] = Q · window(W[c]),  Q (k² × t_1²) = M_m S_m ⋯ M_2 S_2 M_1,
-// S_i selecting the centred t_i×t_i window. Q costs O(K⁶) once per call; the channels then go
+// S_i selecting the centred t_i×t_i window. Q costs O(K⁶) once per call; a channel block then goes
 // through one small matrix product, with channels as the contiguous (vectorised) dimension: the
-// result comes out directly in the [block][k·k][lanes] layout the tile kernels read. Backward:
+// result comes out directly in the [k·k][lanes] layout the tile kernels read. Backward:
 // dW = Qᵀ g (in the window, zero elsewhere), dQ = Σ_c g_c ⊗ window_c, and for each matrix
 // dM_i = L_iᵀ · dP · R_iᵀ with dP = dQ on the window's columns, L_i = M_m S_m ⋯ M_{i+1} S_{i+1} and
 // R_i = S_i M_{i−1} S_{i−1} ⋯ M_1 S_1. Without transforms the active filter is a plain window copy.
@@ -241,91 +257,71 @@ struct ActiveFilterChain {
   bool plain() const { return mats.empty(); }
 };
 
-// [blocks][k·k][lanes] active filters of the first `channels` channels (zero lanes past them).
+// Channel block b's active filters, [k·k][lanes] (lanes past `channels` zero). `window`: ff·lanes.
 template <typename T>
-std::vector<T> active_filter_blocks(const T* weight, const ActiveFilterChain<T>& chain, int64_t channels,
-                                    int64_t lanes) {
-  const int64_t blocks = (channels + lanes - 1) / lanes, kk = chain.k * chain.k;
-  const int64_t ff = chain.first * chain.first, bb = chain.big * chain.big;
-  std::vector<T> packed(blocks * kk * lanes, T(0));
-  at::parallel_for(0, blocks, 4, [&](int64_t begin, int64_t end) {
-    std::vector<T> window(ff * lanes, T(0));
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t c0 = b * lanes, nc = std::min(lanes, channels - c0);
-      T* out = packed.data() + b * kk * lanes;
-      T* win = chain.plain() ? out : window.data();
-      for (int64_t e = 0; e < ff; ++e) {
-        const int64_t pos = window_position(e, chain.first, chain.big);
-        for (int64_t l = 0; l < nc; ++l) win[e * lanes + l] = weight[(c0 + l) * bb + pos];
-        for (int64_t l = nc; l < lanes; ++l) win[e * lanes + l] = T(0);
-      }
-      if (chain.plain()) continue;
-      for (int64_t q = 0; q < kk; ++q)
-        for (int64_t e = 0; e < ff; ++e) {
-          const T qe = chain.q(q, e);
-          for (int64_t l = 0; l < lanes; ++l) out[q * lanes + l] += qe * window[e * lanes + l];
-        }
+void active_filter_block(const T* weight, const ActiveFilterChain<T>& chain, int64_t channels, int64_t lanes,
+                         int64_t b, T* out, T* window) {
+  const int64_t kk = chain.k * chain.k, ff = chain.first * chain.first, bb = chain.big * chain.big;
+  const int64_t c0 = b * lanes, nc = std::min(lanes, channels - c0);
+  T* win = chain.plain() ? out : window;
+  for (int64_t e = 0; e < ff; ++e) {
+    const int64_t pos = window_position(e, chain.first, chain.big);
+    for (int64_t l = 0; l < nc; ++l) win[e * lanes + l] = weight[(c0 + l) * bb + pos];
+    for (int64_t l = nc; l < lanes; ++l) win[e * lanes + l] = T(0);
+  }
+  if (chain.plain()) return;
+  std::fill_n(out, kk * lanes, T(0));
+  for (int64_t q = 0; q < kk; ++q)
+    for (int64_t e = 0; e < ff; ++e) {
+      const T qe = chain.q(q, e);
+      for (int64_t l = 0; l < lanes; ++l) out[q * lanes + l] += qe * window[e * lanes + l];  // vectorised over l
     }
-  });
-  return packed;
 }
 
-// From the filter gradients in [blocks][k·k][lanes] form: grad_weight (C_max × K², zero-filled by the
-// caller, or null) and grad_mats (zero-filled, or empty).
+// Channel block b's share of the chain backward, from its filter gradient g ([k·k][lanes]):
+// grad_weight rows of its channels (when non-null) and dq (k² × t_1², when non-null) = Σ_l g ⊗ window.
+// `work`: 2·ff·lanes.
 template <typename T>
-void active_filter_backward_blocks(const T* weight, const ActiveFilterChain<T>& chain, int64_t channels,
-                                   int64_t lanes, const T* grad_blocks, T* grad_weight,
-                                   const std::vector<T*>& grad_mats) {
-  constexpr int64_t kGroup = 4;  // blocks per partial sum of dQ: results independent of the thread count
-  const int64_t blocks = (channels + lanes - 1) / lanes, kk = chain.k * chain.k;
-  const int64_t ff = chain.first * chain.first, bb = chain.big * chain.big;
-  const int64_t groups = (blocks + kGroup - 1) / kGroup;
-  const bool want_mats = !grad_mats.empty() && !chain.plain();
-  std::vector<T> partial(want_mats ? groups * kk * ff * lanes : 0, T(0));  // per lane, reduced at the end
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> window(ff * lanes), grad_window(ff * lanes);
-    for (int64_t group = begin; group < end; ++group) {
-      T* dq = want_mats ? partial.data() + group * kk * ff * lanes : nullptr;
-      for (int64_t b = group * kGroup; b < std::min(blocks, (group + 1) * kGroup); ++b) {
-        const int64_t c0 = b * lanes, nc = std::min(lanes, channels - c0);
-        const T* g = grad_blocks + b * kk * lanes;
-        const T* gw = g;  // the window's gradient: g itself without transforms
-        if (!chain.plain()) {
-          std::fill(grad_window.begin(), grad_window.end(), T(0));
-          for (int64_t q = 0; q < kk; ++q)
-            for (int64_t e = 0; e < ff; ++e) {
-              const T qe = chain.q(q, e);
-              for (int64_t l = 0; l < lanes; ++l) grad_window[e * lanes + l] += qe * g[q * lanes + l];
-            }
-          gw = grad_window.data();
-        }
-        if (want_mats) {
-          std::fill(window.begin(), window.end(), T(0));
-          for (int64_t e = 0; e < ff; ++e) {
-            const int64_t pos = window_position(e, chain.first, chain.big);
-            for (int64_t l = 0; l < nc; ++l) window[e * lanes + l] = weight[(c0 + l) * bb + pos];
-          }
-          for (int64_t q = 0; q < kk; ++q)
-            for (int64_t e = 0; e < ff; ++e) {
-              T* acc = dq + (q * ff + e) * lanes;
-              for (int64_t l = 0; l < lanes; ++l) acc[l] += g[q * lanes + l] * window[e * lanes + l];
-            }
-        }
-        if (grad_weight != nullptr)
-          for (int64_t e = 0; e < ff; ++e) {
-            const int64_t pos = window_position(e, chain.first, chain.big);
-            for (int64_t l = 0; l < nc; ++l) grad_weight[(c0 + l) * bb + pos] = gw[e * lanes + l];
-          }
+void active_filter_block_backward(const T* weight, const ActiveFilterChain<T>& chain, int64_t channels,
+                                  int64_t lanes, int64_t b, const T* g, T* grad_weight, T* dq, T* work) {
+  const int64_t kk = chain.k * chain.k, ff = chain.first * chain.first, bb = chain.big * chain.big;
+  const int64_t c0 = b * lanes, nc = std::min(lanes, channels - c0);
+  T* window = work;
+  T* grad_window = work + ff * lanes;
+  const T* gw = g;  // the window's gradient: g itself without transforms
+  if (!chain.plain()) {
+    std::fill_n(grad_window, ff * lanes, T(0));
+    for (int64_t q = 0; q < kk; ++q)
+      for (int64_t e = 0; e < ff; ++e) {
+        const T qe = chain.q(q, e);
+        for (int64_t l = 0; l < lanes; ++l) grad_window[e * lanes + l] += qe * g[q * lanes + l];
       }
+    gw = grad_window;
+  }
+  if (grad_weight != nullptr)
+    for (int64_t e = 0; e < ff; ++e) {
+      const int64_t pos = window_position(e, chain.first, chain.big);
+      for (int64_t l = 0; l < nc; ++l) grad_weight[(c0 + l) * bb + pos] = gw[e * lanes + l];
     }
-  });
-  if (!want_mats) return;
-  Matrix<T> dq(kk, ff);
-  for (int64_t group = 0; group < groups; ++group)
-    for (int64_t qe = 0; qe < kk * ff; ++qe)
-      for (int64_t l = 0; l < lanes; ++l) dq.data[qe] += partial[(group * kk * ff + qe) * lanes + l];
-  // prefixes[i] = M_i S_i ⋯ M_1 S_1 (K² columns); L_i is built from the last step down.
-  std::vector<Matrix<T>> prefixes{identity<T>(bb)};
+  if (dq == nullptr) return;
+  for (int64_t e = 0; e < ff; ++e) {
+    const int64_t pos = window_position(e, chain.first, chain.big);
+    for (int64_t l = 0; l < nc; ++l) window[e * lanes + l] = weight[(c0 + l) * bb + pos];
+    for (int64_t l = nc; l < lanes; ++l) window[e * lanes + l] = T(0);
+  }
+  for (int64_t q = 0; q < kk; ++q)
+    for (int64_t e = 0; e < ff; ++e) {
+      T acc = 0;
+      for (int64_t l = 0; l < lanes; ++l) acc += g[q * lanes + l] * window[e * lanes + l];
+      dq[q * ff + e] = acc;
+    }
+}
+
+// dM_i = L_iᵀ · dP · R_iᵀ for every matrix of the chain, from dq = Σ_c g_c ⊗ window_c (k² × t_1²).
+template <typename T>
+void transform_gradients(const ActiveFilterChain<T>& chain, const Matrix<T>& dq, const std::vector<T*>& grad_mats) {
+  const int64_t kk = chain.k * chain.k, bb = chain.big * chain.big;
+  std::vector<Matrix<T>> prefixes{identity<T>(bb)};  // M_i S_i ⋯ M_1 S_1 (K² columns)
   int64_t size = chain.big;
   for (size_t i = 0; i < chain.mats.size(); ++i) {
     prefixes.push_back(
@@ -333,7 +329,7 @@ void active_filter_backward_blocks(const T* weight, const ActiveFilterChain<T>& 
     size = chain.sizes[i];
   }
   const Matrix<T> dp = scatter_columns(dq, chain.first, chain.big);
-  Matrix<T> left = identity<T>(kk);
+  Matrix<T> left = identity<T>(kk);  // L_i, from the last step down
   for (int64_t i = static_cast<int64_t>(chain.mats.size()) - 1; i >= 0; --i) {
     const int64_t t = chain.sizes[i], previous = i == 0 ? chain.big : chain.sizes[i - 1];
     const Matrix<T> dm = matmul(matmul(left, dp, true, false), select_rows(prefixes[i], t, previous), false, true);
@@ -350,22 +346,22 @@ at::Tensor elastic_dwconv2d_forward_cpu(const at::Tensor& x_arg, const at::Tenso
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "elastic_dwconv2d_forward_cpu", [&] {
     const auto& kernels = cpu::select_tile_kernels<scalar_t>();
-    const int64_t lanes = kernels.lanes, kk = kernel_size * kernel_size;
-    const int64_t blocks = (g.channels + lanes - 1) / lanes;
     const ActiveFilterChain<scalar_t> chain(in.weight.size(2), kernel_size, matrix_pointers<scalar_t>(in.transforms),
                                             in.sizes);
-    const std::vector<scalar_t> packed = active_filter_blocks(in.weight.data_ptr<scalar_t>(), chain, g.channels, lanes);
+    const int64_t lanes = kernels.lanes, kk = kernel_size * kernel_size, ff = chain.first * chain.first;
+    const int64_t blocks = (g.channels + lanes - 1) / lanes, chunks = batch_chunks(g.batch, blocks);
+    const size_t tiles = kernels.forward_scratch(g);
     const scalar_t* x = in.x.data_ptr<scalar_t>();
+    const scalar_t* weight = in.weight.data_ptr<scalar_t>();
     scalar_t* out = y.data_ptr<scalar_t>();
-    const size_t scratch = kernels.forward_scratch(g);
-    const int64_t chunks = batch_chunks(g.batch, blocks);
-    at::parallel_for(0, chunks * blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> buffer(scratch, scalar_t(0));
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t chunk = task / blocks, block = task % blocks;
-        kernels.forward_block(g, x, out, packed.data() + block * kk * lanes, g.batch * chunk / chunks,
-                              g.batch * (chunk + 1) / chunks, block * lanes, buffer.data());
-      }
+    // One parallel region per call: each task derives its block's active filter (a k²×t_1² product
+    // per lane vector, repeated at most `chunks` times), so no separate filter pass is needed.
+    run_tasks<scalar_t>(chunks * blocks, tiles + (kk + ff) * lanes, [&](int64_t task, scalar_t* scratch) {
+      const int64_t chunk = task / blocks, block = task % blocks;
+      scalar_t* filter = scratch + tiles;
+      active_filter_block(weight, chain, g.channels, lanes, block, filter, filter + kk * lanes);
+      kernels.forward_block(g, x, out, filter, g.batch * chunk / chunks, g.batch * (chunk + 1) / chunks, block * lanes,
+                            scratch);
     });
   });
   return y;
@@ -391,38 +387,47 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> elastic_dwconv2d_bac
 
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "elastic_dwconv2d_backward_cpu", [&] {
     const auto& kernels = cpu::select_tile_kernels<scalar_t>();
-    const int64_t lanes = kernels.lanes, kk = kernel_size * kernel_size;
-    const int64_t blocks = (g.channels + lanes - 1) / lanes;
     const ActiveFilterChain<scalar_t> chain(in.weight.size(2), kernel_size, matrix_pointers<scalar_t>(in.transforms),
                                             in.sizes);
-    const std::vector<scalar_t> packed = active_filter_blocks(in.weight.data_ptr<scalar_t>(), chain, g.channels, lanes);
-    const int64_t chunks = batch_chunks(g.batch, blocks);
+    const int64_t lanes = kernels.lanes, kk = kernel_size * kernel_size, ff = chain.first * chain.first;
+    const int64_t blocks = (g.channels + lanes - 1) / lanes, chunks = batch_chunks(g.batch, blocks);
+    const size_t tiles = kernels.backward_scratch(g);
     std::vector<scalar_t> partial(need_filter ? chunks * blocks * kk * lanes : 0, scalar_t(0));
+    std::vector<scalar_t> dq_blocks(need_mats ? blocks * kk * ff : 0, scalar_t(0));
+    std::vector<std::atomic<int64_t>> unfinished(blocks);
+    for (auto& count : unfinished) count.store(chunks);
     const scalar_t* x = in.x.data_ptr<scalar_t>();
+    const scalar_t* weight = in.weight.data_ptr<scalar_t>();
     const scalar_t* gy = grad_y.data_ptr<scalar_t>();
     scalar_t* gx = need_x ? grad_x.data_ptr<scalar_t>() : nullptr;
-    const size_t scratch = kernels.backward_scratch(g);
-    at::parallel_for(0, chunks * blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> buffer(scratch, scalar_t(0));
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t chunk = task / blocks, block = task % blocks;
-        const int64_t n0 = g.batch * chunk / chunks, n1 = g.batch * (chunk + 1) / chunks;
-        scalar_t* gf = need_filter ? partial.data() + task * kk * lanes : nullptr;
-        kernels.backward_block(g, x, gy, gx, packed.data() + block * kk * lanes, gf, n0, n1, block * lanes,
-                               buffer.data());
+    scalar_t* gw = need_weight ? grad_weight.data_ptr<scalar_t>() : nullptr;
+    // One parallel region per call. The task that finishes a channel block's last batch chunk sums the
+    // block's chunks (in chunk order: deterministic) and takes the block back through the chain.
+    run_tasks<scalar_t>(chunks * blocks, tiles + (2 * kk + 2 * ff) * lanes, [&](int64_t task, scalar_t* scratch) {
+      const int64_t chunk = task / blocks, block = task % blocks;
+      scalar_t* filter = scratch + tiles;
+      scalar_t* block_grad = filter + kk * lanes;
+      scalar_t* work = block_grad + kk * lanes;
+      active_filter_block(weight, chain, g.channels, lanes, block, filter, work);
+      scalar_t* gf = need_filter ? partial.data() + task * kk * lanes : nullptr;
+      kernels.backward_block(g, x, gy, gx, filter, gf, g.batch * chunk / chunks, g.batch * (chunk + 1) / chunks,
+                             block * lanes, scratch);
+      if (!need_filter || unfinished[block].fetch_sub(1) != 1) return;
+      std::fill_n(block_grad, kk * lanes, scalar_t(0));
+      for (int64_t c = 0; c < chunks; ++c) {
+        const scalar_t* src = partial.data() + (c * blocks + block) * kk * lanes;
+        for (int64_t e = 0; e < kk * lanes; ++e) block_grad[e] += src[e];
       }
+      active_filter_block_backward(weight, chain, g.channels, lanes, block, block_grad, gw,
+                                   need_mats ? dq_blocks.data() + block * kk * ff : nullptr, work);
     });
-    if (!need_filter) return;
-    std::vector<scalar_t> grad_blocks(blocks * kk * lanes, scalar_t(0));
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-      const scalar_t* src = partial.data() + chunk * blocks * kk * lanes;
-      for (int64_t e = 0; e < blocks * kk * lanes; ++e) grad_blocks[e] += src[e];
-    }
+    if (!need_mats) return;
+    Matrix<scalar_t> dq(kk, ff);
+    for (int64_t block = 0; block < blocks; ++block)
+      for (int64_t e = 0; e < kk * ff; ++e) dq.data[e] += dq_blocks[block * kk * ff + e];
     std::vector<scalar_t*> mat_grads;
-    if (need_mats)
-      for (auto& m : grad_mats) mat_grads.push_back(m.data_ptr<scalar_t>());
-    active_filter_backward_blocks(in.weight.data_ptr<scalar_t>(), chain, g.channels, lanes, grad_blocks.data(),
-                                  need_weight ? grad_weight.data_ptr<scalar_t>() : nullptr, mat_grads);
+    for (auto& m : grad_mats) mat_grads.push_back(m.data_ptr<scalar_t>());
+    transform_gradients(chain, dq, mat_grads);
   });
   return {grad_x, grad_weight, grad_mats};
 }

@@ -1,0 +1,88 @@
+"""GPU benchmark of elastic_dwconv2d: the CUDA and Triton kernels vs PyTorch's depthwise path.
+
+Same OFA MobileNetV3 w1.2 depthwise shapes as the CPU suite, at resolution 224 (the GPU affords it),
+batch 32, float32 and bfloat16, forward and forward+backward. The baseline is the reference (slice +
+transform + ``F.conv2d``, i.e. cuDNN's depthwise convolution). Besides the medians the summary
+reports the achieved memory bandwidth of tofa_fast's CUDA kernels (bytes the op must move at least:
+read x, write y; backward also reads dy and writes dx; weights are negligible) in GB/s.
+
+Skipped without a CUDA device. Run: ``python -m pytest bench/test_elastic_dwconv_gpu.py -p no:cacheprovider``
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from test_elastic_dwconv_cpu import MAX_KERNEL, mobilenet_v3_depthwise_shapes
+
+from tofa_fast.ops import elastic_dwconv2d, elastic_dwconv2d_reference
+from tofa_fast.ops.elastic_dwconv_dispatch import CUDA, TRITON, DwconvProblem, use_backend
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+SUITE = "elastic_dwconv_gpu"
+RESOLUTION = 224
+BATCH = 32
+KERNELS = (7, 3)
+DTYPES = (torch.float32, torch.bfloat16)
+MODES = ("forward", "forward+backward")
+IMPLS = {"tofa_fast": "CUDA", "triton": "Triton", "reference": None}
+ROUNDS = 20
+
+SHAPES = mobilenet_v3_depthwise_shapes(RESOLUTION) if torch.cuda.is_available() else []
+
+
+def _case_id(shape, kernel, dtype) -> str:
+    channels, size, stride = shape
+    return f"C{channels} {size}x{size} s{stride} k{kernel} {str(dtype).removeprefix('torch.')}"
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: f"k{k}")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"C{s[0]}_{s[1]}x{s[1]}_s{s[2]}")
+def test_elastic_dwconv_gpu(benchmark, bench_registry, shape, kernel, dtype, mode, impl):
+    backend = IMPLS[impl]
+    problem = DwconvProblem("cuda", dtype, kernel, MAX_KERNEL, shape[2], (MAX_KERNEL - kernel) // 2)
+    refusing = {"CUDA": CUDA, "Triton": TRITON}.get(backend)
+    if refusing is not None and (reasons := refusing.not_supported_reasons(problem)):
+        pytest.skip(f"{backend}: {'; '.join(reasons)}")
+    channels, size, stride = shape
+    case = _case_id(shape, kernel, dtype)
+    for i in IMPLS:
+        bench_registry.expect(SUITE, case, mode, i)
+    torch.manual_seed(0)
+    x = torch.randn(BATCH, channels, size, size, device="cuda", dtype=dtype, requires_grad=True)
+    weight = torch.randn(channels, 1, MAX_KERNEL, MAX_KERNEL, device="cuda", dtype=dtype, requires_grad=True)
+    chain = [torch.eye(t * t, device="cuda", dtype=dtype, requires_grad=True) for t in range(MAX_KERNEL - 2, kernel - 1, -2)]
+    leaves = [x, weight, *chain]
+    op = elastic_dwconv2d if backend else elastic_dwconv2d_reference
+    out_size = (size + 2 * (kernel // 2) - kernel) // stride + 1
+    grad_output = torch.randn(BATCH, channels, out_size, out_size, device="cuda", dtype=dtype)
+
+    def run():
+        if mode == "forward":
+            with torch.no_grad():
+                op(x, weight, kernel, stride, chain)
+        else:
+            torch.autograd.grad(op(x, weight, kernel, stride, chain), leaves, grad_output)
+        torch.cuda.synchronize()
+
+    with use_backend(backend) if backend else contextlib.nullcontext():
+        run()
+        benchmark.group = f"{case} {mode}"
+        benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=2)
+    median = benchmark.stats.stats.median
+    bench_registry.record(SUITE, case, mode, impl, median)
+    moved = (x.numel() + grad_output.numel()) * x.element_size() * (1 if mode == "forward" else 2)
+    bandwidth = moved / median / 1e9
+    benchmark.extra_info["GB/s"] = bandwidth
+    if impl == "tofa_fast":
+        bench_registry.REGISTRY[SUITE]["meta"].setdefault("bandwidth_GBps", {})[f"{case} {mode}"] = round(bandwidth, 1)
+    bench_registry.REGISTRY[SUITE]["meta"]["description"] = (
+        f"elastic_dwconv2d on OFA MobileNetV3 w1.2 depthwise shapes at resolution {RESOLUTION}, batch {BATCH}: "
+        "tofa_fast CUDA kernel and Triton kernel vs the reference (cuDNN depthwise)."
+    )
