@@ -104,7 +104,12 @@ def _table(suite: str) -> list[str]:
         lines.append("| " + " | ".join(cells) + " |")
     means = geometric_means(suite)
     for mode in sorted({m for m, _ in means}):
-        cells = ["geometric mean", mode, *["" for _ in impls], *[f"{means.get((mode, b), float('nan')):.2f}" for b in baselines]]
+        cells = [
+            "geometric mean",
+            mode,
+            *["" for _ in impls],
+            *[f"{means.get((mode, b), float('nan')):.2f}" for b in baselines],
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -120,7 +125,9 @@ def _save(suite: str, lines: list[str], machine: dict) -> list[str]:
             {"case": case, "mode": mode, **medians} for (case, mode), medians in sorted(entry["medians"].items())
         ],
         "speedups": [{"case": case, "mode": mode, **r} for (case, mode), r in sorted(speedups(suite).items())],
-        "geometric_means": [{"mode": mode, "baseline": b, "speedup": v} for (mode, b), v in sorted(geometric_means(suite).items())],
+        "geometric_means": [
+            {"mode": mode, "baseline": b, "speedup": v} for (mode, b), v in sorted(geometric_means(suite).items())
+        ],
     }
     json_path = os.path.join(RESULTS_DIR, f"{suite}.json")
     md_path = os.path.join(RESULTS_DIR, f"{suite}.md")

@@ -167,5 +167,9 @@ def test_targets(bench_registry):
     speedups = bench_registry.speedups(SUITE)
     fwd_bwd = means[("forward+backward", "reference")]
     assert fwd_bwd >= TARGET_FWD_BWD_GEOMEAN, f"forward+backward geomean {fwd_bwd:.2f}× < {TARGET_FWD_BWD_GEOMEAN}×"
-    slower = {case: r["reference"] for (case, mode), r in speedups.items() if mode == "forward" and r["reference"] < TARGET_FORWARD_MIN}
+    slower = {
+        case: r["reference"]
+        for (case, mode), r in speedups.items()
+        if mode == "forward" and r["reference"] < TARGET_FORWARD_MIN
+    }
     assert not slower, f"forward slower than the reference on {slower}"

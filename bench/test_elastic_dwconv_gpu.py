@@ -57,7 +57,9 @@ def test_elastic_dwconv_gpu(benchmark, bench_registry, shape, kernel, dtype, mod
     torch.manual_seed(0)
     x = torch.randn(BATCH, channels, size, size, device="cuda", dtype=dtype, requires_grad=True)
     weight = torch.randn(channels, 1, MAX_KERNEL, MAX_KERNEL, device="cuda", dtype=dtype, requires_grad=True)
-    chain = [torch.eye(t * t, device="cuda", dtype=dtype, requires_grad=True) for t in range(MAX_KERNEL - 2, kernel - 1, -2)]
+    chain = [
+        torch.eye(t * t, device="cuda", dtype=dtype, requires_grad=True) for t in range(MAX_KERNEL - 2, kernel - 1, -2)
+    ]
     leaves = [x, weight, *chain]
     op = elastic_dwconv2d if backend else elastic_dwconv2d_reference
     out_size = (size + 2 * (kernel // 2) - kernel) // stride + 1

@@ -43,7 +43,10 @@ class DwconvCase:
 def transform_chain(max_kernel: int, kernel: int, dtype: torch.dtype, device="cpu") -> list[torch.Tensor]:
     """OFA's chain K→K−2→…→k, identity plus noise so every entry matters."""
     sizes = range(max_kernel - 2, kernel - 1, -2)
-    return [torch.eye(t * t, dtype=dtype, device=device) + 0.1 * torch.randn(t * t, t * t, dtype=dtype, device=device) for t in sizes]
+    return [
+        torch.eye(t * t, dtype=dtype, device=device) + 0.1 * torch.randn(t * t, t * t, dtype=dtype, device=device)
+        for t in sizes
+    ]
 
 
 def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
@@ -91,7 +94,9 @@ def assert_matches_oracle(got, torch_value, oracle, dtype, tolerance, name="outp
     if dtype == torch.float64:
         torch.testing.assert_close(got, oracle.to(got.dtype), **tolerance(dtype), msg=lambda m: f"{name}: {m}")
         return
-    assert got.shape == oracle.shape and got.dtype == dtype, f"{name}: {got.shape}/{got.dtype} vs {oracle.shape}/{dtype}"
+    assert got.shape == oracle.shape and got.dtype == dtype, (
+        f"{name}: {got.shape}/{got.dtype} vs {oracle.shape}/{dtype}"
+    )
     ours = (got.double() - oracle).abs().max().item()
     theirs = (torch_value.double() - oracle).abs().max().item()
     tol = tolerance(dtype)

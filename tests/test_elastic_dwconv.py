@@ -98,7 +98,9 @@ def _opcheck_inputs(dtype=torch.float32, layout="contiguous", kernel=3, transfor
     "layout,kernel,transforms", [("contiguous", 3, True), ("channels_last", 5, False), ("strided", 7, False)]
 )
 def test_opcheck(backend, layout, kernel, transforms):
-    if backend == "C++" and dispatch.CPP.not_supported_reasons(dispatch.DwconvProblem("cpu", torch.float32, 3, 7, 1, 2)):
+    if backend == "C++" and dispatch.CPP.not_supported_reasons(
+        dispatch.DwconvProblem("cpu", torch.float32, 3, 7, 1, 2)
+    ):
         pytest.skip("the C++ extension is not loaded")
     x, weight, chain = _opcheck_inputs(layout=layout, kernel=kernel, transforms=transforms)
     with dispatch.use_backend(backend):
@@ -162,7 +164,9 @@ def test_cpp_edge_shapes(case):
 
 
 @needs_cpp
-@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True), (False, True, True)])
+@pytest.mark.parametrize(
+    "needs", [(True, False, False), (False, True, False), (False, False, True), (False, True, True)]
+)
 def test_cpp_partial_gradients(needs):
     case = DwconvCase(2, 6, 8, 7, 9, 7, 3, 1, "contiguous", True, torch.float64)
     x, weight, chain = make_inputs(case)
@@ -218,7 +222,10 @@ def test_cpp_narrower_isa_paths(isa):
     env = dict(os.environ, TOFA_FAST_CPU_ISA=isa)
     result = subprocess.run(
         [sys.executable, "-c", _ISA_SCRIPT.format(tests=os.path.join(ROOT, "tests"))],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     if isa == "baseline":

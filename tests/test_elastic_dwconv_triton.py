@@ -30,7 +30,11 @@ else:
         checks = os.path.join(HERE, "elastic_dwconv_triton_checks.py")
         result = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", checks],
-            env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(HERE),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=os.path.dirname(HERE),
         )
         print(result.stdout[-4000:])
         assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-4000:]

@@ -26,13 +26,12 @@ which mode the kernels were decorated in).
 
 from __future__ import annotations
 
-import triton
-import triton.language as tl
-from triton import knobs
-
 import torch
 
+import triton
+import triton.language as tl
 from tofa_fast.ops.elastic_dwconv import check_elastic_dwconv_args, output_memory_format
+from triton import knobs
 
 INTERPRETED = bool(knobs.runtime.interpret)
 
@@ -53,15 +52,25 @@ def _window_matrix(m_ptr, T_PREV: tl.constexpr, T: tl.constexpr, P_PREV: tl.cons
 
 
 @triton.jit
-def _chain_step(cur, m_ptr, T_PREV: tl.constexpr, T: tl.constexpr, P_PREV: tl.constexpr, P: tl.constexpr, ACC: tl.constexpr):
+def _chain_step(
+    cur, m_ptr, T_PREV: tl.constexpr, T: tl.constexpr, P_PREV: tl.constexpr, P: tl.constexpr, ACC: tl.constexpr
+):
     e, _, _ = _window_matrix(m_ptr, T_PREV, T, P_PREV, P)
     return tl.sum(cur[:, None, :] * e.to(ACC)[None, :, :], axis=2)
 
 
 @triton.jit
 def _chain_step_backward(
-    g, prev, m_ptr, gm_ptr, T_PREV: tl.constexpr, T: tl.constexpr, P_PREV: tl.constexpr, P: tl.constexpr,
-    ACC: tl.constexpr, WANT_GM: tl.constexpr,
+    g,
+    prev,
+    m_ptr,
+    gm_ptr,
+    T_PREV: tl.constexpr,
+    T: tl.constexpr,
+    P_PREV: tl.constexpr,
+    P: tl.constexpr,
+    ACC: tl.constexpr,
+    WANT_GM: tl.constexpr,
 ):
     e, inside, offsets = _window_matrix(m_ptr, T_PREV, T, P_PREV, P)
     if WANT_GM:
@@ -79,11 +88,25 @@ def _load_weight_rows(w_ptr, c, c_mask, K: tl.constexpr, P0: tl.constexpr, ACC: 
 
 @triton.jit
 def _active_filter_kernel(
-    w_ptr, m1_ptr, m2_ptr, m3_ptr, out_ptr, C,
-    K: tl.constexpr, KOUT: tl.constexpr, NUM_T: tl.constexpr,
-    T1: tl.constexpr, T2: tl.constexpr, T3: tl.constexpr,
-    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr, PK: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+    w_ptr,
+    m1_ptr,
+    m2_ptr,
+    m3_ptr,
+    out_ptr,
+    C,
+    K: tl.constexpr,
+    KOUT: tl.constexpr,
+    NUM_T: tl.constexpr,
+    T1: tl.constexpr,
+    T2: tl.constexpr,
+    T3: tl.constexpr,
+    P0: tl.constexpr,
+    P1: tl.constexpr,
+    P2: tl.constexpr,
+    P3: tl.constexpr,
+    PK: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
@@ -104,11 +127,32 @@ def _active_filter_kernel(
 
 @triton.jit
 def _active_filter_backward_kernel(
-    w_ptr, m1_ptr, m2_ptr, m3_ptr, gf_ptr, gw_ptr, gm1_ptr, gm2_ptr, gm3_ptr, C, C_MAX,
-    K: tl.constexpr, KOUT: tl.constexpr, NUM_T: tl.constexpr,
-    T1: tl.constexpr, T2: tl.constexpr, T3: tl.constexpr,
-    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr, PK: tl.constexpr,
-    ACC: tl.constexpr, WANT_GW: tl.constexpr, WANT_GM: tl.constexpr, BLOCK_C: tl.constexpr,
+    w_ptr,
+    m1_ptr,
+    m2_ptr,
+    m3_ptr,
+    gf_ptr,
+    gw_ptr,
+    gm1_ptr,
+    gm2_ptr,
+    gm3_ptr,
+    C,
+    C_MAX,
+    K: tl.constexpr,
+    KOUT: tl.constexpr,
+    NUM_T: tl.constexpr,
+    T1: tl.constexpr,
+    T2: tl.constexpr,
+    T3: tl.constexpr,
+    P0: tl.constexpr,
+    P1: tl.constexpr,
+    P2: tl.constexpr,
+    P3: tl.constexpr,
+    PK: tl.constexpr,
+    ACC: tl.constexpr,
+    WANT_GW: tl.constexpr,
+    WANT_GM: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     used = c < C
@@ -124,16 +168,25 @@ def _active_filter_backward_kernel(
         cur0 = _load_weight_rows(w_ptr, c, used, K, P0, ACC)
         cur1 = _chain_step(cur0, m1_ptr, K, T1, P0, P1, ACC)
         if NUM_T == 1:
-            g1 = tl.load(gf_ptr + c[:, None] * (KOUT * KOUT) + tl.arange(0, P1)[None, :],
-                         mask=used[:, None] & (tl.arange(0, P1)[None, :] < KOUT * KOUT), other=0.0)
+            g1 = tl.load(
+                gf_ptr + c[:, None] * (KOUT * KOUT) + tl.arange(0, P1)[None, :],
+                mask=used[:, None] & (tl.arange(0, P1)[None, :] < KOUT * KOUT),
+                other=0.0,
+            )
         else:
             cur2 = _chain_step(cur1, m2_ptr, T1, T2, P1, P2, ACC)
             if NUM_T == 2:
-                g2 = tl.load(gf_ptr + c[:, None] * (KOUT * KOUT) + tl.arange(0, P2)[None, :],
-                             mask=used[:, None] & (tl.arange(0, P2)[None, :] < KOUT * KOUT), other=0.0)
+                g2 = tl.load(
+                    gf_ptr + c[:, None] * (KOUT * KOUT) + tl.arange(0, P2)[None, :],
+                    mask=used[:, None] & (tl.arange(0, P2)[None, :] < KOUT * KOUT),
+                    other=0.0,
+                )
             else:
-                g3 = tl.load(gf_ptr + c[:, None] * (KOUT * KOUT) + tl.arange(0, P3)[None, :],
-                             mask=used[:, None] & (tl.arange(0, P3)[None, :] < KOUT * KOUT), other=0.0)
+                g3 = tl.load(
+                    gf_ptr + c[:, None] * (KOUT * KOUT) + tl.arange(0, P3)[None, :],
+                    mask=used[:, None] & (tl.arange(0, P3)[None, :] < KOUT * KOUT),
+                    other=0.0,
+                )
                 g2 = _chain_step_backward(g3, cur2, m3_ptr, gm3_ptr, T2, T3, P2, P3, ACC, WANT_GM)
             g1 = _chain_step_backward(g2, cur1, m2_ptr, gm2_ptr, T1, T2, P1, P2, ACC, WANT_GM)
         g0 = _chain_step_backward(g1, cur0, m1_ptr, gm1_ptr, K, T1, P0, P1, ACC, WANT_GM)
@@ -143,9 +196,26 @@ def _active_filter_backward_kernel(
 
 @triton.jit
 def _dwconv_forward_kernel(
-    x_ptr, f_ptr, y_ptr, C, H, W, OH, OW,
-    sxn, sxc, sxh, sxw, syn, syc, syh, syw,
-    K: tl.constexpr, STRIDE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    f_ptr,
+    y_ptr,
+    C,
+    H,
+    W,
+    OH,
+    OW,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    syn,
+    syc,
+    syh,
+    syw,
+    K: tl.constexpr,
+    STRIDE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     nc = tl.program_id(0)
     n = nc // C
@@ -168,9 +238,26 @@ def _dwconv_forward_kernel(
 
 @triton.jit
 def _dwconv_grad_input_kernel(
-    gy_ptr, f_ptr, gx_ptr, C, H, W, OH, OW,
-    sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
-    K: tl.constexpr, STRIDE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    gy_ptr,
+    f_ptr,
+    gx_ptr,
+    C,
+    H,
+    W,
+    OH,
+    OW,
+    sgn,
+    sgc,
+    sgh,
+    sgw,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    K: tl.constexpr,
+    STRIDE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     nc = tl.program_id(0)
     n = nc // C
@@ -196,9 +283,27 @@ def _dwconv_grad_input_kernel(
 
 @triton.jit
 def _dwconv_grad_filter_kernel(
-    x_ptr, gy_ptr, gf_ptr, N, H, W, OH, OW,
-    sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
-    K: tl.constexpr, STRIDE: tl.constexpr, PKK: tl.constexpr, SPLIT: tl.constexpr, ACC: tl.constexpr,
+    x_ptr,
+    gy_ptr,
+    gf_ptr,
+    N,
+    H,
+    W,
+    OH,
+    OW,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    sgn,
+    sgc,
+    sgh,
+    sgw,
+    K: tl.constexpr,
+    STRIDE: tl.constexpr,
+    PKK: tl.constexpr,
+    SPLIT: tl.constexpr,
+    ACC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     c = tl.program_id(0)
@@ -265,13 +370,20 @@ def _matrix_args(transforms: list[torch.Tensor], like: torch.Tensor) -> list[tor
 _BLOCK_C = 4  # channels per active-filter program: the E tile is BLOCK_C × t² × t_prev² values
 
 
-def active_filter(weight: torch.Tensor, kernel_size: int, transforms: list[torch.Tensor], channels: int) -> torch.Tensor:
+def active_filter(
+    weight: torch.Tensor, kernel_size: int, transforms: list[torch.Tensor], channels: int
+) -> torch.Tensor:
     """(channels, k·k) active filters in the accumulation dtype, one launch."""
     weight = weight.contiguous()
     out = torch.empty((channels, kernel_size * kernel_size), dtype=_acc_torch(weight.dtype), device=weight.device)
     _active_filter_kernel[(triton.cdiv(channels, _BLOCK_C),)](
-        weight, *_matrix_args(transforms, weight), out, channels,
-        **_chain_meta(weight, kernel_size, transforms), ACC=_acc_dtype(weight.dtype), BLOCK_C=_BLOCK_C,
+        weight,
+        *_matrix_args(transforms, weight),
+        out,
+        channels,
+        **_chain_meta(weight, kernel_size, transforms),
+        ACC=_acc_dtype(weight.dtype),
+        BLOCK_C=_BLOCK_C,
     )
     return out
 
@@ -294,8 +406,20 @@ def elastic_dwconv2d_forward(
     filters = active_filter(weight, kernel_size, transforms, c)
     block = _plane_block(oh * ow)
     _dwconv_forward_kernel[(n * c, triton.cdiv(oh * ow, block))](
-        x, filters, y, c, h, w, oh, ow, *x.stride(), *y.stride(),
-        K=kernel_size, STRIDE=stride, ACC=_acc_dtype(x.dtype), BLOCK=block,
+        x,
+        filters,
+        y,
+        c,
+        h,
+        w,
+        oh,
+        ow,
+        *x.stride(),
+        *y.stride(),
+        K=kernel_size,
+        STRIDE=stride,
+        ACC=_acc_dtype(x.dtype),
+        BLOCK=block,
     )
     return y
 
@@ -327,8 +451,20 @@ def elastic_dwconv2d_backward(
         grad_x = torch.empty_like(x, memory_format=output_memory_format(x))
         block = _plane_block(h * w)
         _dwconv_grad_input_kernel[(n * c, triton.cdiv(h * w, block))](
-            grad_output, filters, grad_x, c, h, w, oh, ow, *grad_output.stride(), *grad_x.stride(),
-            K=kernel_size, STRIDE=stride, ACC=acc, BLOCK=block,
+            grad_output,
+            filters,
+            grad_x,
+            c,
+            h,
+            w,
+            oh,
+            ow,
+            *grad_output.stride(),
+            *grad_x.stride(),
+            K=kernel_size,
+            STRIDE=stride,
+            ACC=acc,
+            BLOCK=block,
         )
     if not (need_weight or need_transforms):
         return grad_x, empty(), [empty() for _ in transforms]
@@ -336,12 +472,27 @@ def elastic_dwconv2d_backward(
     block = min(128, triton.next_power_of_2(max(total, 1)))
     # Enough programs per channel to fill a GPU; the interpreter runs programs one by one.
     split = 1 if INTERPRETED else max(1, min(64, triton.cdiv(total, block * 8)))
-    grad_filters = (torch.zeros if split > 1 else torch.empty)((c, kernel_size * kernel_size), dtype=acc_torch, device=x.device)
+    grad_filters = (torch.zeros if split > 1 else torch.empty)(
+        (c, kernel_size * kernel_size), dtype=acc_torch, device=x.device
+    )
     if total > 0:
         _dwconv_grad_filter_kernel[(c, split)](
-            x, grad_output, grad_filters, n, h, w, oh, ow, *x.stride(), *grad_output.stride(),
-            K=kernel_size, STRIDE=stride, PKK=triton.next_power_of_2(kernel_size * kernel_size), SPLIT=split,
-            ACC=acc, BLOCK=block,
+            x,
+            grad_output,
+            grad_filters,
+            n,
+            h,
+            w,
+            oh,
+            ow,
+            *x.stride(),
+            *grad_output.stride(),
+            K=kernel_size,
+            STRIDE=stride,
+            PKK=triton.next_power_of_2(kernel_size * kernel_size),
+            SPLIT=split,
+            ACC=acc,
+            BLOCK=block,
         )
     else:
         grad_filters.zero_()
@@ -353,11 +504,18 @@ def elastic_dwconv2d_backward(
     grad_mats = list(torch.split(grad_mats_flat, numels)) if need_transforms else []
     weight_c = weight.contiguous()
     _active_filter_backward_kernel[(triton.cdiv(c_max, _BLOCK_C),)](
-        weight_c, *_matrix_args(transforms, weight_c), grad_filters,
+        weight_c,
+        *_matrix_args(transforms, weight_c),
+        grad_filters,
         grad_weight if need_weight else grad_filters,
         *(grad_mats + [grad_mats_flat] * (MAX_TRANSFORMS - len(grad_mats))),
-        c, c_max, **_chain_meta(weight, kernel_size, transforms), ACC=acc,
-        WANT_GW=need_weight, WANT_GM=need_transforms, BLOCK_C=_BLOCK_C,
+        c,
+        c_max,
+        **_chain_meta(weight, kernel_size, transforms),
+        ACC=acc,
+        WANT_GW=need_weight,
+        WANT_GM=need_transforms,
+        BLOCK_C=_BLOCK_C,
     )
     if need_transforms:
         # copy=True: views of one buffer would alias each other, which op outputs must not.

@@ -153,7 +153,9 @@ def check_elastic_dwconv_args(
     if isinstance(kernel_size, bool) or not isinstance(kernel_size, int):
         raise TypeError(f"kernel_size must be an int, got {type(kernel_size).__name__}")
     if kernel_size < 1 or kernel_size % 2 == 0 or kernel_size > big:
-        raise ValueError(f"kernel_size must be odd and between 1 and K={big} (the weight's kernel size), got {kernel_size}")
+        raise ValueError(
+            f"kernel_size must be odd and between 1 and K={big} (the weight's kernel size), got {kernel_size}"
+        )
     if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
         raise ValueError(f"stride must be a positive int, got {stride!r}")
     if x.shape[1] < 1 or x.shape[1] > c_max:
@@ -196,7 +198,9 @@ def _elastic_dwconv2d_op(
     from .elastic_dwconv_dispatch import select_backend
 
     check_elastic_dwconv_args(x, weight, kernel_size, stride, transforms)
-    return select_backend(x, weight, kernel_size, stride, transforms).forward(x, weight, kernel_size, stride, transforms)
+    return select_backend(x, weight, kernel_size, stride, transforms).forward(
+        x, weight, kernel_size, stride, transforms
+    )
 
 
 @_elastic_dwconv2d_op.register_fake
@@ -229,7 +233,9 @@ def _elastic_dwconv2d_backward_op(
 @_elastic_dwconv2d_backward_op.register_fake
 def _(grad_output, x, weight, kernel_size, stride, transforms, output_mask):
     grad_x = torch.empty_like(x, memory_format=output_memory_format(x)) if output_mask[0] else _empty_like_grad(x)
-    grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format) if output_mask[1] else _empty_like_grad(x)
+    grad_weight = (
+        torch.empty_like(weight, memory_format=torch.contiguous_format) if output_mask[1] else _empty_like_grad(x)
+    )
     grad_transforms = [
         torch.empty_like(m, memory_format=torch.contiguous_format) if output_mask[2] else _empty_like_grad(x)
         for m in transforms

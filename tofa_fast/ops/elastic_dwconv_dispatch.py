@@ -112,6 +112,7 @@ class ReferenceBackend(ElasticDwconvBackend):
             channels,
             [need_x, need_filter, False],
         )
+
         def empty() -> torch.Tensor:  # masked-off gradients: distinct (0,) tensors (op outputs must not alias)
             return x.new_empty((0,))
 
@@ -207,7 +208,9 @@ def _triton_interpreted() -> bool:
 
 class TritonBackend(ElasticDwconvBackend):
     name = "Triton"
-    supports = "CUDA (CPU tensors under TRITON_INTERPRET=1); float32/float64/float16/bfloat16; ≤ 3 transforms (kernels/triton)"
+    supports = (
+        "CUDA (CPU tensors under TRITON_INTERPRET=1); float32/float64/float16/bfloat16; ≤ 3 transforms (kernels/triton)"
+    )
     DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
     MAX_TRANSFORMS = 3  # one pointer argument per chain step; OFA's 7→5→3 needs two
 
@@ -284,7 +287,9 @@ def select_backend_for(problem: DwconvProblem) -> ElasticDwconvBackend:
         backend = BACKENDS[forced]
         reasons = backend.not_supported_reasons(problem)
         if reasons:
-            raise RuntimeError(f"elastic_dwconv2d: pinned backend {forced} cannot serve {problem}: {'; '.join(reasons)}")
+            raise RuntimeError(
+                f"elastic_dwconv2d: pinned backend {forced} cannot serve {problem}: {'; '.join(reasons)}"
+            )
         return backend
     for backend in candidates(problem.device_type):
         if not backend.not_supported_reasons(problem):
