@@ -191,3 +191,16 @@ def test_supervised_only_needs_no_unlabelled_data(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, loss="sup"), splits=splits)
     trainer.fit(max_epochs=1)
     assert trainer.step == len(splits.labelled) // 8
+
+
+def test_init_from_torchvision_trains_and_resumes_from_the_saved_space(tmp_path):
+    splits = tiny_digits()
+    splits.unlabelled = splits.unlabelled.subset(range(8))
+    config = replace(tiny_config(tmp_path, init="torchvision:mobilenet_v3_small", loss="sup"), epochs=1)
+    trainer = Trainer(config, splits=splits)
+    assert trainer.space.name != "digits" and trainer.net.classifier.out_features == 10
+    trainer.fit()
+    resumed = Trainer(tiny_config(tmp_path), splits=splits, resume=True)  # no --init needed any more
+    assert resumed.space == trainer.space
+    for key, value in trainer.net.state_dict().items():
+        assert torch.equal(value, resumed.net.state_dict()[key]), key

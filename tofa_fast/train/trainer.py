@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .. import spaces
 from ..nn import Supernet
-from ..spaces import Arch
+from ..spaces import Arch, SearchSpace
 from . import losses
 from .augment import eval_transform, strong_transform, weak_transform
 from .checkpoint import FORMAT, load_checkpoint, save_atomic
@@ -103,7 +103,8 @@ class Trainer:
                 f"strategy {config.strategy!r} is not implemented yet (coming with issue 6); use --strategy tofa"
             )
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.space = spaces.get(config.space)
+        # A resumed run rebuilds its space from the checkpoint: spaces derived by --init are no preset.
+        self.space = SearchSpace.from_json(saved["space"]) if saved is not None else spaces.get(config.space)
         size = config.image_size or max(self.space.resolutions)
         self.splits = splits or load_data(
             config.data, size, config.labels_per_class, config.seed, config.data_root, config.download
@@ -114,7 +115,7 @@ class Trainer:
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)  # the initial weights depend on the seed only
-            self.net = self._build_network().to(self.device)
+            self.net = self._build_network(resume=saved is not None).to(self.device)
         self.net.set_regularization(dropout=config.dropout, drop_connect=config.drop_connect)
         if self.device.type == "cuda":
             self.net = self.net.to(memory_format=torch.channels_last)
@@ -136,13 +137,12 @@ class Trainer:
 
     # -- construction -------------------------------------------------------------------------
 
-    def _build_network(self) -> Supernet:
-        if self.config.init:
+    def _build_network(self, resume: bool) -> Supernet:
+        if self.config.init and not resume:  # on resume the checkpoint holds the weights
             from ..transfer import load_init
 
             net = load_init(self.config.init, self.splits.num_classes)
-            if net.space != self.space:
-                self.space = net.space
+            self.space = net.space
             return net
         return Supernet(self.space, self.splits.num_classes)
 
