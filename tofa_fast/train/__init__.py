@@ -16,4 +16,5 @@ __all__ = [
     "Trainer",
     "load_checkpoint",
     "load_data",
+    "select_subnet",
 ]
