@@ -42,7 +42,7 @@ IMPLS = ("tofa_fast", "reference", "ofa")
 TARGET_FWD_BWD_GEOMEAN = 3.0
 TARGET_FORWARD_MIN = 1.0
 # Rounds: enough for about TIME_PER_BENCH seconds, within [MIN_ROUNDS, MAX_ROUNDS].
-TIME_PER_BENCH, MIN_ROUNDS, MAX_ROUNDS = 1.5, 3, 40
+TIME_PER_BENCH, MIN_ROUNDS, MAX_ROUNDS = 1.5, 3, 200
 
 
 def mobilenet_v3_depthwise_shapes(resolution: int) -> list[tuple[int, int, int]]:

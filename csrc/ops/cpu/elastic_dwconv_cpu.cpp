@@ -20,6 +20,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -124,17 +125,30 @@ DenseInputs dense_inputs(const at::Tensor& x, const at::Tensor& weight, int64_t 
 }
 
 // Runs task(i, scratch) for i in [0, count) on the intra-op threads, each with its own zero-filled
-// scratch of `scratch_elems`. Threads pull tasks from a shared counter: a thread the OS preempts
-// (a loaded machine) delays only the task it holds, where a static split would stall on its whole
-// share. Each task writes its own outputs and partial sums, so results do not depend on who ran it.
+// scratch of `scratch_elems`, 64-byte aligned: tile pixels are whole cache lines with AVX-512, and a
+// misaligned base would split every vector access in two (malloc only promises 16 bytes).
+// Threads pull tasks from a shared counter: a thread the OS preempts (a loaded machine) delays
+// only the task it holds, where a static split would stall on its whole share. Each task writes its
+// own outputs and partial sums, so results do not depend on who ran it.
 template <typename T, typename Task>
 void run_tasks(int64_t count, size_t scratch_elems, const Task& task) {
+  constexpr size_t kAlign = 64;
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(count, at::get_num_threads());
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    std::vector<T> scratch(scratch_elems, T(0));
-    for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) task(i, scratch.data());
+    std::vector<T> storage(scratch_elems + kAlign / sizeof(T), T(0));
+    void* base = storage.data();
+    size_t space = storage.size() * sizeof(T);
+    T* scratch = static_cast<T*>(std::align(kAlign, scratch_elems * sizeof(T), base, space));
+    for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) task(i, scratch);
   });
+}
+
+// Element count rounded up to whole 64-byte lines, so what follows in a scratch buffer stays aligned.
+template <typename T>
+size_t aligned_elems(size_t elems) {
+  constexpr size_t per_line = 64 / sizeof(T);
+  return (elems + per_line - 1) / per_line * per_line;
 }
 
 // Batch chunks per channel block: enough (chunk, block) tasks to balance any core count, few enough to
@@ -350,7 +364,7 @@ at::Tensor elastic_dwconv2d_forward_cpu(const at::Tensor& x_arg, const at::Tenso
                                             in.sizes);
     const int64_t lanes = kernels.lanes, kk = kernel_size * kernel_size, ff = chain.first * chain.first;
     const int64_t blocks = (g.channels + lanes - 1) / lanes, chunks = batch_chunks(g.batch, blocks);
-    const size_t tiles = kernels.forward_scratch(g);
+    const size_t tiles = aligned_elems<scalar_t>(kernels.forward_scratch(g));
     const scalar_t* x = in.x.data_ptr<scalar_t>();
     const scalar_t* weight = in.weight.data_ptr<scalar_t>();
     scalar_t* out = y.data_ptr<scalar_t>();
@@ -391,8 +405,10 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> elastic_dwconv2d_bac
                                             in.sizes);
     const int64_t lanes = kernels.lanes, kk = kernel_size * kernel_size, ff = chain.first * chain.first;
     const int64_t blocks = (g.channels + lanes - 1) / lanes, chunks = batch_chunks(g.batch, blocks);
-    const size_t tiles = kernels.backward_scratch(g);
-    std::vector<scalar_t> partial(need_filter ? chunks * blocks * kk * lanes : 0, scalar_t(0));
+    const size_t tiles = aligned_elems<scalar_t>(kernels.backward_scratch(g));
+    // A tensor, not a std::vector: ATen's allocator aligns to 64 bytes, as the vector updates want.
+    const at::Tensor partial_sums = at::zeros({need_filter ? chunks * blocks * kk * lanes : 0}, in.x.options());
+    scalar_t* partial = partial_sums.data_ptr<scalar_t>();
     std::vector<scalar_t> dq_blocks(need_mats ? blocks * kk * ff : 0, scalar_t(0));
     std::vector<std::atomic<int64_t>> unfinished(blocks);
     for (auto& count : unfinished) count.store(chunks);
@@ -409,13 +425,13 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> elastic_dwconv2d_bac
       scalar_t* block_grad = filter + kk * lanes;
       scalar_t* work = block_grad + kk * lanes;
       active_filter_block(weight, chain, g.channels, lanes, block, filter, work);
-      scalar_t* gf = need_filter ? partial.data() + task * kk * lanes : nullptr;
+      scalar_t* gf = need_filter ? partial + task * kk * lanes : nullptr;
       kernels.backward_block(g, x, gy, gx, filter, gf, g.batch * chunk / chunks, g.batch * (chunk + 1) / chunks,
                              block * lanes, scratch);
       if (!need_filter || unfinished[block].fetch_sub(1) != 1) return;
       std::fill_n(block_grad, kk * lanes, scalar_t(0));
       for (int64_t c = 0; c < chunks; ++c) {
-        const scalar_t* src = partial.data() + (c * blocks + block) * kk * lanes;
+        const scalar_t* src = partial + (c * blocks + block) * kk * lanes;
         for (int64_t e = 0; e < kk * lanes; ++e) block_grad[e] += src[e];
       }
       active_filter_block_backward(weight, chain, g.channels, lanes, block, block_grad, gw,
