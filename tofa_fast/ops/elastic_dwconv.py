@@ -245,7 +245,7 @@ def _(grad_output, x, weight, kernel_size, stride, transforms, output_mask):
 
 def _setup_context(ctx, inputs, output):
     x, weight, kernel_size, stride, transforms = inputs
-    ctx.kernel_size, ctx.stride, ctx.num_transforms = kernel_size, stride, len(transforms)
+    ctx.kernel_size, ctx.stride = kernel_size, stride
     ctx.save_for_backward(x, weight, *transforms)
 
 
@@ -297,7 +297,7 @@ def elastic_dwconv2d(
         (N, C, H_out, W_out) with H_out = (H + 2(k//2) − k) // stride + 1.
 
     Gradients flow to ``x``, to the full ``weight`` (zero outside the active window and channels) and
-    to every transform matrix.
+    to every transform matrix (first order: the backward is itself an opaque op).
     """
     check_elastic_dwconv_args(x, weight, kernel_size, stride, transforms)
     return _elastic_dwconv2d_op(x, weight, kernel_size, stride, list(transforms) if transforms else [])
