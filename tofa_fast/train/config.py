@@ -56,7 +56,7 @@ class TrainConfig:
                 c, space="digits" if small else ("rss" if c.data.lower() in ("cifar10", "cifar100") else "tofa")
             )
         if c.epochs is None:
-            c = replace(c, epochs=30 if c.data == "digits" else 100)
+            c = replace(c, epochs=25 if c.data == "digits" else 100)
         if c.loss is None:
             has_unlabelled = c.data == "digits" or c.labels_per_class is not None
             c = replace(c, loss="sup+fm+kd" if has_unlabelled else "sup")
