@@ -19,6 +19,8 @@ from collections import defaultdict
 import pytest
 import torch
 
+from tofa_fast.backends import cpu_model
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 OURS = "tofa_fast"
@@ -26,17 +28,6 @@ OURS = "tofa_fast"
 # suite -> {"expected": set of (case, mode, impl), "medians": {(case, mode): {impl: seconds}}, ...}
 REGISTRY: dict[str, dict] = defaultdict(lambda: {"expected": set(), "medians": defaultdict(dict), "meta": {}})
 _LOAD_AT_START = os.getloadavg() if hasattr(os, "getloadavg") else None
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_info() -> dict:

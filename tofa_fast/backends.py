@@ -8,11 +8,24 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import platform
 from dataclasses import dataclass
 
 import torch
 
 from . import _extension
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (benchmarks and latency tables record the machine they ran on)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import signal
 import sys
 import time
@@ -51,6 +50,7 @@ import torch
 from torch import nn
 
 from .. import spaces
+from ..backends import cpu_model
 from ..nn.activations import build_activation
 from ..nn.elastic_se import SqueezeExcite
 from ..nn.mbconv import MBConvBlock
@@ -228,14 +228,7 @@ def time_layer(config: LayerConfig, space: SearchSpace, settings: ProfileSetting
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_model()
 
 
 @dataclass
