@@ -193,6 +193,14 @@ def test_supervised_only_needs_no_unlabelled_data(tmp_path):
     assert trainer.step == len(splits.labelled) // 8
 
 
+def test_loss_variants_train_the_same_number_of_steps(tmp_path):
+    splits = tiny_digits()
+    steps = {
+        loss: Trainer(tiny_config(tmp_path, loss=loss), splits=splits).steps_per_epoch for loss in ("sup", "sup+fm+kd")
+    }
+    assert steps["sup"] == steps["sup+fm+kd"] == len(splits.unlabelled) // 8
+
+
 def test_init_from_torchvision_trains_and_resumes_from_the_saved_space(tmp_path):
     splits = tiny_digits()
     splits.unlabelled = splits.unlabelled.subset(range(8))

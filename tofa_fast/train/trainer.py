@@ -147,8 +147,10 @@ class Trainer:
         return Supernet(self.space, self.splits.num_classes)
 
     def _steps_per_epoch(self) -> int:
+        """One epoch is a pass over the unlabelled pool when there is one, whatever the loss, so
+        that loss variants compared on the same data get the same number of steps (FixMatch)."""
         c = self.config
-        if self.splits.unlabelled is not None and (self.use_fm or self.use_kd):
+        if self.splits.unlabelled is not None:
             return max(1, len(self.splits.unlabelled) // (c.mu * c.batch_size))
         return max(1, len(self.splits.labelled) // c.batch_size)
 
