@@ -42,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--labels-per-class", type=_positive_int, default=None, metavar="N")
     train.add_argument(
+        "--val-per-class",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="hold N labelled images per class out of training as a validation split (for `search`)",
+    )
+    train.add_argument(
         "--init", default=None, metavar="SOURCE", help="ofa:PATH or torchvision:mobilenet_v3_large[:WEIGHTS]"
     )
     train.add_argument("--seed", type=int, default=0, metavar="S")
@@ -122,6 +129,7 @@ def _run(args: argparse.Namespace) -> int:
             strategy=args.strategy,
             loss=args.loss,
             labels_per_class=args.labels_per_class,
+            val_per_class=args.val_per_class,
             init=args.init,
             seed=args.seed,
             device=args.device,

@@ -23,6 +23,7 @@ class TrainConfig:
     strategy: str = "tofa"
     loss: str | None = None
     labels_per_class: int | None = None
+    val_per_class: int | None = None  # labelled validation images held out per class (validation search)
     init: str | None = None
     seed: int = 0
     device: str | None = None
@@ -66,8 +67,10 @@ class TrainConfig:
             value = getattr(c, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if c.labels_per_class is not None and c.labels_per_class < 1:
-            raise ValueError(f"labels_per_class must be a positive integer, got {c.labels_per_class}")
+        for name in ("labels_per_class", "val_per_class"):
+            value = getattr(c, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name in ("lr", "label_smoothing", "threshold", "weight_decay"):
             if getattr(c, name) < 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(c, name)}")

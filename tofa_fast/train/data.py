@@ -64,6 +64,7 @@ class DataSplits:
     size: int  # base resolution of the stored images
     flip: bool  # whether horizontal flips preserve labels
     name: str
+    val: ImageSet | None = None  # labelled validation split (validation-based selection, TOFA eq. 5)
 
     @property
     def num_classes(self) -> int:
@@ -85,12 +86,30 @@ def split_labels_per_class(labels: torch.Tensor, per_class: int, seed: int) -> t
     return np.sort(np.concatenate(labelled)), np.sort(np.concatenate(rest))
 
 
+def carve_validation(train: ImageSet, per_class: int | None, seed: int) -> tuple[ImageSet, ImageSet | None]:
+    """Hold ``per_class`` labelled images per class out of ``train`` as a validation split.
+
+    The split is seeded separately from the labelled/unlabelled split, and taken *before* it, so
+    the images a run validates on are never trained on, labelled or not."""
+    if per_class is None:
+        return train, None
+    if train.labels is None:
+        raise ValueError("val_per_class needs labelled training images")
+    val_idx, rest_idx = split_labels_per_class(train.labels, per_class, seed + 7_919)
+    return train.subset(rest_idx), train.subset(val_idx)
+
+
 def load_digits(
-    labels_per_class: int | None = 20, seed: int = 0, size: int = 32, test_fraction: float = 0.2
+    labels_per_class: int | None = 20,
+    seed: int = 0,
+    size: int = 32,
+    test_fraction: float = 0.2,
+    val_per_class: int | None = None,
 ) -> DataSplits:
     """scikit-learn's 8×8 handwritten digits (1797 images, ships inside scikit-learn: no download),
-    upsampled to ``size`` and split into test (``test_fraction``, stratified), labelled
-    (``labels_per_class`` per class) and unlabelled (the rest of the training images)."""
+    upsampled to ``size`` and split into test (``test_fraction``, stratified), optionally validation
+    (``val_per_class`` per class), labelled (``labels_per_class`` per class) and unlabelled (the rest
+    of the training images)."""
     from sklearn.datasets import load_digits as sk_digits
 
     bunch = sk_digits()
@@ -101,7 +120,7 @@ def load_digits(
     n_test_per_class = int(round(len(labels) * test_fraction / 10))
     test_idx, train_idx = split_labels_per_class(labels, n_test_per_class, seed=12345)  # fixed test split
     full = ImageSet(images, labels, size)
-    train = full.subset(train_idx)
+    train, val = carve_validation(full.subset(train_idx), val_per_class, seed)
     test = full.subset(test_idx)
     if labels_per_class is None:
         labelled, unlabelled = train, None
@@ -109,7 +128,9 @@ def load_digits(
         lab_idx, unl_idx = split_labels_per_class(train.labels, labels_per_class, seed)
         labelled, unlabelled = train.subset(lab_idx), train.subset(unl_idx)
         unlabelled.labels = None
-    return DataSplits(labelled, unlabelled, test, [str(i) for i in range(10)], size, flip=False, name="digits")
+    return DataSplits(
+        labelled, unlabelled, test, [str(i) for i in range(10)], size, flip=False, name="digits", val=val
+    )
 
 
 def _scan_folder(root: str, classes: list[str] | None) -> tuple[list[str], list[int], list[str]]:
@@ -141,13 +162,22 @@ def _flat_images(root: str) -> list[str]:
     return paths
 
 
-def load_image_folder(root: str, size: int, labels_per_class: int | None = None, seed: int = 0) -> DataSplits:
-    """An ImageFolder tree: ``root/train/<class>/*``, ``root/test/<class>/*`` and optionally
-    ``root/unlabelled/**`` (any layout). ``labels_per_class`` keeps that many labelled images per
-    class and moves the rest of ``train`` to the unlabelled pool."""
+def load_image_folder(
+    root: str, size: int, labels_per_class: int | None = None, seed: int = 0, val_per_class: int | None = None
+) -> DataSplits:
+    """An ImageFolder tree: ``root/train/<class>/*``, ``root/test/<class>/*``, optionally
+    ``root/val/<class>/*`` and ``root/unlabelled/**`` (any layout). ``labels_per_class`` keeps that
+    many labelled images per class and moves the rest of ``train`` to the unlabelled pool;
+    ``val_per_class`` (when there is no ``val`` folder) holds that many out of ``train`` first."""
     paths, targets, classes = _scan_folder(os.path.join(root, "train"), None)
     test_paths, test_targets, _ = _scan_folder(os.path.join(root, "test"), classes)
     labelled = ImageSet(paths, torch.tensor(targets), size)
+    if os.path.isdir(os.path.join(root, "val")):
+        val_paths, val_targets, _ = _scan_folder(os.path.join(root, "val"), classes)
+        val = ImageSet(val_paths, torch.tensor(val_targets), size)
+    else:
+        labelled, val = carve_validation(labelled, val_per_class, seed)
+        paths = list(labelled.source)
     unlabelled_paths: list[str] = []
     if os.path.isdir(os.path.join(root, "unlabelled")):
         unlabelled_paths = _flat_images(os.path.join(root, "unlabelled"))
@@ -158,12 +188,18 @@ def load_image_folder(root: str, size: int, labels_per_class: int | None = None,
     unlabelled = ImageSet(unlabelled_paths, None, size) if unlabelled_paths else None
     test = ImageSet(test_paths, torch.tensor(test_targets), size)
     return DataSplits(
-        labelled, unlabelled, test, classes, size, flip=True, name=os.path.basename(os.path.normpath(root))
+        labelled, unlabelled, test, classes, size, flip=True, name=os.path.basename(os.path.normpath(root)), val=val
     )
 
 
 def load_torchvision(
-    name: str, root: str, size: int, labels_per_class: int | None, seed: int, download: bool
+    name: str,
+    root: str,
+    size: int,
+    labels_per_class: int | None,
+    seed: int,
+    download: bool,
+    val_per_class: int | None = None,
 ) -> DataSplits:
     """One of the paper's six torchvision data sets from ``root`` (downloads only if ``download``)."""
     import torchvision.datasets as tvd
@@ -193,6 +229,7 @@ def load_torchvision(
         return ImageSet(torch.stack(imgs), torch.tensor(labels), size)
 
     train_set, test_set = materialise(train), materialise(test)
+    train_set, val = carve_validation(train_set, val_per_class, seed)
     classes = [str(c) for c in getattr(train, "classes", range(int(train_set.labels.max()) + 1))]
     unlabelled = None
     if labels_per_class is not None:
@@ -200,19 +237,26 @@ def load_torchvision(
         unlabelled = train_set.subset(unl_idx)
         unlabelled.labels = None
         train_set = train_set.subset(lab_idx)
-    return DataSplits(train_set, unlabelled, test_set, classes, size, flip=True, name=key)
+    return DataSplits(train_set, unlabelled, test_set, classes, size, flip=True, name=key, val=val)
 
 
 def load_data(
-    data: str, size: int, labels_per_class: int | None, seed: int, root: str = "data", download: bool = False
+    data: str,
+    size: int,
+    labels_per_class: int | None,
+    seed: int,
+    root: str = "data",
+    download: bool = False,
+    val_per_class: int | None = None,
 ) -> DataSplits:
     """Dispatch on ``--data``: ``digits``, a torchvision data-set name, or an ImageFolder path."""
     if data == "digits":
-        return load_digits(labels_per_class if labels_per_class is not None else 20, seed, size)
+        per_class = labels_per_class if labels_per_class is not None else 20
+        return load_digits(per_class, seed, size, val_per_class=val_per_class)
     if data.lower() in TORCHVISION_SETS:
-        return load_torchvision(data, root, size, labels_per_class, seed, download)
+        return load_torchvision(data, root, size, labels_per_class, seed, download, val_per_class)
     if os.path.isdir(data):
-        return load_image_folder(data, size, labels_per_class, seed)
+        return load_image_folder(data, size, labels_per_class, seed, val_per_class)
     raise ValueError(
         f"--data {data!r} is neither 'digits', a torchvision data set ({', '.join(TORCHVISION_SETS)}) nor an existing folder"
     )

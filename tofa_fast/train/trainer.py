@@ -107,7 +107,13 @@ class Trainer:
         self.space = SearchSpace.from_json(saved["space"]) if saved is not None else spaces.get(config.space)
         size = config.image_size or max(self.space.resolutions)
         self.splits = splits or load_data(
-            config.data, size, config.labels_per_class, config.seed, config.data_root, config.download
+            config.data,
+            size,
+            config.labels_per_class,
+            config.seed,
+            config.data_root,
+            config.download,
+            config.val_per_class,
         )
         self.use_fm, self.use_kd = losses.variant_terms(config.loss)
         if (self.use_fm or self.use_kd) and self.splits.unlabelled is None:
