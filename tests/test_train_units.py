@@ -109,16 +109,11 @@ def test_select_subnet_handles_the_fixed_sandwich_members():
 
 
 def test_sandwich_set_composition():
-    from tofa_fast.train.trainer import Trainer
+    from tofa_fast.train.strategies import build_strategy
 
     space = tofa_fast.spaces.get("digits")
-
-    class Stub:
-        pass
-
-    stub = Stub()
-    stub.space = space
+    strategy = build_strategy("tofa", space, 10, 5, TrainConfig().resolved())
     rng = random.Random(0)
-    sets = [Trainer.sandwich(stub, rng) for _ in range(20)]
+    sets = [strategy.step_archs(rng) for _ in range(20)]
     assert all(s[0] == space.max_arch() and s[1] == space.min_arch() and len(s) == 4 for s in sets)
     assert len({str(s[2]) for s in sets} | {str(s[3]) for s in sets}) > 20  # random members vary

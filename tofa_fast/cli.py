@@ -33,7 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--epochs", type=_positive_int, default=None, help="training epochs (default: the data set's preset)"
     )
-    train.add_argument("--strategy", choices=STRATEGIES, default="tofa")
+    train.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="tofa",
+        help="tofa: sandwich + TOFA loss; rss: one random subnet per epoch; ps: OFA progressive shrinking; "
+        "single: one fixed arch (default: %(default)s)",
+    )
+    train.add_argument(
+        "--arch", default=None, help="with --strategy single: the arch to train (canonical string or JSON dict)"
+    )
     train.add_argument(
         "--loss",
         choices=LOSS_VARIANTS,
@@ -63,7 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--download", action="store_true", help="download a torchvision data set if missing (needs network)"
     )
-    train.add_argument("--batch-size", type=_positive_int, default=32)
+    train.add_argument(
+        "--batch-size", type=_positive_int, default=32, help="global batch (split over torchrun processes)"
+    )
+    train.add_argument("--lr", type=float, default=0.05, help="peak learning rate (default: %(default)s)")
+    train.add_argument(
+        "--freeze-bn", action="store_true", help="keep batch norm in inference mode (fine-tuning with tiny batches)"
+    )
     train.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
 
     select = sub.add_parser("select", help="print the arch chosen for a budget as JSON")
@@ -93,7 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--calibration", type=int, default=16, metavar="N", help="subnets timed to fit overheads")
     profile.add_argument("--passes", type=_positive_int, default=3, help="timing passes (minimum kept)")
     profile.add_argument(
-        "--cold-mib", type=float, default=0, metavar="MIB", help="weights cycled per layer (default: 2x last-level cache)"
+        "--cold-mib",
+        type=float,
+        default=0,
+        metavar="MIB",
+        help="weights cycled per layer (default: 2x last-level cache)",
     )
     profile.add_argument("--samples", type=_positive_int, default=50, metavar="N", help="subnets to validate on")
     profile.add_argument("--seed", type=int, default=0, help="first seed of the validation subnets")
@@ -137,9 +156,14 @@ def _run(args: argparse.Namespace) -> int:
             data_root=args.data_root,
             download=args.download,
             batch_size=args.batch_size,
+            lr=args.lr,
+            freeze_bn=args.freeze_bn,
+            arch=args.arch,
             num_workers=args.workers,
         )
         palette = run.train(config, resume=args.resume)
+        if not palette:  # a torchrun rank other than 0: rank 0 reports
+            return 0
         print(f"wrote {args.out}/checkpoint.pt, palette.json, report.md, pareto.png")
         for entry in palette:
             print(

@@ -24,6 +24,7 @@ class TrainConfig:
     loss: str | None = None
     labels_per_class: int | None = None
     val_per_class: int | None = None  # labelled validation images held out per class (validation search)
+    arch: str | None = None  # strategy "single": the arch (canonical string or JSON dict); default the max
     init: str | None = None
     seed: int = 0
     device: str | None = None
@@ -45,6 +46,7 @@ class TrainConfig:
     palette_size: int = 6
     calibration_images: int = 500
     num_workers: int = 0
+    freeze_bn: bool = False  # BN layers normalise with their running statistics and do not update them
 
     def resolved(self) -> TrainConfig:
         """Fill data-set dependent defaults and validate every field (errors name the field)."""
@@ -58,11 +60,17 @@ class TrainConfig:
             )
         if c.epochs is None:
             c = replace(c, epochs=25 if c.data == "digits" else 100)
+        from .strategies import STRATEGY_CLASSES
+
+        strategy = STRATEGY_CLASSES[c.strategy]
         if c.loss is None:
             has_unlabelled = c.data == "digits" or c.labels_per_class is not None
-            c = replace(c, loss="sup+fm+kd" if has_unlabelled else "sup")
+            c = replace(c, loss=strategy.default_loss(has_unlabelled))
         if c.loss not in LOSS_VARIANTS:
             raise ValueError(f"loss must be one of {list(LOSS_VARIANTS)}, got {c.loss!r}")
+        strategy.check_loss(c.loss)
+        if c.arch is not None and c.strategy != "single":
+            raise ValueError(f"arch fixes the subnet of strategy 'single'; strategy {c.strategy!r} samples its own")
         for name in ("epochs", "batch_size", "mu", "palette_size", "calibration_images"):
             value = getattr(c, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -128,9 +128,7 @@ def load_digits(
         lab_idx, unl_idx = split_labels_per_class(train.labels, labels_per_class, seed)
         labelled, unlabelled = train.subset(lab_idx), train.subset(unl_idx)
         unlabelled.labels = None
-    return DataSplits(
-        labelled, unlabelled, test, [str(i) for i in range(10)], size, flip=False, name="digits", val=val
-    )
+    return DataSplits(labelled, unlabelled, test, [str(i) for i in range(10)], size, flip=False, name="digits", val=val)
 
 
 def _scan_folder(root: str, classes: list[str] | None) -> tuple[list[str], list[int], list[str]]:

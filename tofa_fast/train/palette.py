@@ -26,15 +26,24 @@ def palette_budgets(flops: list[float], count: int) -> list[float]:
 
 
 def build_palette(trainer, estimator, progress: bool = True) -> list[dict]:
-    """Select and evaluate one subnet per budget; entries sorted by FLOPs, duplicates merged."""
+    """Select and evaluate one subnet per budget; entries sorted by FLOPs, duplicates merged,
+    budgets no trained subnet fits left out."""
     from tqdm import tqdm
 
     space = trainer.space
     flops = [float(f) for f in estimator.flops([space.min_arch(), space.max_arch()])]
     chosen: dict[str, tuple[float, Arch]] = {}
+    sandwich = trainer.strategy.sandwich_selection
+    failure = None
     for budget in palette_budgets(flops, trainer.config.palette_size):
-        arch = select_subnet(trainer.selection, estimator.flops, budget, "FLOPs")
+        try:
+            arch = select_subnet(trainer.selection, estimator.flops, budget, "FLOPs", sandwich=sandwich)
+        except ValueError as exc:  # e.g. strategy "single": nothing trained below its one arch
+            failure = failure or exc
+            continue
         chosen.setdefault(str(arch), (budget, arch))
+    if not chosen:
+        raise failure or ValueError("no subnet to put in the palette")
     entries = []
     for budget, arch in tqdm(list(chosen.values()), desc="palette", disable=not progress, leave=False):
         sub = trainer.calibrated_subnet(arch)

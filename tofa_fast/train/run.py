@@ -9,6 +9,7 @@ import time
 import torch
 
 from ..spaces import Arch
+from . import distributed as dist_utils
 from .config import TrainConfig
 from .palette import build_palette, write_outputs
 from .selection import select_subnet
@@ -25,17 +26,26 @@ def train(config: TrainConfig, resume: bool = False) -> list[dict]:
     """Train (or resume) and write checkpoint.pt, palette.json, report.md, pareto.png in config.out."""
     start = time.perf_counter()
     trainer = Trainer(config, resume=resume)
-    if resume:
+    if resume and trainer.dist.is_main:
         print(f"resuming {trainer.checkpoint_path} at epoch {trainer.epoch}/{trainer.config.epochs}", flush=True)
-    trainer.fit()
+    try:
+        trainer.fit()
+    except BaseException:
+        dist_utils.shutdown()
+        raise
+    if not trainer.dist.is_main:  # rank 0 evaluates and writes the run folder
+        dist_utils.shutdown()
+        return []
     palette = build_palette(trainer, _estimator(trainer))
     extra = {
         "labelled / unlabelled / test images": f"{len(trainer.splits.labelled)} / "
         f"{len(trainer.splits.unlabelled) if trainer.splits.unlabelled is not None else 0} / {len(trainer.splits.test)}",
         "subnets in the selection index": len(trainer.selection),
         "torch threads": torch.get_num_threads(),
+        "processes": trainer.dist.world_size,
     }
     write_outputs(trainer.config.out, palette, trainer.config.to_dict(), time.perf_counter() - start, extra)
+    dist_utils.shutdown()
     return palette
 
 
@@ -46,9 +56,18 @@ def open_run(run: str, device: str | None = None) -> Trainer:
     return Trainer(TrainConfig(out=run, device=device), resume=True)
 
 
+def _select(trainer: Trainer, max_mflops: float) -> Arch:
+    return select_subnet(
+        trainer.selection,
+        _estimator(trainer).flops,
+        max_mflops * 1e6,
+        "FLOPs",
+        sandwich=trainer.strategy.sandwich_selection,
+    )
+
+
 def select(run: str, max_mflops: float) -> Arch:
-    trainer = open_run(run)
-    return select_subnet(trainer.selection, _estimator(trainer).flops, max_mflops * 1e6, "FLOPs")
+    return _select(open_run(run), max_mflops)
 
 
 def export(run: str, max_mflops: float, output: str) -> Arch:
@@ -57,7 +76,7 @@ def export(run: str, max_mflops: float, output: str) -> Arch:
     if ext not in (".onnx", ".pt", ".pt2"):
         raise ValueError(f"output must end in .onnx or .pt, got {output!r}")
     trainer = open_run(run, device="cpu")
-    arch = select_subnet(trainer.selection, _estimator(trainer).flops, max_mflops * 1e6, "FLOPs")
+    arch = _select(trainer, max_mflops)
     sub = trainer.calibrated_subnet(arch).cpu().eval()
     # batch 2, not 1: export specialises size-1 dimensions to constants
     example = torch.zeros(2, trainer.space.in_channels, arch.resolution, arch.resolution)

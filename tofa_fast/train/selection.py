@@ -77,10 +77,20 @@ class SelectionIndex:
 
 
 def select_subnet(
-    index: SelectionIndex, metric: Callable[[list[Arch]], Iterable[float]], budget: float, metric_name: str = "metric"
+    index: SelectionIndex,
+    metric: Callable[[list[Arch]], Iterable[float]],
+    budget: float,
+    metric_name: str = "metric",
+    sandwich: bool = True,
 ) -> Arch:
-    """TOFA's zero-cost choice for ``budget`` with the sandwich's fixed members (module docstring):
-    a_max if it fits, else Algorithm 2 over the sampled subnets, else a_min if it fits."""
+    """TOFA's zero-cost choice for ``budget``.
+
+    With ``sandwich`` (runs of the ``tofa`` strategy, whose a_max and a_min train every step) the
+    fixed members are handled as the module docstring says: a_max if it fits, else Algorithm 2 over
+    the sampled subnets, else a_min if it fits. Without it (``rss``, ``ps``, ``single``: every trained
+    subnet is indexed) it is Algorithm 2 as written."""
+    if not sandwich:
+        return index.select(metric, budget, metric_name)
     largest, smallest = index.space.max_arch(), index.space.min_arch()
     big, small = (float(v) for v in metric([largest, smallest]))
     if big <= budget:

@@ -1,0 +1,310 @@
+"""Training strategies (SPEC §7): which subnets each step trains, with which loss terms.
+
+=========  ==================================================================================
+``tofa``   sandwich rule: a_max, a_min and two uniform random subnets every step, TOFA loss
+           (labelled CE + FixMatch + distillation from a_max on unlabelled images).
+``rss``    the RSS paper: *one* uniformly random subnet per epoch, trained with CE on the
+           labelled images (no weight-sharing tricks, no unlabelled data).
+``ps``     OFA progressive shrinking: full net → elastic kernel → elastic depth (2 phases) →
+           elastic expand (2 phases), 1/2/4 subnets per step, CE + distillation from a frozen copy
+           of the full net, middle channels re-sorted by importance before each expand phase.
+``single`` one fixed arch (``TrainConfig.arch``, default the max subnet): the baseline a
+           palette of separately trained networks would be made of. CE, plus FixMatch when
+           unlabelled data is given (``sup+fm``, the default then).
+=========  ==================================================================================
+
+A strategy is stateless apart from what :meth:`Strategy.state_dict` returns (the ``ps`` teacher), so
+a run resumed from a checkpoint trains exactly what the uninterrupted run trains.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ..spaces import Arch, SearchSpace
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .trainer import Trainer
+
+
+class Strategy:
+    """Base class. Subclasses decide the subnets of each step and the loss terms that apply."""
+
+    name = ""
+    #: loss variants the strategy accepts; the first is its default without unlabelled data
+    losses: tuple[str, ...] = ("sup",)
+    #: whether a_max / a_min are trained every step (the zero-cost rule then treats them specially)
+    sandwich_selection = False
+
+    def __init__(self, space: SearchSpace, epochs: int, steps_per_epoch: int, config):
+        self.space, self.epochs, self.steps_per_epoch, self.config = space, epochs, steps_per_epoch, config
+
+    @classmethod
+    def default_loss(cls, has_unlabelled: bool) -> str:
+        return cls.losses[0]
+
+    @classmethod
+    def check_loss(cls, loss: str) -> None:
+        if loss not in cls.losses:
+            raise ValueError(
+                f"loss {loss!r} is not available with strategy {cls.name!r}; use one of {list(cls.losses)}"
+            )
+
+    def start_epoch(self, trainer: Trainer, epoch: int, rng: random.Random) -> None:
+        """Called at the start of every epoch, before its first step (phase changes go here)."""
+
+    def step_archs(self, rng: random.Random) -> list[Arch]:
+        raise NotImplementedError
+
+    def indexed(self, archs: list[Arch]) -> list[Arch]:
+        """The members of a step that the zero-cost selection index counts."""
+        return archs
+
+    def lr_factor(self, step: int) -> float:
+        """Learning-rate multiplier at optimizer step ``step`` (0-based): warm-up, then cosine."""
+        warmup = self.config.warmup_epochs * self.steps_per_epoch
+        return warmup_cosine(step, warmup, self.epochs * self.steps_per_epoch)
+
+    def teacher(self) -> torch.nn.Module | None:
+        """A frozen network whose soft labels the students distil on the labelled batch (``ps``)."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any], trainer: Trainer) -> None:
+        pass
+
+
+class TofaStrategy(Strategy):
+    name = "tofa"
+    losses = ("sup", "sup+kd", "sup+fm", "sup+fm+kd")
+    sandwich_selection = True
+
+    @classmethod
+    def default_loss(cls, has_unlabelled: bool) -> str:
+        return "sup+fm+kd" if has_unlabelled else "sup"
+
+    def step_archs(self, rng: random.Random) -> list[Arch]:
+        """A_t = {a_max, a_min, a_1, a_2} with a_1, a_2 uniform random (SPEC §7)."""
+        return [self.space.max_arch(), self.space.min_arch(), self.space.sample(rng), self.space.sample(rng)]
+
+    def indexed(self, archs: list[Arch]) -> list[Arch]:
+        return archs[2:]  # the sampled members (selection.py explains why)
+
+
+class RssStrategy(Strategy):
+    """One uniformly random subnet per *epoch* (RSS paper): the epoch's draw is the first use of the
+    epoch's RNG, so it depends only on (seed, epoch)."""
+
+    name = "rss"
+
+    def start_epoch(self, trainer: Trainer, epoch: int, rng: random.Random) -> None:
+        self.arch = self.space.sample(rng)
+
+    def step_archs(self, rng: random.Random) -> list[Arch]:
+        return [self.arch]
+
+
+class SingleStrategy(Strategy):
+    name = "single"
+    losses = ("sup", "sup+fm")
+
+    def __init__(self, space, epochs, steps_per_epoch, config):
+        super().__init__(space, epochs, steps_per_epoch, config)
+        self.arch = space.max_arch() if config.arch is None else parse_arch(space, config.arch)
+
+    @classmethod
+    def default_loss(cls, has_unlabelled: bool) -> str:
+        return "sup+fm" if has_unlabelled else "sup"
+
+    def step_archs(self, rng: random.Random) -> list[Arch]:
+        return [self.arch]
+
+
+# ----------------------------------------------------------------------------------------------
+# Progressive shrinking
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One progressive-shrinking phase: how many of the largest choices of each dimension may be
+    sampled (``None``: all of them), subnets per step, learning-rate multiplier, epoch range."""
+
+    name: str
+    kernels: int | None
+    depths: int | None
+    expands: int | None
+    widths: int | None
+    resolutions: int | None
+    subnets: int
+    lr_scale: float
+    sort_channels: int | None  # OFA expand_ratio_stage for the channel re-sort at the phase start
+    start: int = 0
+    epochs: int = 0
+
+
+#: OFA's schedule (Cai et al., 2020, §3.2 and the ofa repository's train_ofa_net.py): epochs
+#: 180 (teacher) / 120 (kernel) / 25 + 120 (depth) / 25 + 120 (expand); base LRs 3e-2 for the kernel
+#: phase, 2.5e-3 and 7.5e-3 for the first and second phase of depth and of expand; 1, 2 and 4 subnets
+#: per step. We keep the epoch *proportions* and the LR *ratios* to the kernel phase (1/12 and 1/4);
+#: the full net and the kernel phase train at ``config.lr``. Elastic width (stem, stage and head
+#: widths; OFA's spaces have none) is unlocked together with expand: both are channel prefixes.
+#: Elastic resolution is on from the kernel phase, as OFA samples the image size in every
+#: progressive phase; the full net trains at the largest resolution.
+_LOW, _HIGH = 2.5e-3 / 3e-2, 7.5e-3 / 3e-2
+PS_PHASES = (
+    Phase("full", 1, 1, 1, 1, 1, subnets=1, lr_scale=1.0, sort_channels=None),
+    Phase("kernel", None, 1, 1, 1, None, subnets=1, lr_scale=1.0, sort_channels=None),
+    Phase("depth-1", None, 2, 1, 1, None, subnets=2, lr_scale=_LOW, sort_channels=None),
+    Phase("depth-2", None, None, 1, 1, None, subnets=2, lr_scale=_HIGH, sort_channels=None),
+    Phase("expand-1", None, None, 2, 2, None, subnets=4, lr_scale=_LOW, sort_channels=1),
+    Phase("expand-2", None, None, None, None, None, subnets=4, lr_scale=_HIGH, sort_channels=2),
+)
+PS_EPOCH_WEIGHTS = (180, 120, 25, 120, 25, 120)
+
+
+def share_epochs(total: int, weights: tuple[int, ...] = PS_EPOCH_WEIGHTS) -> list[int]:
+    """Split ``total`` epochs over the phases in proportion to ``weights``, at least one each
+    (largest remainder). 25 epochs give [8, 5, 1, 5, 1, 5]."""
+    if total < len(weights):
+        raise ValueError(f"epochs must be at least {len(weights)} for strategy 'ps' (one per phase), got {total}")
+    spare = total - len(weights)
+    exact = np.array(weights, dtype=float) / sum(weights) * total - 1.0
+    exact = np.clip(exact, 0.0, None)
+    exact *= spare / exact.sum() if exact.sum() > 0 else 0.0
+    counts = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - counts), kind="stable")[: spare - counts.sum()]:
+        counts[i] += 1
+    return [int(c) + 1 for c in counts]
+
+
+def _top(values: tuple, k: int | None) -> tuple:
+    return tuple(values) if k is None else tuple(sorted(values)[-k:])
+
+
+def restrict(space: SearchSpace, phase: Phase) -> SearchSpace:
+    """The sub-space a phase samples from: each dimension limited to its ``k`` largest choices."""
+    stages = []
+    for st in space.stages:
+        layer_expands = None
+        expands = _top(st.expands, phase.expands)
+        if st.layer_expands is not None:
+            layer_expands = tuple(_top(choices, phase.expands) for choices in st.layer_expands)
+            expands = tuple(sorted({e for choices in layer_expands for e in choices}))
+        stages.append(
+            replace(
+                st,
+                widths=_top(st.widths, phase.widths),
+                depths=_top(st.depths, phase.depths),
+                kernels=_top(st.kernels, phase.kernels),
+                expands=expands,
+                layer_expands=layer_expands,
+            )
+        )
+    return replace(
+        space,
+        resolutions=_top(space.resolutions, phase.resolutions),
+        stem=replace(space.stem, widths=_top(space.stem.widths, phase.widths)),
+        stages=tuple(stages),
+        head=replace(space.head, widths=_top(space.head.widths, phase.widths)),
+    )
+
+
+class ProgressiveShrinking(Strategy):
+    name = "ps"
+
+    def __init__(self, space, epochs, steps_per_epoch, config):
+        super().__init__(space, epochs, steps_per_epoch, config)
+        phases, start = [], 0
+        for phase, n in zip(PS_PHASES, share_epochs(epochs)):
+            phases.append(replace(phase, start=start, epochs=n))
+            start += n
+        self.phases = tuple(phases)
+        self.spaces = [restrict(space, p) for p in self.phases]
+        self.phase_index = 0
+        self._teacher: torch.nn.Module | None = None
+
+    def phase_at(self, epoch: int) -> int:
+        return max(i for i, p in enumerate(self.phases) if p.start <= epoch)
+
+    def start_epoch(self, trainer: Trainer, epoch: int, rng: random.Random) -> None:
+        self.phase_index = self.phase_at(epoch)
+        phase = self.phases[self.phase_index]
+        if epoch != phase.start or self.phase_index == 0:
+            return
+        # Phase boundary (runs again, identically, when a run resumes at this epoch).
+        if self._teacher is None:  # the full net, frozen when the full phase ends
+            self._teacher = _frozen_copy(trainer.net.extract(self.space.max_arch()))
+        if phase.sort_channels is not None:
+            trainer.net.sort_channels(phase.sort_channels)
+        # Each OFA phase is a fresh run with its own optimizer; stale momentum would also point the
+        # wrong way after the channel re-sort.
+        trainer.optimizer.state.clear()
+
+    def step_archs(self, rng: random.Random) -> list[Arch]:
+        phase, sub = self.phases[self.phase_index], self.spaces[self.phase_index]
+        return [self.space.arch_from_dict(sub.sample(rng).to_dict()) for _ in range(phase.subnets)]
+
+    def lr_factor(self, step: int) -> float:
+        """A fresh schedule per phase (OFA runs each phase separately): warm-up in the full phase,
+        cosine decay to zero within every phase, scaled by the phase's LR ratio."""
+        epoch = min(step // self.steps_per_epoch, self.epochs - 1)
+        phase = self.phases[self.phase_at(epoch)]
+        local = step - phase.start * self.steps_per_epoch
+        warmup = self.config.warmup_epochs * self.steps_per_epoch if phase.start == 0 else 0
+        return phase.lr_scale * warmup_cosine(local, warmup, phase.epochs * self.steps_per_epoch)
+
+    def teacher(self) -> torch.nn.Module | None:
+        return self._teacher
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self._teacher is None else {"teacher": self._teacher.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any], trainer: Trainer) -> None:
+        if "teacher" in state:
+            teacher = trainer.net.extract(self.space.max_arch())
+            teacher.load_state_dict(state["teacher"])
+            self._teacher = _frozen_copy(teacher)
+
+
+def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    model = model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def parse_arch(space: SearchSpace, text: str) -> Arch:
+    """An arch given as its canonical string (``str(arch)``) or as a JSON dict (SPEC §2)."""
+    text = text.strip()
+    try:
+        return space.arch_from_json(text) if text.startswith("{") else space.arch_from_string(text)
+    except ValueError as exc:
+        raise ValueError(f"arch {text!r} is not a subnet of space {space.name!r}: {exc}") from None
+
+
+STRATEGY_CLASSES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (TofaStrategy, RssStrategy, ProgressiveShrinking, SingleStrategy)
+}
+
+
+def build_strategy(name: str, space: SearchSpace, epochs: int, steps_per_epoch: int, config) -> Strategy:
+    if name not in STRATEGY_CLASSES:
+        raise ValueError(f"strategy must be one of {list(STRATEGY_CLASSES)}, got {name!r}")
+    return STRATEGY_CLASSES[name](space, epochs, steps_per_epoch, config)
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
