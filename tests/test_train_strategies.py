@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import random
 from dataclasses import replace
 
@@ -164,3 +166,38 @@ def test_freeze_bn_keeps_running_statistics(tmp_path):
     trainer.fit()
     after = trainer.net.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_cli_strategies_search_and_population_on_an_image_folder(tmp_path, capsys):
+    from test_train_run import _write_folder
+
+    from tofa_fast.cli import main
+
+    data = _write_folder(tmp_path / "data", per_class=8)
+    common = ["--data", data, "--space", "digits", "--batch-size", "4", "--device", "cpu", "--val-per-class", "2"]
+    ps_run, single_run = str(tmp_path / "ps"), str(tmp_path / "single")
+    assert main(["train", "--strategy", "ps", "--epochs", "6", "--out", ps_run, *common]) == 0
+    arch = tofa_fast.spaces.get("digits").sample(3)
+    assert (
+        main(["train", "--strategy", "single", "--arch", str(arch), "--epochs", "1", "--out", single_run, *common]) == 0
+    )
+    assert json.load(open(os.path.join(single_run, "palette.json")))[0]["arch"] == arch.to_dict()
+    capsys.readouterr()
+
+    argv = ["search", ps_run, "--budgets", "2", "--population", "4", "--generations", "1"]
+    assert main(argv) == 0
+    assert "evolution" in capsys.readouterr().out
+    assert os.path.getsize(os.path.join(ps_run, "search.json")) > 0
+
+    argv = ["evaluate", ps_run, "--population", "2", "--targets", "2", "--band", "0.2"]
+    assert main(argv) == 0
+    assert "mean" in capsys.readouterr().out
+    for name in ("population.json", "population.md", "population.png"):
+        assert os.path.getsize(os.path.join(ps_run, name)) > 0
+
+    # a run without a validation split cannot be searched on validation accuracy
+    plain = str(tmp_path / "plain")
+    assert main(["train", "--strategy", "rss", "--epochs", "1", "--out", plain, *common[:-2]]) == 0
+    capsys.readouterr()
+    assert main(["search", plain]) == 2
+    assert "--val-per-class" in capsys.readouterr().err

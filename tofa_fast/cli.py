@@ -1,4 +1,4 @@
-"""Command line: ``tofa-fast train | select | export | evaluate | profile | info`` (SPEC §10).
+"""Command line: ``tofa-fast train | select | export | evaluate | search | profile | info`` (SPEC §10).
 
 ``python -m tofa_fast`` is the same program.
 """
@@ -92,6 +92,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", help="evaluate subnets of a run on its test split")
     evaluate.add_argument("run", metavar="RUN")
+    evaluate.add_argument(
+        "--population",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="RSS protocol: N random subnets per FLOPs target instead of the palette (writes population.json/.md/.png)",
+    )
+    evaluate.add_argument("--targets", type=_positive_int, default=10, help="FLOPs targets (default: %(default)s)")
+    evaluate.add_argument("--band", type=float, default=0.05, help="relative band around each target (default: 5%%)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the population draws")
+
+    search = sub.add_parser(
+        "search", help="validation-based selection (evolution / random) vs the zero-cost choice, per budget"
+    )
+    search.add_argument("run", metavar="RUN", help="a run trained with --val-per-class N")
+    search.add_argument("--method", choices=("all", "evolution", "random", "zero-cost"), default="all")
+    search.add_argument("--budgets", type=_positive_int, default=6, metavar="K", help="budgets spanning the range")
+    search.add_argument("--metric", choices=("flops", "params", "latency"), default="flops")
+    search.add_argument("--latency-table", default=None, metavar="FILE", help="table from `tofa-fast profile`")
+    search.add_argument("--population", type=_positive_int, default=24, help="evolution population")
+    search.add_argument("--generations", type=_positive_int, default=8, help="evolution generations")
+    search.add_argument("--seed", type=int, default=0)
 
     profile = sub.add_parser("profile", help="build or validate a latency table on this device")
     profile.add_argument("--space", default="rss")
@@ -176,6 +198,32 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "export":
         arch = run.export(args.run, args.max_mflops, args.output)
         print(f"wrote {args.output} ({arch})")
+        return 0
+    if args.command == "evaluate" and args.population is not None:
+        from .search import population_run
+
+        for t in population_run(
+            args.run, targets=args.targets, per_target=args.population, band=args.band, seed=args.seed
+        ):
+            print(
+                f"{t.target_mflops:8.2f} MFLOPs  mean {t.mean:.2%}  min {t.min:.2%}  max {t.max:.2%}  ({t.n} subnets)"
+            )
+        print(f"wrote {args.run}/population.json, population.md, population.png")
+        return 0
+    if args.command == "search":
+        from .search import search_run
+
+        search_run(
+            args.run,
+            method=args.method,
+            budgets=args.budgets,
+            metric=args.metric,
+            population=args.population,
+            generations=args.generations,
+            seed=args.seed,
+            latency_table=args.latency_table,
+        )
+        print(open(f"{args.run}/search.md").read())
         return 0
     if args.command == "evaluate":
         for entry in run.evaluate(args.run):
