@@ -14,7 +14,7 @@ def tiny_val_splits() -> DataSplits:
     return splits
 
 
-def tiny_trainer(out, epochs: int = 1, **kw) -> Trainer:
+def tiny_trainer(out, epochs: int = 1, val_per_class: int | None = 2, **kw) -> Trainer:
     """A trainer fitted for ``epochs`` tiny epochs (a few seconds): weights and a selection index
     that are not the initial ones, which is all the search code needs."""
     config = TrainConfig(
@@ -25,10 +25,13 @@ def tiny_trainer(out, epochs: int = 1, **kw) -> Trainer:
         palette_size=2,
         calibration_images=40,
         device="cpu",
-        val_per_class=2,
+        val_per_class=val_per_class,
         **kw,
     )
-    trainer = Trainer(config, splits=tiny_val_splits())
+    splits = tiny_val_splits()
+    if val_per_class is None:
+        splits.val = None
+    trainer = Trainer(config, splits=splits)
     trainer.fit()
     return trainer
 
