@@ -175,5 +175,7 @@ def write_population(
     paths = [os.path.join(folder, f"population.{ext}") for ext in ("json", "md", "png")]
     write_text_atomic(population_json(results_by_label, meta), paths[0])
     write_text_atomic(population_markdown(results_by_label, meta), paths[1])
-    plot_population(results_by_label, paths[2], title=str(meta.get("title", "population evaluation")))
+    split = meta.get("split", "test")
+    ylabel = "test accuracy (%)" if split == "test" else f"{split} accuracy (%)"
+    plot_population(results_by_label, paths[2], title=str(meta.get("title", "population evaluation")), ylabel=ylabel)
     return paths
