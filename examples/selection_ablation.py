@@ -17,27 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import sys
 import time
 
 import torch
 
+from tofa_fast.backends import cpu_model
 from tofa_fast.search import search_run
 from tofa_fast.search.report import search_markdown
 from tofa_fast.train.checkpoint import write_text_atomic
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def evaluator_speed(run: str, count: int, seed: int) -> dict[str, float]:
@@ -106,7 +95,7 @@ def main() -> None:
         f"{written['validation / test images']}",
         "evolution": f"population {args.population}, {args.generations} generations, seed {args.seed}; "
         "random search: as many evaluations",
-        "machine": f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+        "machine": f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
         f"{os.cpu_count()} cores",
         "wall time": f"{seconds:.1f} s (open the run, {len(comparisons)} budgets × 3 methods, measure every choice)",
         "search": f"{evaluations} validation evaluations by the searches in {searched:.1f} s, "

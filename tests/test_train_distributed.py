@@ -79,5 +79,5 @@ def test_global_batch_must_divide_over_processes(monkeypatch, tmp_path):
     from tofa_fast.train.distributed import DistContext, check_divisible
 
     with pytest.raises(ValueError, match="batch_size \\(9\\) is the global batch"):
-        check_divisible(9, 1, DistContext(rank=0, world_size=2))
-    check_divisible(8, 1, DistContext(rank=0, world_size=2))
+        check_divisible(9, DistContext(rank=0, world_size=2))
+    check_divisible(8, DistContext(rank=0, world_size=2))

@@ -85,7 +85,7 @@ def shard(indices: list, ctx: DistContext) -> list:
     return indices[ctx.rank * per_rank : (ctx.rank + 1) * per_rank]
 
 
-def check_divisible(batch_size: int, mu: int, ctx: DistContext) -> None:
+def check_divisible(batch_size: int, ctx: DistContext) -> None:
     if ctx.enabled and batch_size % ctx.world_size:
         raise ValueError(
             f"batch_size ({batch_size}) is the global batch and must be divisible by the number of processes "
@@ -93,39 +93,33 @@ def check_divisible(batch_size: int, mu: int, ctx: DistContext) -> None:
         )
 
 
+def _all_reduce_mean(tensors: list[torch.Tensor], ctx: DistContext) -> None:
+    """Replace each tensor by its mean over ranks, in one all-reduce of a flat buffer."""
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= ctx.world_size
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 def average_gradients(parameters: list[torch.nn.Parameter], ctx: DistContext) -> None:
-    """All-reduce the mean of the gradients in one flat buffer.
+    """All-reduce the mean of the gradients.
 
     Parameters without a gradient (layers no subnet of this step used) are the same on every rank,
     because every rank trains the same subnets; they stay ``None`` so the optimizer skips them as in
     a single process."""
-    if not ctx.enabled:
-        return
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= ctx.world_size
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+    if ctx.enabled:
+        _all_reduce_mean([p.grad for p in parameters if p.grad is not None], ctx)
 
 
 def average_buffers(module: torch.nn.Module, ctx: DistContext) -> None:
     """Average floating-point buffers (BN running statistics) over ranks, so all ranks agree."""
-    if not ctx.enabled:
-        return
-    buffers = [b for b in module.buffers() if b.is_floating_point()]
-    if buffers:
-        flat = torch.cat([b.reshape(-1) for b in buffers])
-        dist.all_reduce(flat)
-        flat /= ctx.world_size
-        offset = 0
-        for b in buffers:
-            b.copy_(flat[offset : offset + b.numel()].view_as(b))
-            offset += b.numel()
+    if ctx.enabled:
+        _all_reduce_mean([b for b in module.buffers() if b.is_floating_point()], ctx)
 
 
 def average_scalars(values: dict[str, float], ctx: DistContext) -> dict[str, float]:

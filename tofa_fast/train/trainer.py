@@ -133,7 +133,7 @@ class Trainer:
             saved = self._load_everywhere(self.checkpoint_path)
             config = TrainConfig.from_dict({**saved["config"], "out": config.out, "device": config.device})
         self.config = config = config.resolved()
-        dist_utils.check_divisible(config.batch_size, config.mu, self.dist)
+        dist_utils.check_divisible(config.batch_size, self.dist)
         # A resumed run rebuilds its space from the checkpoint: spaces derived by --init are no preset.
         self.space = SearchSpace.from_json(saved["space"]) if saved is not None else spaces.get(config.space)
         size = config.image_size or max(self.space.resolutions)
@@ -265,7 +265,7 @@ class Trainer:
             with torch.no_grad(), autocast:
                 net.set_active(archs[0])
                 pseudo = losses.pseudo_labels(net(resize(u_weak, archs[0].resolution)), self.config.threshold)
-        teacher = self.strategy.teacher()
+        teacher, soft_targets = self.strategy.teacher(), {}
         terms: dict[str, float] = defaultdict(float)
         for position, arch in enumerate(archs):
             net.set_active(arch)
@@ -286,9 +286,11 @@ class Trainer:
                 terms["kd"] += kd.item()
                 loss = loss + kd
             if teacher is not None:
-                with torch.no_grad(), autocast:
-                    soft = losses.pseudo_labels(teacher(images[: x.shape[0]]).float(), self.config.threshold)
-                kd = losses.distillation_loss(chunks[0], soft)
+                if arch.resolution not in soft_targets:  # subnets of one step often share a resolution
+                    with torch.no_grad(), autocast:
+                        logits_t = teacher(images[: x.shape[0]]).float()
+                    soft_targets[arch.resolution] = losses.pseudo_labels(logits_t, self.config.threshold)
+                kd = losses.distillation_loss(chunks[0], soft_targets[arch.resolution])
                 terms["kd"] += kd.item()
                 loss = loss + kd
             loss.backward()
