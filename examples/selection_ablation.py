@@ -38,22 +38,22 @@ def evaluator_speed(run: str, count: int, seed: int) -> dict[str, float]:
     from tofa_fast.search import SubnetEvaluator
     from tofa_fast.train.run import open_run
 
-    trainer = open_run(run, device="cpu")
-    archs = Estimator(trainer.space, trainer.splits.num_classes).sample(count, seed=seed)
-    evaluator = SubnetEvaluator.from_trainer(trainer)
-    evaluator.accuracy([trainer.space.sample(r) for r in range(len(trainer.space.resolutions) * 4)], "val")
+    record = open_run(run, device="cpu")
+    archs = Estimator(record.space, record.splits.num_classes).sample(count, seed=seed)
+    evaluator = SubnetEvaluator.from_run(record)
+    evaluator.accuracy([record.space.sample(r) for r in range(len(record.space.resolutions) * 4)], "val")
     start = time.perf_counter()
     fast = evaluator.accuracy(archs, "val")
     fast_s = time.perf_counter() - start
     start = time.perf_counter()
-    slow = [trainer.evaluate(trainer.calibrated_subnet(a), a.resolution, trainer.splits.val) for a in archs]
+    slow = [record.evaluate(record.calibrated_subnet(a), a.resolution, record.splits.val) for a in archs]
     slow_s = time.perf_counter() - start
     return {
         "fast": count / fast_s,
         "oracle": count / slow_s,
         "agree": bool(np.array_equal(fast, slow)),
-        "val": len(trainer.splits.val),
-        "calibration": trainer.config.calibration_images,
+        "val": len(record.splits.val),
+        "calibration": record.config.calibration_images,
     }
 
 

@@ -38,8 +38,9 @@ def run_one(loss: str, seed: int, labels_per_class: int, epochs: int, out: str) 
     start = time.perf_counter()
     trainer.fit()
     result = {"loss": loss, "seed": seed, "minutes": (time.perf_counter() - start) / 60}
-    for name, arch in (("max", trainer.space.max_arch()), ("min", trainer.space.min_arch())):
-        result[name] = trainer.evaluate(trainer.calibrated_subnet(arch), arch.resolution)
+    run = trainer.run()
+    for name, arch in (("max", run.space.max_arch()), ("min", run.space.min_arch())):
+        result[name] = run.evaluate(run.calibrated_subnet(arch), arch.resolution)
     print(json.dumps(result), flush=True)
     return result
 

@@ -30,8 +30,8 @@ from tofa_fast.train.checkpoint import write_text_atomic
 from tofa_fast.train.run import _estimator, open_run
 
 
-def _label(trainer) -> str:
-    return f"{trainer.config.strategy} ({trainer.config.loss})"
+def _label(record) -> str:
+    return f"{record.config.strategy} ({record.config.loss})"
 
 
 def main() -> None:
@@ -48,12 +48,12 @@ def main() -> None:
     start = time.perf_counter()
     results, palettes, spaces_seen = {}, {}, set()
     for run in args.runs:
-        trainer = open_run(run)
-        spaces_seen.add(trainer.space.to_json())
-        label = _label(trainer)
+        record = open_run(run)
+        spaces_seen.add(record.space.to_json())
+        label = _label(record)
         results[label] = population_evaluation(
-            trainer,
-            _estimator(trainer),
+            record,
+            _estimator(record),
             targets=args.targets,
             per_target=args.per_target,
             band=args.band,

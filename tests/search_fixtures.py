@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tofa_fast.train import TrainConfig, Trainer
+from tofa_fast.train import Run, TrainConfig, Trainer
 from tofa_fast.train.data import DataSplits, load_digits
 
 
@@ -14,8 +14,8 @@ def tiny_val_splits() -> DataSplits:
     return splits
 
 
-def tiny_trainer(out, epochs: int = 1, val_per_class: int | None = 2, **kw) -> Trainer:
-    """A trainer fitted for ``epochs`` tiny epochs (a few seconds): weights and a selection index
+def tiny_run(out, epochs: int = 1, val_per_class: int | None = 2, **kw) -> Run:
+    """A run trained for ``epochs`` tiny epochs (a few seconds): weights and a selection index
     that are not the initial ones, which is all the search code needs."""
     config = TrainConfig(
         out=str(out),
@@ -33,7 +33,7 @@ def tiny_trainer(out, epochs: int = 1, val_per_class: int | None = 2, **kw) -> T
         splits.val = None
     trainer = Trainer(config, splits=splits)
     trainer.fit()
-    return trainer
+    return trainer.run()
 
 
 def one_thread():

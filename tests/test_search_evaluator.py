@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import tolerance
-from search_fixtures import one_thread, tiny_trainer
+from search_fixtures import one_thread, tiny_run
 
 from tofa_fast.search import SubnetEvaluator
 from tofa_fast.train.augment import eval_transform
-from tofa_fast.train.trainer import resize
+from tofa_fast.train.loaders import resize
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -21,41 +21,41 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def trainer(tmp_path_factory):
-    return tiny_trainer(tmp_path_factory.mktemp("evaluator"))
+def record(tmp_path_factory):
+    return tiny_run(tmp_path_factory.mktemp("evaluator"))
 
 
-def _oracle(trainer, arch, images):
-    sub = trainer.calibrated_subnet(arch)
-    tf = eval_transform(trainer.splits.size)
+def _oracle(record, arch, images):
+    sub = record.calibrated_subnet(arch)
+    tf = eval_transform(record.splits.size)
     x = torch.stack([tf(images.image(i)) for i in range(len(images))])
     with torch.no_grad():
         logits = sub(resize(x, arch.resolution))
-    return trainer.evaluate(sub, arch.resolution, images), logits
+    return record.evaluate(sub, arch.resolution, images), logits
 
 
-def test_agrees_with_the_extracted_subnet_oracle(trainer):
-    space = trainer.space
+def test_agrees_with_the_extracted_subnet_oracle(record):
+    space = record.space
     rng = random.Random(7)
     archs = [space.min_arch(), space.max_arch()] + [space.sample(rng) for _ in range(4)]
-    evaluator = SubnetEvaluator.from_trainer(trainer)
+    evaluator = SubnetEvaluator.from_run(record)
     for split in ("val", "test"):
-        images = getattr(trainer.splits, split)
+        images = getattr(record.splits, split)
         fast = evaluator.accuracy(archs, split)
         for arch, accuracy in zip(archs, fast):
-            expected, logits = _oracle(trainer, arch, images)
+            expected, logits = _oracle(record, arch, images)
             assert accuracy == expected, (split, str(arch))
             torch.testing.assert_close(evaluator.logits(arch, split), logits, **tolerance(torch.float32))
 
 
-def test_leaves_the_trainer_untouched(trainer):
-    net = trainer.net
+def test_leaves_the_network_untouched(record):
+    net = record.net
     net.train()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     active = net.active_arch
-    evaluator = SubnetEvaluator.from_trainer(trainer)
-    evaluator.accuracy([trainer.space.min_arch(), trainer.space.sample(3)], "val")
-    evaluator.logits(trainer.space.sample(4), "test")
+    evaluator = SubnetEvaluator.from_run(record)
+    evaluator.accuracy([record.space.min_arch(), record.space.sample(3)], "val")
+    evaluator.logits(record.space.sample(4), "test")
     after = net.state_dict()
     for key, value in before.items():
         assert torch.equal(value, after[key]), key
@@ -63,9 +63,9 @@ def test_leaves_the_trainer_untouched(trainer):
     assert all(m.training for m in net.modules())
 
 
-def test_memoises_by_arch_and_split_and_takes_codes(trainer):
-    space = trainer.space
-    evaluator = SubnetEvaluator.from_trainer(trainer)
+def test_memoises_by_arch_and_split_and_takes_codes(record):
+    space = record.space
+    evaluator = SubnetEvaluator.from_run(record)
     archs = [space.sample(i) for i in range(3)]
     first = evaluator.accuracy(archs + archs[:1], "val")
     assert first[0] == first[3] and evaluator.evaluations == 3
@@ -76,37 +76,37 @@ def test_memoises_by_arch_and_split_and_takes_codes(trainer):
     assert evaluator.accuracy(archs[0], "val").shape == (1,)
 
 
-def test_bad_splits_are_explained(trainer):
-    evaluator = SubnetEvaluator.from_trainer(trainer, ("test",))
+def test_bad_splits_are_explained(record):
+    evaluator = SubnetEvaluator.from_run(record, ("test",))
     with pytest.raises(ValueError, match="split must be one of"):
-        evaluator.accuracy([trainer.space.max_arch()], "val")
-    saved, trainer.splits.val = trainer.splits.val, None
+        evaluator.accuracy([record.space.max_arch()], "val")
+    saved, record.splits.val = record.splits.val, None
     try:
-        evaluator = SubnetEvaluator.from_trainer(trainer)
+        evaluator = SubnetEvaluator.from_run(record)
         with pytest.raises(ValueError, match="--val-per-class"):
-            evaluator.accuracy([trainer.space.max_arch()], "val")
+            evaluator.accuracy([record.space.max_arch()], "val")
     finally:
-        trainer.splits.val = saved
+        record.splits.val = saved
     with pytest.raises(ValueError, match="splits must name labelled splits"):
-        SubnetEvaluator.from_trainer(trainer, ("unlabelled",))
+        SubnetEvaluator.from_run(record, ("unlabelled",))
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
-        SubnetEvaluator.from_trainer(trainer, batch_size=0)
+        SubnetEvaluator.from_run(record, batch_size=0)
 
 
-def test_small_evaluation_batches_give_the_same_accuracy(trainer):
-    archs = [trainer.space.sample(i) for i in range(3)]
-    big = SubnetEvaluator.from_trainer(trainer).accuracy(archs, "test")
-    small = SubnetEvaluator.from_trainer(trainer, batch_size=7, cache_resolutions=1).accuracy(archs, "test")
+def test_small_evaluation_batches_give_the_same_accuracy(record):
+    archs = [record.space.sample(i) for i in range(3)]
+    big = SubnetEvaluator.from_run(record).accuracy(archs, "test")
+    small = SubnetEvaluator.from_run(record, batch_size=7, cache_resolutions=1).accuracy(archs, "test")
     assert np.array_equal(big, small)
 
 
-def test_batch_statistics_recalibration_matches_recalibrate_bn(trainer):
+def test_batch_statistics_recalibration_matches_recalibrate_bn(record):
     from tofa_fast.nn import recalibrate_bn
     from tofa_fast.search.evaluator import recalibrate_from_batch_statistics
 
-    arch = trainer.space.sample(11)
-    batches = trainer.calibration_batches(arch.resolution, batch_size=16)  # several, of unequal size
-    reference, fast = trainer.net.extract(arch), trainer.net.extract(arch)
+    arch = record.space.sample(11)
+    batches = record.calibration_batches(arch.resolution, batch_size=16)  # several, of unequal size
+    reference, fast = record.net.extract(arch), record.net.extract(arch)
     recalibrate_bn(reference, batches)
     with torch.inference_mode():
         recalibrate_from_batch_statistics(fast, batches)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from search_fixtures import one_thread, tiny_trainer
+from search_fixtures import one_thread, tiny_run
 
 from tofa_fast.estimator import Estimator
 from tofa_fast.search import (
@@ -22,20 +22,20 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def trainer(tmp_path_factory):
-    return tiny_trainer(tmp_path_factory.mktemp("population"))
+def record(tmp_path_factory):
+    return tiny_run(tmp_path_factory.mktemp("population"))
 
 
 @pytest.fixture(scope="module")
-def estimator(trainer):
-    return Estimator(trainer.space, num_classes=10)
+def estimator(record):
+    return Estimator(record.space, num_classes=10)
 
 
-def test_targets_span_the_range_and_draws_respect_the_band(trainer, estimator):
+def test_targets_span_the_range_and_draws_respect_the_band(record, estimator):
     low, high = estimator.flops_range()
     targets = population_targets(estimator, 4)
     assert targets[0] == low and targets[-1] == high and np.allclose(np.diff(targets), (high - low) / 3)
-    results = population_evaluation(trainer, estimator, targets=4, per_target=5, band=0.1, seed=3)
+    results = population_evaluation(record, estimator, targets=4, per_target=5, band=0.1, seed=3)
     assert [r.target_mflops for r in results] == pytest.approx([t / 1e6 for t in targets])
     for r in results:
         t = r.target_mflops * 1e6
@@ -44,14 +44,14 @@ def test_targets_span_the_range_and_draws_respect_the_band(trainer, estimator):
         assert r.n == 5 and 1 <= r.unique <= 5
         assert all(r.low_mflops - 1e-9 <= f <= r.high_mflops + 1e-9 for f in r.mflops)
     assert results[0].low_mflops * 1e6 == low  # clipped to the range
-    again = population_evaluation(trainer, estimator, targets=4, per_target=5, band=0.1, seed=3)
+    again = population_evaluation(record, estimator, targets=4, per_target=5, band=0.1, seed=3)
     assert [r.archs for r in again] == [r.archs for r in results]  # deterministic for a seed
 
 
-def test_statistics_are_those_of_the_measured_points(trainer, estimator):
-    evaluator = SubnetEvaluator.from_trainer(trainer, ("test",))
+def test_statistics_are_those_of_the_measured_points(record, estimator):
+    evaluator = SubnetEvaluator.from_run(record, ("test",))
     results = population_evaluation(evaluator, estimator, targets=2, per_target=6, seed=1)
-    space = trainer.space
+    space = record.space
     for r in results:
         archs = [space.arch_from_string(s) for s in r.archs]
         accuracy = evaluator.accuracy(archs, "test")
@@ -87,8 +87,8 @@ def test_plot_is_written_for_several_runs(tmp_path):
         plot_population({"tofa": []}, str(path))
 
 
-def test_empty_bands_and_bad_arguments_are_explained(trainer, estimator):
-    evaluator = SubnetEvaluator.from_trainer(trainer, ("test",))
+def test_empty_bands_and_bad_arguments_are_explained(record, estimator):
+    evaluator = SubnetEvaluator.from_run(record, ("test",))
     with pytest.raises(ValueError, match="no subnet has FLOPs in the band .* widen band"):
         population_evaluation(evaluator, estimator, targets=4, per_target=2, band=1e-12)
     with pytest.raises(ValueError, match="band must be a relative half-width"):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
-from search_fixtures import one_thread, tiny_trainer
+from search_fixtures import one_thread, tiny_run
 
 from tofa_fast.estimator import Estimator
 from tofa_fast.search import (
@@ -26,18 +27,18 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def trainer(tmp_path_factory):
-    return tiny_trainer(tmp_path_factory.mktemp("run"))
+def record(tmp_path_factory):
+    return tiny_run(tmp_path_factory.mktemp("run"))
 
 
-def test_compare_selection_records_every_method_per_budget(trainer):
-    estimator = Estimator(trainer.space, num_classes=10)
-    evaluator = SubnetEvaluator.from_trainer(trainer)
+def test_compare_selection_records_every_method_per_budget(record):
+    estimator = Estimator(record.space, num_classes=10)
+    evaluator = SubnetEvaluator.from_run(record)
     budgets = comparison_budgets(estimator, "flops", 3)
     low, high = estimator.flops_range()
     assert budgets[0] == low and budgets[-1] == pytest.approx(high) and budgets == sorted(budgets)
     comparisons = compare_selection(
-        trainer, budgets=3, population=6, generations=2, seed=1, evaluator=evaluator, estimator=estimator
+        record, budgets=3, population=6, generations=2, seed=1, evaluator=evaluator, estimator=estimator
     )
     assert [c.budget for c in comparisons] == budgets
     for c in comparisons:
@@ -51,10 +52,10 @@ def test_compare_selection_records_every_method_per_budget(trainer):
         assert evo.val_accuracy == max(evo.history)
         assert c.gap == evo.test_accuracy - zero.test_accuracy
         assert json.loads(json.dumps(c.to_dict()))["gap_test"] == c.gap
-    assert comparisons[0].selected["zero-cost"].arch == trainer.space.min_arch()  # nothing else fits
-    assert comparisons[-1].selected["zero-cost"].arch == trainer.space.max_arch()  # a_max fits (sandwich)
+    assert comparisons[0].selected["zero-cost"].arch == record.space.min_arch()  # nothing else fits
+    assert comparisons[-1].selected["zero-cost"].arch == record.space.max_arch()  # a_max fits (sandwich)
     again = compare_selection(
-        trainer, budgets=3, population=6, generations=2, seed=1, evaluator=evaluator, estimator=estimator
+        record, budgets=3, population=6, generations=2, seed=1, evaluator=evaluator, estimator=estimator
     )
     assert [str(c.selected["evolution"].arch) for c in again] == [
         str(c.selected["evolution"].arch) for c in comparisons
@@ -63,17 +64,17 @@ def test_compare_selection_records_every_method_per_budget(trainer):
     assert "gap test (evo − zc)" in table and table.count("\n| ") >= 5
 
 
-def test_compare_selection_bad_arguments(trainer):
+def test_compare_selection_bad_arguments(record):
     with pytest.raises(ValueError, match="methods must be a subset of"):
-        compare_selection(trainer, budgets=1, methods=("annealing",))
+        compare_selection(record, budgets=1, methods=("annealing",))
     with pytest.raises(ValueError, match="budgets must be a positive integer count"):
-        compare_selection(trainer, budgets=0)
+        compare_selection(record, budgets=0)
     with pytest.raises(ValueError, match="below the smallest subnet's flops"):
-        compare_selection(trainer, budgets=[1.0], methods=("random",))
+        compare_selection(record, budgets=[1.0], methods=("random",))
 
 
-def test_search_run_and_population_run_write_the_run_folder(trainer):
-    run = trainer.config.out
+def test_search_run_and_population_run_write_the_run_folder(record):
+    run = record.config.out
     comparisons = search_run(run, budgets=2, population=4, generations=1, progress=False)
     data = json.loads(open(f"{run}/search.json").read())
     assert len(data["budgets"]) == len(comparisons) == 2
@@ -96,8 +97,8 @@ def test_search_run_and_population_run_write_the_run_folder(trainer):
     assert "| target MFLOPs |" in open(f"{run}/population.md").read()
 
 
-def test_search_run_without_a_validation_split_says_how_to_get_one(trainer, tmp_path):
-    state = load_checkpoint(f"{trainer.config.out}/checkpoint.pt")
+def test_search_run_without_a_validation_split_says_how_to_get_one(record, tmp_path):
+    state = load_checkpoint(f"{record.config.out}/checkpoint.pt")
     state["config"] = {**state["config"], "val_per_class": None}
     save_atomic(state, str(tmp_path / "checkpoint.pt"))
     with pytest.raises(ValueError, match="no validation split: train with --val-per-class N"):
@@ -110,18 +111,18 @@ def test_search_run_without_a_validation_split_says_how_to_get_one(trainer, tmp_
         search_run(str(tmp_path / "missing"))
 
 
-def test_zero_cost_failures_are_recorded_not_raised(trainer):
+def test_zero_cost_failures_are_recorded_not_raised(record):
     # strategy 'single' style: no sandwich members, so a budget no indexed subnet fits has no choice
-    saved = trainer.strategy.sandwich_selection
-    trainer.strategy.sandwich_selection = False
+    saved = record.config
+    record.config = replace(saved, strategy="single")
     try:
-        estimator = Estimator(trainer.space, num_classes=10)
+        estimator = Estimator(record.space, num_classes=10)
         low = float(estimator.flops_range()[0])
-        indexed = estimator.flops(trainer.selection.archs())
+        indexed = estimator.flops(record.selection.archs())
         if np.min(indexed) <= low:
             pytest.skip("the tiny run happened to index the smallest subnet")
-        (c,) = compare_selection(trainer, budgets=[low], population=4, generations=1, estimator=estimator)
+        (c,) = compare_selection(record, budgets=[low], population=4, generations=1, estimator=estimator)
         assert "zero-cost" not in c.selected and "smallest available" in c.errors["zero-cost"] and c.gap is None
         assert "evolution" in c.selected
     finally:
-        trainer.strategy.sandwich_selection = saved
+        record.config = saved

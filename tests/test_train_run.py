@@ -117,9 +117,9 @@ def test_cli_train_select_export_evaluate_on_an_image_folder(tmp_path, capsys):
     assert main(["export", run, "--max-mflops", str(budget), "-o", onnx_path]) == 0
     from tofa_fast.train.run import open_run
 
-    trainer = open_run(run, device="cpu")
-    arch = trainer.space.arch_from_dict(chosen)
-    sub = trainer.calibrated_subnet(arch)
+    record = open_run(run, device="cpu")
+    arch = record.space.arch_from_dict(chosen)
+    sub = record.calibrated_subnet(arch)
     x = torch.randn(2, 3, arch.resolution, arch.resolution)
     session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
     got = session.run(None, {"image": x.numpy()})[0]
@@ -177,7 +177,7 @@ def test_bad_checkpoints(tmp_path):
         load_checkpoint(str(tmp_path / "nope.pt"))
     unsafe = tmp_path / "unsafe.pt"
     torch.save({"format": "x", "obj": ImageSet}, unsafe)  # a class: refused by weights_only
-    with pytest.raises(ValueError, match="corrupted or not a safe"):
+    with pytest.raises(ValueError, match="not a tofa_fast checkpoint: it pickles Python objects"):
         load_checkpoint(str(unsafe))
     with pytest.raises(ValueError, match="does not exist"):
         Trainer(replace(tiny_config(tmp_path / "none")), resume=True)

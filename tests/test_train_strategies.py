@@ -13,10 +13,10 @@ from test_train_run import tiny_config, tiny_digits
 
 import tofa_fast
 from tofa_fast.train import TrainConfig, Trainer, load_checkpoint
+from tofa_fast.train.loaders import epoch_seed
 from tofa_fast.train.palette import build_palette
 from tofa_fast.train.run import _estimator
 from tofa_fast.train.strategies import PS_PHASES, build_strategy, restrict, share_epochs
-from tofa_fast.train.trainer import _epoch_seed
 
 
 def _config(out, strategy, epochs, **kw) -> TrainConfig:
@@ -27,9 +27,9 @@ def _record_steps(trainer):
     """Wrap train_step to record the archs of every step."""
     seen, original = [], trainer.train_step
 
-    def spy(labelled, unlabelled, archs):
-        seen.append((trainer.epoch, list(archs)))
-        return original(labelled, unlabelled, archs)
+    def spy(labelled, unlabelled, plan):
+        seen.append((trainer.epoch, plan.archs))
+        return original(labelled, unlabelled, plan)
 
     trainer.train_step = spy
     return seen
@@ -37,7 +37,7 @@ def _record_steps(trainer):
 
 def test_rss_trains_one_random_subnet_per_epoch_with_ce_only(tmp_path):
     trainer = Trainer(_config(tmp_path, "rss", 3), splits=tiny_digits())
-    assert trainer.config.loss == "sup" and not trainer.use_fm
+    assert trainer.config.loss == "sup" and not trainer.strategy.use_fm
     seen = _record_steps(trainer)
     trainer.fit()
     per_epoch = {}
@@ -49,7 +49,7 @@ def test_rss_trains_one_random_subnet_per_epoch_with_ce_only(tmp_path):
     # the epoch's subnet is the first draw of the epoch's RNG
     space = trainer.space
     for epoch, keys in per_epoch.items():
-        assert keys == {str(space.sample(random.Random(_epoch_seed(trainer.config.seed, epoch))))}
+        assert keys == {str(space.sample(random.Random(epoch_seed(trainer.config.seed, epoch))))}
     # Algorithm 2 index: every step of an epoch adds its 1-based iteration to that epoch's subnet
     spe = trainer.steps_per_epoch
     for epoch, keys in per_epoch.items():
@@ -91,7 +91,7 @@ def test_progressive_shrinking_phases_sample_their_subspaces():
     for index, phase in enumerate(strategy.phases):
         strategy.phase_index = index
         for _ in range(30):
-            archs = strategy.step_archs(rng)
+            archs = strategy.plan(rng).archs
             assert len(archs) == phase.subnets == (1, 1, 2, 2, 4, 4)[index]
             for arch in archs:
                 assert space.check(arch) == arch
@@ -152,7 +152,7 @@ def test_single_trains_one_arch_and_its_palette_is_that_arch(tmp_path):
     trainer.fit()
     assert all(archs == [arch] for _, archs in seen)
     assert trainer.selection.archs() == [arch]
-    palette = build_palette(trainer, _estimator(trainer), progress=False)
+    palette = build_palette(trainer.run(), _estimator(trainer.run()), progress=False)
     assert [e["arch"] for e in palette] == [arch.to_dict()]
     # the canonical string form works too; a foreign arch is refused with the space named
     assert Trainer(_config(tmp_path / "s", "single", 1, arch=str(arch)), splits=tiny_digits()).strategy.arch == arch

@@ -114,6 +114,6 @@ def test_sandwich_set_composition():
     space = tofa_fast.spaces.get("digits")
     strategy = build_strategy("tofa", space, 10, 5, TrainConfig().resolved())
     rng = random.Random(0)
-    sets = [strategy.step_archs(rng) for _ in range(20)]
+    sets = [strategy.plan(rng).archs for _ in range(20)]
     assert all(s[0] == space.max_arch() and s[1] == space.min_arch() and len(s) == 4 for s in sets)
     assert len({str(s[2]) for s in sets} | {str(s[3]) for s in sets}) > 20  # random members vary

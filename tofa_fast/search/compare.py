@@ -3,7 +3,7 @@
 For K budgets spanning the supernet's range (geometric, as the palette's: :func:`palette_budgets`),
 three subnets are chosen per budget:
 
-* ``zero-cost`` — TOFA's Algorithm 2 on the trainer's selection index (:func:`select_subnet`), free;
+* ``zero-cost`` — TOFA's Algorithm 2 on the run's selection index (:meth:`Run.zero_cost_choice`), free;
 * ``evolution`` — :func:`evolutionary_search` maximising validation accuracy (TOFA eq. 5);
 * ``random`` — :func:`random_search` with as many evaluations as the evolution made.
 
@@ -23,7 +23,7 @@ import numpy as np
 from ..estimator import Estimator
 from ..spaces import Arch
 from ..train.palette import palette_budgets
-from ..train.selection import select_subnet
+from ..train.run_record import Run
 from .evaluator import SubnetEvaluator
 from .evolution import Metric, evolutionary_search, random_search, resolve_metric
 
@@ -116,7 +116,7 @@ def comparison_budgets(estimator: Estimator, metric: str | Metric, count: int) -
 
 
 def compare_selection(
-    trainer: Any,
+    run: Run,
     *,
     budgets: int | Sequence[float] = 6,
     metric: str | Metric = "flops",
@@ -134,8 +134,8 @@ def compare_selection(
     """Zero-cost, evolutionary and random selection for each budget (module docstring).
 
     Args:
-        trainer: a :class:`~tofa_fast.train.Trainer` with a validation split (its selection index
-            and strategy give the zero-cost choice).
+        run: a :class:`~tofa_fast.train.Run` with a validation split (its selection index and
+            strategy give the zero-cost choice).
         budgets: a count K (budgets spanning the space's range) or the budgets themselves, in the
             metric's raw unit (FLOPs, parameters, ms).
         metric: ``"flops"``, ``"params"``, ``"latency"`` (needs an estimator with a latency table)
@@ -145,7 +145,7 @@ def compare_selection(
         population, generations, parent_ratio, mutation_ratio, mutate_prob: the evolution's
             settings (:func:`evolutionary_search`).
         seed: every search is deterministic given it (budget k uses the seed sequence (seed, k)).
-        evaluator, estimator: reuse existing ones (default: built from the trainer).
+        evaluator, estimator: reuse existing ones (default: built from the run).
         progress: show progress bars.
 
     Returns one :class:`BudgetComparison` per budget, in increasing order.
@@ -153,11 +153,11 @@ def compare_selection(
     unknown = [m for m in methods if m not in SEARCH_METHODS]
     if unknown or isinstance(methods, str):
         raise ValueError(f"methods must be a subset of {list(SEARCH_METHODS)}, got {methods!r}")
-    evaluator = evaluator or SubnetEvaluator.from_trainer(trainer)
+    evaluator = evaluator or SubnetEvaluator.from_run(run)
     evaluator.require("val")
     evaluator.require("test")
-    space = trainer.space
-    estimator = estimator or Estimator(space, num_classes=trainer.splits.num_classes)
+    space = run.space
+    estimator = estimator or Estimator(space, num_classes=run.num_classes)
     metric_name, metric_fn = resolve_metric(estimator, metric)
     if isinstance(budgets, (int, np.integer)) and not isinstance(budgets, bool):
         budget_list = comparison_budgets(estimator, metric, int(budgets))
@@ -166,7 +166,6 @@ def compare_selection(
         if not budget_list:
             raise ValueError("budgets must not be empty")
     fitness = evaluator.fitness("val")
-    sandwich = bool(getattr(trainer.strategy, "sandwich_selection", True))
     max_evaluations = population + generations * (population - max(1, round(population * parent_ratio)))
 
     def measure(method: str, arch: Arch, seconds: float, evaluations: int, history: list[float]) -> Selected:
@@ -191,13 +190,7 @@ def compare_selection(
         comparison = BudgetComparison(budget, metric_name)
         start = time.perf_counter()
         try:
-            arch = select_subnet(
-                trainer.selection,
-                lambda archs: metric_fn(space.encode(list(archs))),
-                budget,
-                metric_name,
-                sandwich=sandwich,
-            )
+            arch = run.zero_cost_choice(lambda archs: metric_fn(space.encode(list(archs))), budget, metric_name)
             comparison.selected["zero-cost"] = measure("zero-cost", arch, time.perf_counter() - start, 0, [])
         except ValueError as exc:
             comparison.errors["zero-cost"] = str(exc)

@@ -1,19 +1,19 @@
 """Fast accuracy of many subnets of one trained supernet, BN recalibrated per candidate (SPEC §7).
 
 Validation-based selection (TOFA eq. 5) and population evaluation (RSS protocol) measure hundreds of
-subnets. The straightforward way — ``trainer.calibrated_subnet(arch)`` then ``trainer.evaluate`` —
+subnets. The straightforward way — ``run.calibrated_subnet(arch)`` then ``run.evaluate`` —
 re-transforms and re-resizes every image, and builds a standalone subnet per candidate (``extract``
 spends much of its time constructing layers). :class:`SubnetEvaluator` computes the same numbers:
 
 * calibration and evaluation tensors are built once per resolution (transformed, resized, cached);
 * candidates run on the supernet itself with ``set_active`` — its forward equals the extracted
   subnet's to float rounding — and BN statistics are recalibrated in place with the *same* batches
-  (``trainer.calibration_batches``: recalibration depends on the batching, see
+  (``run.calibration_batches``: recalibration depends on the batching, see
   :func:`~tofa_fast.nn.recalibrate_bn`), so the statistics are those the oracle computes;
 * evaluation runs in large batches under ``torch.inference_mode`` (eval-mode BN treats every image
   independently, so the batch size does not change the result);
 * results are memoised by (split, arch), and the supernet's buffers, active arch and train/eval
-  modes are restored after every call, so a trainer handed to the evaluator is left as it was.
+  modes are restored after every call, so a network handed to the evaluator is left as it was.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch
 from ..nn import Supernet
 from ..nn.elastic_batchnorm import ElasticBatchNorm2d
 from ..spaces import Arch
+from ..train.run_record import Run
 
 CalibrationSource = Callable[[int], Sequence[torch.Tensor]]
 _BN_TYPES = (torch.nn.BatchNorm2d, ElasticBatchNorm2d)
@@ -97,10 +98,10 @@ class SubnetEvaluator:
     Args:
         net: the trained supernet (its weights are read, never changed; BN buffers are restored).
         calibration: ``resolution → list of image batches (N, C, r, r)`` used to recalibrate BN;
-            called once per resolution (e.g. :meth:`Trainer.calibration_batches`).
+            called once per resolution (e.g. :meth:`Run.calibration_batches`).
         images: split name → ``(images, labels)``: float images (N, C, S, S), already normalised,
             at a base size S, and int64 labels (N,). They are resized per subnet resolution with
-            the trainer's :func:`~tofa_fast.train.trainer.resize`.
+            the trainer's :func:`~tofa_fast.train.loaders.resize`.
         batch_size: evaluation batch size (larger is faster; it does not change results).
         cache_resolutions: how many resolutions' tensors are kept (least recently used dropped);
             bounds memory on spaces with many large resolutions.
@@ -110,7 +111,7 @@ class SubnetEvaluator:
             oracle's by up to ~1e-4 (trained digits run) instead of ~2e-6; off by default.
         missing: split name → why the split is absent (raised when it is asked for).
 
-    Use :meth:`from_trainer` to build one from a :class:`~tofa_fast.train.Trainer`.
+    Use :meth:`from_run` to build one from a :class:`~tofa_fast.train.Run`.
     """
 
     def __init__(
@@ -151,17 +152,17 @@ class SubnetEvaluator:
         self.evaluations = 0  # distinct (split, arch) pairs measured, memo hits excluded
 
     @classmethod
-    def from_trainer(cls, trainer: Any, splits: Iterable[str] = ("val", "test"), **kwargs: Any) -> SubnetEvaluator:
-        """An evaluator on ``trainer.net`` for the trainer's ``splits`` (names of
+    def from_run(cls, run: Run, splits: Iterable[str] = ("val", "test"), **kwargs: Any) -> SubnetEvaluator:
+        """An evaluator on ``run.net`` for the run's ``splits`` (names of
         :class:`~tofa_fast.train.data.DataSplits` labelled sets: ``"val"``, ``"test"``), calibrating
-        BN exactly as :meth:`Trainer.calibrated_subnet` does. Splits the run lacks are remembered and
+        BN exactly as :meth:`Run.calibrated_subnet` does. Splits the run lacks are remembered and
         refused with an explanation when asked for."""
         from ..train.augment import eval_transform
 
-        tf = eval_transform(trainer.splits.size)
+        tf = eval_transform(run.splits.size)
         images, missing = {}, {}
         for split in splits:
-            image_set = getattr(trainer.splits, split, None)
+            image_set = getattr(run.splits, split, None)
             if split not in ("val", "test", "labelled"):
                 raise ValueError(f"splits must name labelled splits ('val', 'test', 'labelled'), got {split!r}")
             if image_set is None:
@@ -173,7 +174,7 @@ class SubnetEvaluator:
                 continue
             x = torch.stack([tf(image_set.image(i)) for i in range(len(image_set))])
             images[split] = (x, image_set.labels)
-        return cls(trainer.net, trainer.calibration_batches, images, missing=missing, **kwargs)
+        return cls(run.net, run.calibration_batches, images, missing=missing, **kwargs)
 
     # -- public -------------------------------------------------------------------------------
 
@@ -243,7 +244,7 @@ class SubnetEvaluator:
         return [a if isinstance(a, Arch) else self.space.check(a) for a in archs]
 
     def _tensors(self, resolution: int) -> dict[str, Any]:
-        from ..train.trainer import resize
+        from ..train.loaders import resize
 
         entry = self._per_resolution.get(resolution)
         if entry is None:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..estimator import EmptyBandError, Estimator
+from ..train.run_record import Run
 from .evaluator import SubnetEvaluator
 
 
@@ -110,7 +111,7 @@ def population_targets(estimator: Estimator, targets: int) -> list[float]:
 
 
 def population_evaluation(
-    source: Any,
+    source: Run | SubnetEvaluator,
     estimator: Estimator | None = None,
     *,
     targets: int = 10,
@@ -123,7 +124,7 @@ def population_evaluation(
     """Measure ``per_target`` uniformly drawn subnets around each of ``targets`` FLOPs targets.
 
     Args:
-        source: a :class:`~tofa_fast.train.Trainer` (an evaluator is built on it) or a
+        source: a :class:`~tofa_fast.train.Run` (an evaluator is built on it) or a
             :class:`SubnetEvaluator`.
         estimator: the FLOPs estimator (default: one for the source's space and classes).
         targets: number of evenly spaced targets across the space's FLOPs range.
@@ -140,7 +141,7 @@ def population_evaluation(
         raise ValueError(f"per_target must be a positive integer, got {per_target!r}")
     if isinstance(band, bool) or not isinstance(band, (int, float)) or not math.isfinite(band) or not 0 < band < 1:
         raise ValueError(f"band must be a relative half-width in (0, 1), got {band!r}")
-    evaluator = source if isinstance(source, SubnetEvaluator) else SubnetEvaluator.from_trainer(source, (split,))
+    evaluator = source if isinstance(source, SubnetEvaluator) else SubnetEvaluator.from_run(source, (split,))
     if estimator is None:
         estimator = Estimator(evaluator.space, num_classes=evaluator.net.num_classes)
     if estimator.space != evaluator.space:

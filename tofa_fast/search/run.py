@@ -2,8 +2,8 @@
 
 ``search_run`` backs ``tofa-fast search RUN`` and writes ``search.json`` / ``search.md``;
 ``population_run`` backs ``tofa-fast evaluate RUN --population N`` and writes ``population.json`` /
-``population.md`` / ``population.png``. Both restore the trainer with :func:`open_run` (data
-reloaded for BN recalibration) and leave the checkpoint untouched.
+``population.md`` / ``population.png``. Both open the run with :meth:`Run.open` (data loaded for
+BN recalibration) and leave the checkpoint untouched.
 """
 
 from __future__ import annotations
@@ -13,24 +13,13 @@ from collections.abc import Sequence
 
 import torch
 
+from ..train.run_record import Run
 from .compare import METRIC_UNITS, SEARCH_METHODS, BudgetComparison, compare_selection
 from .evaluator import SubnetEvaluator
 from .population import PopulationTarget, population_evaluation
 from .report import write_population, write_search
 
 SEARCH_RUN_METHODS = {"all": SEARCH_METHODS, "evolution": ("evolution",), "random": ("random",), "zero-cost": ()}
-
-
-def _run_meta(trainer) -> dict:
-    c = trainer.config
-    return {
-        "run": c.out,
-        "data": c.data,
-        "strategy": c.strategy,
-        "loss": c.loss,
-        "epochs": c.epochs,
-        "seed": c.seed,
-    }
 
 
 def search_run(
@@ -59,14 +48,13 @@ def search_run(
         population, generations: the evolution's size (random search gets as many evaluations).
         seed: searches are deterministic given it.
         latency_table: path of a ``tofa-fast profile`` table, for ``metric="latency"``.
-        device: where to evaluate (default: the trainer's choice).
+        device: where to evaluate (default: CUDA when available).
         progress: show progress bars.
 
     Writes ``search.json`` and ``search.md`` into ``run`` and returns the comparisons. Raises
     ``ValueError`` when the run has no validation split.
     """
     from ..estimator import Estimator
-    from ..train.run import open_run
 
     if method not in SEARCH_RUN_METHODS:
         raise ValueError(f"method must be one of {list(SEARCH_RUN_METHODS)}, got {method!r}")
@@ -77,17 +65,17 @@ def search_run(
     if not isinstance(budgets, (int, Sequence)) or isinstance(budgets, (bool, str)):
         raise ValueError(f"budgets must be a count or a list of budgets, got {budgets!r}")
     start = time.perf_counter()
-    trainer = open_run(run, device=device)
-    if trainer.splits.val is None:
+    record = Run.open(run, device=device)
+    if record.splits.val is None:
         raise ValueError(
             f"run {run!r} has no validation split: train with --val-per-class N to search on validation accuracy"
         )
-    estimator = Estimator(trainer.space, num_classes=trainer.splits.num_classes, latency_table=latency_table)
+    estimator = Estimator(record.space, num_classes=record.num_classes, latency_table=latency_table)
     unit, scale = METRIC_UNITS[metric]
     raw_budgets = budgets if isinstance(budgets, int) else [float(b) * scale for b in budgets]
-    evaluator = SubnetEvaluator.from_trainer(trainer)
+    evaluator = SubnetEvaluator.from_run(record)
     comparisons = compare_selection(
-        trainer,
+        record,
         budgets=raw_budgets,
         metric=metric,
         methods=SEARCH_RUN_METHODS[method],
@@ -99,12 +87,12 @@ def search_run(
         progress=progress,
     )
     meta = {
-        **_run_meta(trainer),
+        **record.meta(),
         "metric": metric,
         "method": method,
         "evolution": f"population {population}, {generations} generations",
         "search seed": seed,
-        "validation / test images": f"{len(trainer.splits.val)} / {len(trainer.splits.test)}",
+        "validation / test images": f"{len(record.splits.val)} / {len(record.splits.test)}",
         "distinct subnets measured": evaluator.evaluations,
         "torch threads": torch.get_num_threads(),
         "wall time (s)": round(time.perf_counter() - start, 1),
@@ -132,12 +120,11 @@ def population_run(
     returns the per-target results (see :func:`population_evaluation` for errors).
     """
     from ..estimator import Estimator
-    from ..train.run import open_run
 
     start = time.perf_counter()
-    trainer = open_run(run, device=device)
-    estimator = Estimator(trainer.space, num_classes=trainer.splits.num_classes)
-    evaluator = SubnetEvaluator.from_trainer(trainer, (split,))
+    record = Run.open(run, device=device)
+    estimator = Estimator(record.space, num_classes=record.num_classes)
+    evaluator = SubnetEvaluator.from_run(record, (split,))
     results = population_evaluation(
         evaluator,
         estimator,
@@ -148,10 +135,10 @@ def population_run(
         split=split,
         progress=progress,
     )
-    c = trainer.config
+    c = record.config
     label = f"{c.strategy} ({c.loss})"
     meta = {
-        **_run_meta(trainer),
+        **record.meta(),
         "title": f"{c.data} — population, {split} split",
         "targets": targets,
         "subnets per target": per_target,

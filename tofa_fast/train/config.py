@@ -9,6 +9,17 @@ from .losses import LOSS_VARIANTS
 
 STRATEGIES = ("tofa", "rss", "ps", "single")
 
+#: The loss variants each strategy accepts: (default without unlabelled data, default with it, others).
+#: Data rather than strategy methods so that validating a config needs no strategy object.
+STRATEGY_LOSSES: dict[str, tuple[str, ...]] = {
+    "tofa": ("sup", "sup+fm+kd", "sup+kd", "sup+fm"),
+    "rss": ("sup", "sup"),
+    "ps": ("sup", "sup"),
+    "single": ("sup", "sup+fm"),
+}
+PRECISIONS = ("auto", "fp32", "bf16")
+STEP_MODES = ("auto", "sequential")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -47,6 +58,13 @@ class TrainConfig:
     calibration_images: int = 500
     num_workers: int = 0
     freeze_bn: bool = False  # BN layers normalise with their running statistics and do not update them
+    skip_bad_images: bool = False  # leave out (and list) images that do not decode instead of refusing the data
+    # Numerics and layout: "auto" is bf16 autocast + channels_last on CUDA, fp32 + contiguous on the
+    # CPU. The trainer records the resolved values, so a resumed run computes as it did.
+    precision: str = "auto"
+    channels_last: bool | None = None
+    step: str = "auto"  # how a step computes its members' logits (train/step.py's table)
+    log_every: int = 10  # steps between two reads of the loss terms from the device
 
     def resolved(self) -> TrainConfig:
         """Fill data-set dependent defaults and validate every field (errors name the field)."""
@@ -60,18 +78,23 @@ class TrainConfig:
             )
         if c.epochs is None:
             c = replace(c, epochs=25 if c.data == "digits" else 100)
-        from .strategies import STRATEGY_CLASSES
-
-        strategy = STRATEGY_CLASSES[c.strategy]
+        accepted = STRATEGY_LOSSES[c.strategy]
         if c.loss is None:
             has_unlabelled = c.data == "digits" or c.labels_per_class is not None
-            c = replace(c, loss=strategy.default_loss(has_unlabelled))
+            c = replace(c, loss=accepted[1 if has_unlabelled else 0])
         if c.loss not in LOSS_VARIANTS:
             raise ValueError(f"loss must be one of {list(LOSS_VARIANTS)}, got {c.loss!r}")
-        strategy.check_loss(c.loss)
+        if c.loss not in accepted:
+            raise ValueError(
+                f"loss {c.loss!r} is not available with strategy {c.strategy!r}; use one of {sorted(set(accepted))}"
+            )
+        if c.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {c.precision!r}")
+        if c.step not in STEP_MODES:
+            raise ValueError(f"step must be one of {list(STEP_MODES)}, got {c.step!r}")
         if c.arch is not None and c.strategy != "single":
             raise ValueError(f"arch fixes the subnet of strategy 'single'; strategy {c.strategy!r} samples its own")
-        for name in ("epochs", "batch_size", "mu", "palette_size", "calibration_images"):
+        for name in ("epochs", "batch_size", "mu", "palette_size", "calibration_images", "log_every"):
             value = getattr(c, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

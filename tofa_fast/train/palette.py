@@ -15,7 +15,7 @@ import numpy as np
 
 from ..spaces import Arch
 from .checkpoint import write_text_atomic
-from .selection import select_subnet
+from .run_record import Run
 
 
 def palette_budgets(flops: list[float], count: int) -> list[float]:
@@ -25,19 +25,18 @@ def palette_budgets(flops: list[float], count: int) -> list[float]:
     return [float(b) for b in np.geomspace(lo, hi, count)]
 
 
-def build_palette(trainer, estimator, progress: bool = True) -> list[dict]:
+def build_palette(run: Run, estimator, progress: bool = True) -> list[dict]:
     """Select and evaluate one subnet per budget; entries sorted by FLOPs, duplicates merged,
     budgets no trained subnet fits left out."""
     from tqdm import tqdm
 
-    space = trainer.space
+    space = run.space
     flops = [float(f) for f in estimator.flops([space.min_arch(), space.max_arch()])]
     chosen: dict[str, tuple[float, Arch]] = {}
-    sandwich = trainer.strategy.sandwich_selection
     failure = None
-    for budget in palette_budgets(flops, trainer.config.palette_size):
+    for budget in palette_budgets(flops, run.config.palette_size):
         try:
-            arch = select_subnet(trainer.selection, estimator.flops, budget, "FLOPs", sandwich=sandwich)
+            arch = run.zero_cost_choice(estimator.flops, budget, "FLOPs")
         except ValueError as exc:  # e.g. strategy "single": nothing trained below its one arch
             failure = failure or exc
             continue
@@ -46,14 +45,14 @@ def build_palette(trainer, estimator, progress: bool = True) -> list[dict]:
         raise failure or ValueError("no subnet to put in the palette")
     entries = []
     for budget, arch in tqdm(list(chosen.values()), desc="palette", disable=not progress, leave=False):
-        sub = trainer.calibrated_subnet(arch)
+        sub = run.calibrated_subnet(arch)
         entries.append(
             {
                 "budget_mflops": round(budget / 1e6, 4),
                 "arch": arch.to_dict(),
                 "flops": int(estimator.flops([arch])[0]),
                 "params": int(estimator.params([arch])[0]),
-                "accuracy": trainer.evaluate(sub, arch.resolution),
+                "accuracy": run.evaluate(sub, arch.resolution),
             }
         )
     return sorted(entries, key=lambda e: e["flops"])

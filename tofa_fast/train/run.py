@@ -12,14 +12,14 @@ from ..spaces import Arch
 from . import distributed as dist_utils
 from .config import TrainConfig
 from .palette import build_palette, write_outputs
-from .selection import select_subnet
+from .run_record import Run
 from .trainer import Trainer
 
 
-def _estimator(trainer: Trainer):
+def _estimator(run: Run):
     from ..estimator import Estimator
 
-    return Estimator(trainer.space, num_classes=trainer.splits.num_classes)
+    return Estimator(run.space, num_classes=run.num_classes)
 
 
 def train(config: TrainConfig, resume: bool = False) -> list[dict]:
@@ -36,11 +36,15 @@ def train(config: TrainConfig, resume: bool = False) -> list[dict]:
     if not trainer.dist.is_main:  # rank 0 evaluates and writes the run folder
         dist_utils.shutdown()
         return []
-    palette = build_palette(trainer, _estimator(trainer))
+    run = trainer.run()
+    palette = build_palette(run, _estimator(run))
+    s = trainer.splits
     extra = {
-        "labelled / unlabelled / test images": f"{len(trainer.splits.labelled)} / "
-        f"{len(trainer.splits.unlabelled) if trainer.splits.unlabelled is not None else 0} / {len(trainer.splits.test)}",
+        "labelled / unlabelled / test images": f"{len(s.labelled)} / "
+        f"{len(s.unlabelled) if s.unlabelled is not None else 0} / {len(s.test)}",
         "subnets in the selection index": len(trainer.selection),
+        "step": f"{trainer.step_backend.name}, {trainer.compute_format.precision}"
+        + (", channels_last" if trainer.compute_format.channels_last else ""),
         "torch threads": torch.get_num_threads(),
         "processes": trainer.dist.world_size,
     }
@@ -49,25 +53,17 @@ def train(config: TrainConfig, resume: bool = False) -> list[dict]:
     return palette
 
 
-def open_run(run: str, device: str | None = None) -> Trainer:
-    """A trainer restored from ``run/checkpoint.pt`` (data reloaded, for BN recalibration)."""
-    if not os.path.isdir(run):
-        raise ValueError(f"run folder {run!r} does not exist")
-    return Trainer(TrainConfig(out=run, device=device), resume=True)
+def open_run(run: str, device: str | None = None) -> Run:
+    """The run in folder ``run`` (:meth:`Run.open`: no data loaded until a subnet is measured)."""
+    return Run.open(run, device=device)
 
 
-def _select(trainer: Trainer, max_mflops: float) -> Arch:
-    return select_subnet(
-        trainer.selection,
-        _estimator(trainer).flops,
-        max_mflops * 1e6,
-        "FLOPs",
-        sandwich=trainer.strategy.sandwich_selection,
-    )
+def _select(run: Run, max_mflops: float) -> Arch:
+    return run.zero_cost_choice(_estimator(run).flops, max_mflops * 1e6, "FLOPs")
 
 
 def select(run: str, max_mflops: float) -> Arch:
-    return _select(open_run(run), max_mflops)
+    return _select(open_run(run, device="cpu"), max_mflops)
 
 
 def export(run: str, max_mflops: float, output: str) -> Arch:
@@ -75,11 +71,11 @@ def export(run: str, max_mflops: float, output: str) -> Arch:
     ext = os.path.splitext(output)[1].lower()
     if ext not in (".onnx", ".pt", ".pt2"):
         raise ValueError(f"output must end in .onnx or .pt, got {output!r}")
-    trainer = open_run(run, device="cpu")
-    arch = _select(trainer, max_mflops)
-    sub = trainer.calibrated_subnet(arch).cpu().eval()
+    record = open_run(run, device="cpu")
+    arch = _select(record, max_mflops)
+    sub = record.calibrated_subnet(arch).cpu().eval()
     # batch 2, not 1: export specialises size-1 dimensions to constants
-    example = torch.zeros(2, trainer.space.in_channels, arch.resolution, arch.resolution)
+    example = torch.zeros(2, record.space.in_channels, arch.resolution, arch.resolution)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     if ext == ".onnx":
         # The batch dimension stays dynamic so the model serves any batch size.
@@ -101,8 +97,8 @@ def export(run: str, max_mflops: float, output: str) -> Arch:
 
 
 def evaluate(run: str) -> list[dict]:
-    trainer = open_run(run)
-    return build_palette(trainer, _estimator(trainer))
+    record = open_run(run)
+    return build_palette(record, _estimator(record))
 
 
 def arch_json(arch: Arch) -> str:

@@ -13,8 +13,10 @@
            unlabelled data is given (``sup+fm``, the default then).
 =========  ==================================================================================
 
-A strategy is stateless apart from what :meth:`Strategy.state_dict` returns (the ``ps`` teacher), so
-a run resumed from a checkpoint trains exactly what the uninterrupted run trains.
+A strategy turns the step's RNG into a :class:`~.plan.StepPlan` (members and their roles) and acts on
+the network and optimizer only through :meth:`Strategy.on_epoch_start`, which receives them. It is
+stateless apart from what :meth:`Strategy.state_dict` returns (the ``ps`` teacher), so a run resumed
+from a checkpoint trains exactly what the uninterrupted run trains.
 """
 
 from __future__ import annotations
@@ -22,49 +24,34 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from ..nn import Supernet
 from ..spaces import Arch, SearchSpace
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .trainer import Trainer
+from .config import TrainConfig
+from .losses import variant_terms
+from .plan import Member, StepPlan
 
 
 class Strategy:
-    """Base class. Subclasses decide the subnets of each step and the loss terms that apply."""
+    """Base class. Subclasses decide the members of each step and the loss terms each takes."""
 
     name = ""
-    #: loss variants the strategy accepts; the first is its default without unlabelled data
-    losses: tuple[str, ...] = ("sup",)
     #: whether a_max / a_min are trained every step (the zero-cost rule then treats them specially)
     sandwich_selection = False
 
-    def __init__(self, space: SearchSpace, epochs: int, steps_per_epoch: int, config):
+    def __init__(self, space: SearchSpace, epochs: int, steps_per_epoch: int, config: TrainConfig):
         self.space, self.epochs, self.steps_per_epoch, self.config = space, epochs, steps_per_epoch, config
+        self.use_fm, self.use_kd = variant_terms(config.loss)
 
-    @classmethod
-    def default_loss(cls, has_unlabelled: bool) -> str:
-        return cls.losses[0]
-
-    @classmethod
-    def check_loss(cls, loss: str) -> None:
-        if loss not in cls.losses:
-            raise ValueError(
-                f"loss {loss!r} is not available with strategy {cls.name!r}; use one of {list(cls.losses)}"
-            )
-
-    def start_epoch(self, trainer: Trainer, epoch: int, rng: random.Random) -> None:
+    def on_epoch_start(self, epoch: int, rng: random.Random, net: Supernet, optimizer: torch.optim.Optimizer) -> None:
         """Called at the start of every epoch, before its first step (phase changes go here)."""
 
-    def step_archs(self, rng: random.Random) -> list[Arch]:
+    def plan(self, rng: random.Random) -> StepPlan:
         raise NotImplementedError
-
-    def indexed(self, archs: list[Arch]) -> list[Arch]:
-        """The members of a step that the zero-cost selection index counts."""
-        return archs
 
     def lr_factor(self, step: int) -> float:
         """Learning-rate multiplier at optimizer step ``step`` (0-based): warm-up, then cosine."""
@@ -78,25 +65,21 @@ class Strategy:
     def state_dict(self) -> dict[str, Any]:
         return {}
 
-    def load_state_dict(self, state: dict[str, Any], trainer: Trainer) -> None:
+    def load_state_dict(self, state: dict[str, Any], net: Supernet) -> None:
         pass
 
 
 class TofaStrategy(Strategy):
     name = "tofa"
-    losses = ("sup", "sup+kd", "sup+fm", "sup+fm+kd")
     sandwich_selection = True
 
-    @classmethod
-    def default_loss(cls, has_unlabelled: bool) -> str:
-        return "sup+fm+kd" if has_unlabelled else "sup"
-
-    def step_archs(self, rng: random.Random) -> list[Arch]:
-        """A_t = {a_max, a_min, a_1, a_2} with a_1, a_2 uniform random (SPEC §7)."""
-        return [self.space.max_arch(), self.space.min_arch(), self.space.sample(rng), self.space.sample(rng)]
-
-    def indexed(self, archs: list[Arch]) -> list[Arch]:
-        return archs[2:]  # the sampled members (selection.py explains why)
+    def plan(self, rng: random.Random) -> StepPlan:
+        """A_t = {a_max, a_min, a_1, a_2}, a_1 and a_2 uniform random (SPEC §7). Every member takes CE
+        (and FixMatch); only the random members distil a_max and are indexed (selection.py says why)."""
+        fm, kd = self.use_fm, self.use_kd
+        fixed = [Member(a, fm=fm, indexed=False) for a in (self.space.max_arch(), self.space.min_arch())]
+        sampled = [Member(self.space.sample(rng), fm=fm, kd=kd) for _ in range(2)]
+        return StepPlan(tuple(fixed + sampled), self.space.max_arch() if fm or kd else None)
 
 
 class RssStrategy(Strategy):
@@ -105,27 +88,24 @@ class RssStrategy(Strategy):
 
     name = "rss"
 
-    def start_epoch(self, trainer: Trainer, epoch: int, rng: random.Random) -> None:
+    def on_epoch_start(self, epoch: int, rng: random.Random, net: Supernet, optimizer: torch.optim.Optimizer) -> None:
         self.arch = self.space.sample(rng)
 
-    def step_archs(self, rng: random.Random) -> list[Arch]:
-        return [self.arch]
+    def plan(self, rng: random.Random) -> StepPlan:
+        return StepPlan((Member(self.arch),))
 
 
 class SingleStrategy(Strategy):
-    name = "single"
-    losses = ("sup", "sup+fm")
+    """One fixed arch; with ``sup+fm`` it is its own FixMatch teacher."""
 
-    def __init__(self, space, epochs, steps_per_epoch, config):
+    name = "single"
+
+    def __init__(self, space: SearchSpace, epochs: int, steps_per_epoch: int, config: TrainConfig):
         super().__init__(space, epochs, steps_per_epoch, config)
         self.arch = space.max_arch() if config.arch is None else parse_arch(space, config.arch)
 
-    @classmethod
-    def default_loss(cls, has_unlabelled: bool) -> str:
-        return "sup+fm" if has_unlabelled else "sup"
-
-    def step_archs(self, rng: random.Random) -> list[Arch]:
-        return [self.arch]
+    def plan(self, rng: random.Random) -> StepPlan:
+        return StepPlan((Member(self.arch, fm=self.use_fm),), self.arch if self.use_fm else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,7 +201,7 @@ def restrict(space: SearchSpace, phase: Phase) -> SearchSpace:
 class ProgressiveShrinking(Strategy):
     name = "ps"
 
-    def __init__(self, space, epochs, steps_per_epoch, config):
+    def __init__(self, space: SearchSpace, epochs: int, steps_per_epoch: int, config: TrainConfig):
         super().__init__(space, epochs, steps_per_epoch, config)
         phases, start = [], 0
         for phase, n in zip(PS_PHASES, share_epochs(epochs)):
@@ -235,23 +215,26 @@ class ProgressiveShrinking(Strategy):
     def phase_at(self, epoch: int) -> int:
         return max(i for i, p in enumerate(self.phases) if p.start <= epoch)
 
-    def start_epoch(self, trainer: Trainer, epoch: int, rng: random.Random) -> None:
+    def on_epoch_start(self, epoch: int, rng: random.Random, net: Supernet, optimizer: torch.optim.Optimizer) -> None:
         self.phase_index = self.phase_at(epoch)
         phase = self.phases[self.phase_index]
         if epoch != phase.start or self.phase_index == 0:
             return
         # Phase boundary (runs again, identically, when a run resumes at this epoch).
         if self._teacher is None:  # the full net, frozen when the full phase ends
-            self._teacher = _frozen_copy(trainer.net.extract(self.space.max_arch()))
+            self._teacher = _frozen_copy(net.extract(self.space.max_arch()))
         if phase.sort_channels is not None:
-            trainer.net.sort_channels(phase.sort_channels)
+            net.sort_channels(phase.sort_channels)
         # Each OFA phase is a fresh run with its own optimizer; stale momentum would also point the
         # wrong way after the channel re-sort.
-        trainer.optimizer.state.clear()
+        optimizer.state.clear()
 
-    def step_archs(self, rng: random.Random) -> list[Arch]:
+    def plan(self, rng: random.Random) -> StepPlan:
+        """The phase's subnets, each distilling the frozen full net once it exists."""
         phase, sub = self.phases[self.phase_index], self.spaces[self.phase_index]
-        return [self.space.arch_from_dict(sub.sample(rng).to_dict()) for _ in range(phase.subnets)]
+        distil = self._teacher is not None
+        archs = [self.space.arch_from_dict(sub.sample(rng).to_dict()) for _ in range(phase.subnets)]
+        return StepPlan(tuple(Member(a, teacher_kd=distil) for a in archs))
 
     def lr_factor(self, step: int) -> float:
         """A fresh schedule per phase (OFA runs each phase separately): warm-up in the full phase,
@@ -268,9 +251,9 @@ class ProgressiveShrinking(Strategy):
     def state_dict(self) -> dict[str, Any]:
         return {} if self._teacher is None else {"teacher": self._teacher.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any], trainer: Trainer) -> None:
+    def load_state_dict(self, state: dict[str, Any], net: Supernet) -> None:
         if "teacher" in state:
-            teacher = trainer.net.extract(self.space.max_arch())
+            teacher = net.extract(self.space.max_arch())
             teacher.load_state_dict(state["teacher"])
             self._teacher = _frozen_copy(teacher)
 
@@ -296,7 +279,7 @@ STRATEGY_CLASSES: dict[str, type[Strategy]] = {
 }
 
 
-def build_strategy(name: str, space: SearchSpace, epochs: int, steps_per_epoch: int, config) -> Strategy:
+def build_strategy(name: str, space: SearchSpace, epochs: int, steps_per_epoch: int, config: TrainConfig) -> Strategy:
     if name not in STRATEGY_CLASSES:
         raise ValueError(f"strategy must be one of {list(STRATEGY_CLASSES)}, got {name!r}")
     return STRATEGY_CLASSES[name](space, epochs, steps_per_epoch, config)

@@ -1,0 +1,136 @@
+"""Batches of an epoch: which images, in which order, with which augmentation seeds.
+
+Determinism: the batch order of epoch e is drawn from a generator seeded by (seed, e), and each
+image's augmentation from a seed given by its *position in the epoch's sequence of global batches*
+— not by which process handles it — so a step sees the same augmented images however the global
+batch is sharded over processes, and a resumed run sees what the uninterrupted run saw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from . import distributed as dist_utils
+from .augment import strong_transform, weak_transform
+from .data import DataSplits, ImageSet
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+#: (image index, augmentation seed) pairs: one global batch.
+KeyedBatch = list[tuple[int, int]]
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of everything random in ``epoch``: batch order, subnet sampling, dropout."""
+    return (seed * 1_000_003 + epoch * 7919) % (2**63 - 1)
+
+
+def seeded(transform: Transform, img: torch.Tensor, seed: int) -> torch.Tensor:
+    """``transform(img)`` with torch's CPU generator seeded by ``seed``, its state restored after.
+
+    Reseeds ``torch.default_generator`` directly: ``torch.manual_seed`` also seeds every other device
+    generator and costs 50× more, which is measurable once per image."""
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        return transform(img)
+    finally:
+        generator.set_state(state)
+
+
+class LabelledViews(Dataset):
+    """Weak views of labelled images; keys are (index, augmentation seed) pairs."""
+
+    def __init__(self, images: ImageSet, transform: Transform):
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        i, seed = key
+        img, label = self.images[i]
+        return seeded(self.transform, img, seed), label
+
+
+class UnlabelledViews(Dataset):
+    """(weak, strong) views of unlabelled images; keys are (index, augmentation seed) pairs."""
+
+    def __init__(self, images: ImageSet, weak: Transform, strong: Transform):
+        self.images, self.weak, self.strong = images, weak, strong
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        i, seed = key
+        img = self.images.image(i)
+        return seeded(self.weak, img, seed), seeded(self.strong, img, seed + 1)
+
+
+class PlainImages(Dataset):
+    """Un-augmented images (evaluation); unlabelled images get the label -1."""
+
+    def __init__(self, images: ImageSet, transform: Transform):
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        item = self.images[i]
+        if isinstance(item, tuple):
+            return self.transform(item[0]), item[1]
+        return self.transform(item), -1
+
+
+def epoch_batches(n: int, batch_size: int, steps: int, generator: torch.Generator, stream: int) -> list[KeyedBatch]:
+    """``steps`` global batches of (index, augmentation seed), indices drawn as concatenated random
+    permutations of range(n). The seed of an image depends on its position in the epoch's sequence
+    of global batches, not on which process handles it."""
+    order: list[int] = []
+    while len(order) < steps * batch_size:
+        order += torch.randperm(n, generator=generator).tolist()
+    base = int(torch.randint(0, 2**62, (1,), generator=generator)) + stream
+    keyed = [(index, (base + 2 * position) % 2**63) for position, index in enumerate(order[: steps * batch_size])]
+    return [keyed[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
+
+
+def epoch_loaders(
+    splits: DataSplits,
+    epoch_seed_value: int,
+    steps: int,
+    batch_size: int,
+    mu: int,
+    unlabelled: bool,
+    dist: dist_utils.DistContext,
+    num_workers: int = 0,
+) -> tuple[Iterable, Iterable]:
+    """This rank's labelled and unlabelled loaders for one epoch (its shard of every global batch).
+
+    The labelled loader yields (weak views (B, 3, S, S), labels (B,)); the unlabelled one yields
+    (weak, strong) views (μB, 3, S, S) each, or ``None`` per step when ``unlabelled`` is false.
+    Both batch lists are drawn from one generator, labelled first, so their order never changes.
+    """
+    g = torch.Generator().manual_seed(epoch_seed_value)
+    weak = weak_transform(splits.size, splits.flip)
+    kw = dict(num_workers=num_workers, persistent_workers=False)
+    lab = LabelledViews(splits.labelled, weak)
+    lab_batches = epoch_batches(len(lab), batch_size, steps, g, stream=0)
+    lab_loader = DataLoader(lab, batch_sampler=[dist_utils.shard(b, dist) for b in lab_batches], **kw)
+    if not unlabelled:
+        return lab_loader, [None] * steps
+    unl = UnlabelledViews(splits.unlabelled, weak, strong_transform(splits.size, splits.flip))
+    unl_batches = epoch_batches(len(unl), mu * batch_size, steps, g, stream=1)
+    return lab_loader, DataLoader(unl, batch_sampler=[dist_utils.shard(b, dist) for b in unl_batches], **kw)
+
+
+def resize(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """(N, C, H, W) → (N, C, r, r), antialiased bilinear; the tensor itself when already that size."""
+    if images.shape[-1] == resolution and images.shape[-2] == resolution:
+        return images
+    return F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)

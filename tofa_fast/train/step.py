@@ -1,0 +1,233 @@
+"""One training step: plan + batch → member logits → loss terms → backward (SPEC §7).
+
+Nothing else happens here: the trainer zeroes gradients, averages them over processes, steps the
+optimizer and the schedule, and updates the selection index.
+
+How the members' logits are computed is one seam, :func:`forward_members`, chosen from
+:data:`STEP_TABLE` in the style of the op's dispatch table (``ops/elastic_dwconv_dispatch.py``):
+each entry declares whether it can serve a network on a device and why not, and ``--step auto``
+takes the first that can. ``sequential`` runs one member per forward/backward pass (the graph of
+one member alive at a time); a fused entry computes several members in one pass.
+
+Loss terms stay on the device: :func:`train_step` returns 0-dim tensors summed over members, and
+the trainer reads them back once per logging interval, so a step makes no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..nn import Supernet
+from ..spaces import Arch
+from . import losses
+from .loaders import resize
+from .plan import Member, StepPlan
+
+
+@dataclass(frozen=True)
+class ComputeFormat:
+    """Numerics and memory layout of the training passes."""
+
+    precision: str  # "fp32" or "bf16" (autocast; master weights stay fp32)
+    channels_last: bool
+
+    @classmethod
+    def resolve(cls, precision: str, channels_last: bool | None, device: torch.device) -> ComputeFormat:
+        """``auto`` / ``None`` become bf16 + channels_last on CUDA, fp32 + contiguous elsewhere."""
+        if precision == "auto":
+            precision = "bf16" if device.type == "cuda" else "fp32"
+        if channels_last is None:
+            channels_last = device.type == "cuda"
+        return cls(precision, channels_last)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+@dataclass
+class StepBatch:
+    """One step's images on the training device: labelled (B, C, S, S) + labels (B,), and the weak
+    and strong views of the unlabelled batch (μB, C, S, S) when the plan uses them."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    u_weak: torch.Tensor | None = None
+    u_strong: torch.Tensor | None = None
+
+    @classmethod
+    def to_device(cls, labelled, unlabelled, device: torch.device, fmt: ComputeFormat) -> StepBatch:
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=True).to(memory_format=fmt.memory_format)
+
+        x, y = labelled
+        u_weak, u_strong = (move(t) for t in unlabelled) if unlabelled is not None else (None, None)
+        return cls(move(x), y.to(device, non_blocking=True), u_weak, u_strong)
+
+
+# ------------------------------------------------------------------------------------------------
+# The seam: member logits
+# ------------------------------------------------------------------------------------------------
+
+
+class StepBackend:
+    """A way to compute the logits of a step's members."""
+
+    name = "abstract"
+    supports = ""  # one line for `tofa-fast info`
+    #: members per forward/backward pass; ``None``: all of a step's members in one pass
+    members_per_pass: int | None = 1
+
+    def not_supported_reasons(self, net: Supernet, device: torch.device) -> list[str]:
+        raise NotImplementedError
+
+    def forward_members(
+        self, net: Supernet, archs: Sequence[Arch], images: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Logits (N_i, classes) of ``archs[i]`` on ``images[i]`` (N_i, C, r_i, r_i)."""
+        raise NotImplementedError
+
+
+class SequentialStep(StepBackend):
+    name = "sequential"
+    supports = "every network and device: set_active + forward, one member per pass"
+
+    def not_supported_reasons(self, net: Supernet, device: torch.device) -> list[str]:
+        return []
+
+    def forward_members(
+        self, net: Supernet, archs: Sequence[Arch], images: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        logits = []
+        for arch, x in zip(archs, images):
+            net.set_active(arch)
+            logits.append(net(x))
+        return logits
+
+
+#: in order of preference for ``--step auto``
+STEP_TABLE: tuple[StepBackend, ...] = (SequentialStep(),)
+
+
+def choose_step_backend(name: str, net: Supernet, device: torch.device) -> StepBackend:
+    """The entry ``name`` names (``auto``: the first that serves ``net`` on ``device``); an entry
+    that cannot serve raises ``ValueError`` with its reasons."""
+    if name == "auto":
+        return next(b for b in STEP_TABLE if not b.not_supported_reasons(net, device))
+    for backend in STEP_TABLE:
+        if backend.name == name:
+            reasons = backend.not_supported_reasons(net, device)
+            if reasons:
+                raise ValueError(f"step {name!r} cannot train this network on {device}: {'; '.join(reasons)}")
+            return backend
+    raise ValueError(f"step must be 'auto' or one of {[b.name for b in STEP_TABLE]}, got {name!r}")
+
+
+def describe_step_backends() -> list[str]:
+    """One line per entry of :data:`STEP_TABLE`, for ``tofa-fast info``."""
+    return [f"{b.name:<10} {b.supports}" for b in STEP_TABLE]
+
+
+def forward_members(
+    net: Supernet, archs: Sequence[Arch], images: Sequence[torch.Tensor], backend: StepBackend | None = None
+) -> list[torch.Tensor]:
+    """Logits of several members, each on its own images, through ``backend`` (default: ``auto``)."""
+    if len(archs) != len(images):
+        raise ValueError(f"archs and images must have the same length, got {len(archs)} and {len(images)}")
+    backend = backend or choose_step_backend("auto", net, next(net.parameters()).device)
+    return backend.forward_members(net, archs, images)
+
+
+# ------------------------------------------------------------------------------------------------
+# The step
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    label_smoothing: float
+    threshold: float  # FixMatch confidence τ
+
+
+def train_step(
+    net: Supernet,
+    plan: StepPlan,
+    batch: StepBatch,
+    settings: LossSettings,
+    fmt: ComputeFormat,
+    backend: StepBackend,
+    teacher: torch.nn.Module | None = None,
+) -> dict[str, torch.Tensor]:
+    """Forward every member of ``plan``, back-propagate the sum of its loss terms (gradients add up
+    in ``.grad``), return the terms summed over members as detached 0-dim tensors on the device
+    (``sup``, and ``fm``, ``kd``, ``mask`` — the share of confident pseudo-labels — when present).
+
+    Terms per member (SPEC §7): CE on the labelled batch; FixMatch on the strong unlabelled view
+    against the pseudo-label teacher's labels on the weak view; distillation of the teacher's soft
+    labels on the weak view; with a strategy ``teacher`` (``ps``), distillation of its soft labels
+    on the labelled batch.
+    """
+    device = batch.x.device
+    autocast = fmt.autocast(device)
+    pseudo = None
+    if plan.pseudo_label_teacher is not None:
+        if batch.u_weak is None:
+            raise ValueError("the step plan has unlabelled terms but the batch has no unlabelled images")
+        arch = plan.pseudo_label_teacher
+        with torch.no_grad(), autocast:
+            logits = forward_members(net, [arch], [resize(batch.u_weak, arch.resolution)], backend)[0]
+        pseudo = losses.pseudo_labels(logits, settings.threshold)
+
+    soft_targets: dict[int, losses.PseudoLabels] = {}  # the ps teacher's, per resolution
+
+    def teacher_targets(images: torch.Tensor, resolution: int) -> losses.PseudoLabels:
+        if resolution not in soft_targets:  # members of one step often share a resolution
+            with torch.no_grad(), autocast:
+                logits_t = teacher(images[: batch.x.shape[0]]).float()
+            soft_targets[resolution] = losses.pseudo_labels(logits_t, settings.threshold)
+        return soft_targets[resolution]
+
+    def member_images(member: Member) -> tuple[torch.Tensor, list[int]]:
+        parts = [batch.x] + ([batch.u_strong] if member.fm else []) + ([batch.u_weak] if member.kd else [])
+        return resize(torch.cat(parts), member.arch.resolution), [p.shape[0] for p in parts]
+
+    terms: dict[str, torch.Tensor] = {}
+
+    def add(name: str, value: torch.Tensor) -> torch.Tensor:
+        terms[name] = terms[name] + value.detach() if name in terms else value.detach()
+        return value
+
+    per_pass = backend.members_per_pass or len(plan.members)
+    for start in range(0, len(plan.members), per_pass):
+        members = plan.members[start : start + per_pass]
+        inputs = [member_images(m) for m in members]
+        with autocast:
+            outputs = backend.forward_members(net, [m.arch for m in members], [images for images, _ in inputs])
+        pass_terms = []
+        for member, (images, sizes), logits in zip(members, inputs, outputs):
+            chunks = logits.float().split(sizes)
+            if member.sup:
+                pass_terms.append(add("sup", losses.supervised_loss(chunks[0], batch.y, settings.label_smoothing)))
+            if member.fm:
+                pass_terms.append(add("fm", losses.fixmatch_loss(chunks[1], pseudo)))
+            if member.kd:
+                pass_terms.append(add("kd", losses.distillation_loss(chunks[-1], pseudo)))
+            if member.teacher_kd:
+                if teacher is None:
+                    raise ValueError("a member takes teacher_kd but the strategy has no teacher")
+                targets = teacher_targets(images, member.arch.resolution)
+                pass_terms.append(add("kd", losses.distillation_loss(chunks[0], targets)))
+        if pass_terms:
+            torch.stack(pass_terms).sum().backward()
+    if pseudo is not None:
+        terms["mask"] = pseudo.mask.mean()
+    return terms
