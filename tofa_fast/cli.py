@@ -196,6 +196,10 @@ def _run(args: argparse.Namespace) -> int:
         print(run.arch_json(run.select(args.run, args.max_mflops)))
         return 0
     if args.command == "export":
+        if args.output.lower().endswith(".onnx"):
+            from .train.onnx_requirements import require_onnx_export
+
+            require_onnx_export()  # name the package to install before selecting and recalibrating
         arch = run.export(args.run, args.max_mflops, args.output)
         print(f"wrote {args.output} ({arch})")
         return 0
