@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--freeze-bn", action="store_true", help="keep batch norm in inference mode (fine-tuning with tiny batches)"
     )
     train.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    train.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="list and leave out images that do not decode, instead of stopping before training",
+    )
 
     select = sub.add_parser("select", help="print the arch chosen for a budget as JSON")
     select.add_argument("run", metavar="RUN")
@@ -182,6 +187,7 @@ def _run(args: argparse.Namespace) -> int:
             freeze_bn=args.freeze_bn,
             arch=args.arch,
             num_workers=args.workers,
+            skip_bad_images=args.skip_bad_images,
         )
         palette = run.train(config, resume=args.resume)
         if not palette:  # a torchrun rank other than 0: rank 0 reports
