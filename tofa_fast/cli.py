@@ -10,7 +10,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from .train.config import STRATEGIES
+from .train.config import PRECISIONS, STEP_MODES, STRATEGIES
 from .train.losses import LOSS_VARIANTS
 
 
@@ -80,6 +80,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--freeze-bn", action="store_true", help="keep batch norm in inference mode (fine-tuning with tiny batches)"
     )
     train.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    train.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="fp32, or bf16 autocast with fp32 master weights (default auto: bf16 on CUDA, fp32 on the CPU)",
+    )
+    train.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="NHWC activations and weights (default: on for CUDA, off on the CPU)",
+    )
+    train.add_argument(
+        "--step",
+        choices=STEP_MODES,
+        default="auto",
+        help="how a step computes its subnets' logits (default auto: the fastest entry that serves; see `info`)",
+    )
     train.add_argument(
         "--skip-bad-images",
         action="store_true",
@@ -187,6 +205,9 @@ def _run(args: argparse.Namespace) -> int:
             freeze_bn=args.freeze_bn,
             arch=args.arch,
             num_workers=args.workers,
+            precision=args.precision,
+            channels_last=args.channels_last,
+            step=args.step,
             skip_bad_images=args.skip_bad_images,
         )
         palette = run.train(config, resume=args.resume)
