@@ -21,6 +21,44 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def _positive_number(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _non_negative_number(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
+    return value
+
+
+def _device(text: str) -> str:
+    """A device name PyTorch reads, and for CUDA one that this machine has."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a device name (cpu, cuda, cuda:1, …): {text!r}") from None
+    if device.type == "cuda":
+        visible = torch.cuda.device_count()
+        if visible == 0:
+            raise argparse.ArgumentTypeError(f"{text!r} asked for, but no CUDA device is visible")
+        if device.index is not None and device.index >= visible:
+            raise argparse.ArgumentTypeError(f"{text!r} asked for, but only {visible} CUDA device(s) are visible")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tofa-fast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -62,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--seed", type=int, default=0, metavar="S")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    train.add_argument(
+        "--device", type=_device, default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)"
+    )
     train.add_argument(
         "--space",
         default=None,
@@ -106,11 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     select = sub.add_parser("select", help="print the arch chosen for a budget as JSON")
     select.add_argument("run", metavar="RUN")
-    select.add_argument("--max-mflops", type=float, required=True, metavar="B")
+    select.add_argument("--max-mflops", type=_positive_number, required=True, metavar="B")
 
     export = sub.add_parser("export", help="write a standalone subnet (.onnx or .pt)")
     export.add_argument("run", metavar="RUN")
-    export.add_argument("--max-mflops", type=float, required=True, metavar="B")
+    export.add_argument("--max-mflops", type=_positive_number, required=True, metavar="B")
     export.add_argument("-o", "--output", required=True, metavar="FILE")
 
     evaluate = sub.add_parser("evaluate", help="evaluate subnets of a run on its test split")
@@ -140,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     profile = sub.add_parser("profile", help="build or validate a latency table on this device")
     profile.add_argument("--space", default="rss")
-    profile.add_argument("--device", default=None, help="cpu or cuda (default: cpu; with --validate: the table's)")
+    profile.add_argument(
+        "--device", type=_device, default=None, help="cpu or cuda (default: cpu; with --validate: the table's)"
+    )
     profile.add_argument(
         "-o", "--output", metavar="FILE", help="latency table to write or resume (with --validate: a JSON report)"
     )
@@ -148,13 +190,19 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--batch-size", type=_positive_int, default=1)
     profile.add_argument("--num-classes", type=_positive_int, default=1000, help="classifier outputs (default: 1000)")
     profile.add_argument("--threads", type=_positive_int, default=None, help="intra-op threads (default: torch's)")
-    profile.add_argument("--time-budget", type=float, default=None, metavar="SECONDS", help="stop (resumably) after")
-    profile.add_argument("--min-time", type=float, default=0.05, metavar="SECONDS", help="timing time per layer")
-    profile.add_argument("--calibration", type=int, default=16, metavar="N", help="subnets timed to fit overheads")
+    profile.add_argument(
+        "--time-budget", type=_positive_number, default=None, metavar="SECONDS", help="stop (resumably) after"
+    )
+    profile.add_argument(
+        "--min-time", type=_positive_number, default=0.05, metavar="SECONDS", help="timing time per layer"
+    )
+    profile.add_argument(
+        "--calibration", type=_non_negative_int, default=16, metavar="N", help="subnets timed to fit overheads"
+    )
     profile.add_argument("--passes", type=_positive_int, default=3, help="timing passes (minimum kept)")
     profile.add_argument(
         "--cold-mib",
-        type=float,
+        type=_non_negative_number,
         default=0,
         metavar="MIB",
         help="weights cycled per layer (default: 2x last-level cache)",

@@ -107,12 +107,19 @@ class Estimator:
         if isinstance(archs, (Arch, Mapping)):
             return space.encode([space.check(archs)]), True
         if isinstance(archs, torch.Tensor):
+            if archs.device.type == "meta":
+                raise ValueError("codes is a tensor on the meta device: it holds no choice indices to score")
             archs = archs.detach().cpu().numpy()
         if isinstance(archs, np.ndarray):
             return self._check_array(archs), False
         if isinstance(archs, (str, bytes)):
             raise TypeError("archs must be Arch objects, arch dicts or an encoded int array, got a string")
-        items = list(archs)
+        try:
+            items = list(archs)
+        except TypeError:
+            raise TypeError(
+                f"archs must be Arch objects, arch dicts or an encoded int array, got {type(archs).__name__}"
+            ) from None
         if not items:
             return np.zeros((0, space.code_length), dtype=np.int32), False
         return space.encode([space.check(a) if isinstance(a, Mapping) else a for a in items]), False
@@ -210,16 +217,22 @@ class Estimator:
         """
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
             raise ValueError(f"n must be a non-negative integer, got {n!r}")
+        if not isinstance(as_codes, bool):
+            raise TypeError(f"as_codes must be True or False, got {as_codes!r}")
         low, high = self.flops_range()
         lo = low if min_flops is None else _flops_bound(min_flops, "min_flops", ceil=True)
         hi = high if max_flops is None else _flops_bound(max_flops, "max_flops", ceil=False)
-        if lo > hi:
+        if min_flops is not None and max_flops is not None and lo > hi:
             raise ValueError(f"min_flops ({min_flops}) must not exceed max_flops ({max_flops})")
         sampler = self._band_sampler()
         if hi < low or lo > high:
             from .sampler import EmptyBandError
 
             raise EmptyBandError(sampler.empty_band_message(lo, hi))
+        if not isinstance(seed, np.random.Generator) and (
+            isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0
+        ):
+            raise ValueError(f"seed must be a non-negative integer or a numpy Generator, got {seed!r}")
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
         codes = sampler.sample(int(n), max(lo, low), min(hi, high), rng)
         return codes if as_codes else self.space.decode(codes)

@@ -102,8 +102,7 @@ class Supernet(nn.Module):
         return arch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != self.space.in_channels:
-            raise ValueError(f"x must have shape (N, {self.space.in_channels}, H, W), got {tuple(x.shape)}")
+        _check_images(x, self.space.in_channels, self.stem_conv.weight)
         arch = self.active_arch
         x = self.stem_act(self.stem_bn(self.stem_conv(x, arch.stem)))
         for layers, stage_arch in zip(self.stages, arch.stages):
@@ -158,6 +157,27 @@ class Supernet(nn.Module):
         for layers in self.stages:
             for layer in layers:
                 layer.sort_middle_channels(expand_stage)
+
+
+def _check_images(x: Any, channels: int, weight: torch.Tensor) -> None:
+    """SPEC §12: a wrong type, shape, dtype or device is named here, not by a convolution deep inside."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape (N, {channels}, H, W), got {type(x).__name__}")
+    if x.is_nested or x.layout != torch.strided:
+        raise ValueError(f"x must be a dense tensor, got a {'nested' if x.is_nested else x.layout} one")
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(f"x must have shape (N, {channels}, H, W), got {tuple(x.shape)}")
+    if x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"x must have non-empty spatial dims, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but the supernet's weights are on {weight.device}")
+    # Under autocast the convolutions cast x themselves (bf16 x with float32 master weights is fine).
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(
+            f"x has dtype {x.dtype} but the supernet's weights {weight.dtype}; convert one, or run under torch.autocast"
+        )
 
 
 class Subnet(nn.Module):

@@ -40,6 +40,8 @@ def get(name: str, **options) -> SearchSpace:
     ``width_mult`` and ``resolutions``)."""
     if isinstance(name, SearchSpace):
         return name
+    if not isinstance(name, str):
+        raise TypeError(f"space name must be a str (one of {names()}) or a SearchSpace, got {type(name).__name__}")
     try:
         factory = _PRESETS[name]
     except KeyError:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from .space import HeadSpec, SearchSpace, StageSpec, StemSpec, make_divisible
 
 # The TOFA paper searches the input resolution but its resolution set was lost in extraction.
@@ -46,8 +48,13 @@ def ofa_mbv3(width_mult: float = 1.2, resolutions: tuple[int, ...] | None = None
     its five elastic stages (kernel {3,5,7}, expand {3,4,6}, depth {2,3,4}). Channel counts follow
     ``make_divisible(base * width_mult, 8)`` as in ``ofa.imagenet_classification.elastic_nn.networks``.
     """
-    if width_mult <= 0:
-        raise ValueError(f"width_mult must be positive, got {width_mult}")
+    if (
+        isinstance(width_mult, bool)
+        or not isinstance(width_mult, (int, float))
+        or not math.isfinite(width_mult)
+        or width_mult <= 0
+    ):
+        raise ValueError(f"width_mult must be a positive number, got {width_mult!r}")
     base = [16, 16, 24, 40, 80, 112, 160]
     widths = [make_divisible(b * width_mult, 8) for b in base]
     final_expand = make_divisible(960 * width_mult, 8)
@@ -62,7 +69,7 @@ def ofa_mbv3(width_mult: float = 1.2, resolutions: tuple[int, ...] | None = None
     expand = final_expand / widths[-1]
     return SearchSpace(
         name="ofa_mbv3" if width_mult == 1.2 else f"ofa_mbv3_w{width_mult:g}",
-        resolutions=tuple(resolutions) if resolutions is not None else tuple(range(128, 225, 4)),
+        resolutions=resolutions if resolutions is not None else tuple(range(128, 225, 4)),
         stem=StemSpec(widths=(widths[0],), stride=2, act="hswish"),
         stages=tuple(stages),
         head=HeadSpec(widths=(last_channel,), expand=expand, act="hswish", dropout=0.1),

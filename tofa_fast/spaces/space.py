@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -64,12 +65,16 @@ def _plain_number(value: float) -> int | float:
 
 
 def _choices(values: Iterable[Any], name: str) -> tuple:
-    out = tuple(values)
+    try:
+        out = tuple(values)
+        distinct, ordered = len(set(out)), tuple(sorted(out))
+    except TypeError:  # not iterable, unhashable or unorderable choices
+        raise TypeError(f"{name} must be a sequence of numbers, got {values!r:.80}") from None
     if not out:
         raise ValueError(f"{name} must list at least one choice")
-    if len(set(out)) != len(out):
+    if distinct != len(out):
         raise ValueError(f"{name} lists a choice twice: {list(out)}")
-    return tuple(sorted(out))
+    return ordered
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,6 +291,8 @@ class SearchSpace:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "resolutions", _choices(self.resolutions, "resolutions"))
+        if any(isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1 for r in self.resolutions):
+            raise ValueError(f"resolutions must be positive integers (pixels), got {list(self.resolutions)}")
         object.__setattr__(self, "stages", tuple(self.stages))
         if not self.stages:
             raise ValueError("a search space needs at least one stage")
@@ -429,15 +436,27 @@ class SearchSpace:
             )
         return Arch(resolution, stem, tuple(stages), head)
 
-    def arch_from_json(self, text: str) -> Arch:
+    def arch_from_json(self, text: str | bytes) -> Arch:
+        if not isinstance(text, (str, bytes, bytearray)):
+            raise TypeError(f"arch JSON must be a str, got {type(text).__name__}")
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"arch JSON does not parse: {exc}") from exc
+        except RecursionError:  # nesting deeper than the interpreter's stack: not an arch either
+            raise ValueError("arch JSON does not parse: nested too deeply") from None
         return self.arch_from_dict(data)
 
     def arch_from_string(self, text: str) -> Arch:
         """Parse the canonical string form (see module docstring)."""
+        if not isinstance(text, str):
+            raise TypeError(f"arch string must be a str, got {type(text).__name__}")
+        # int() and float() also read spaces, "_", non-ASCII digits, "inf" and "nan": not the grammar.
+        if not _ARCH_STRING_CHARACTERS.fullmatch(text.strip()):
+            raise ValueError(
+                f"arch string {text!r} does not parse: it has characters outside the grammar "
+                "(ASCII digits and r s w d k e h , . -)"
+            )
         parts = text.strip().split("-")
         if (
             len(parts) != len(self.stages) + 3
@@ -509,7 +528,10 @@ class SearchSpace:
 
     def decode(self, codes: np.ndarray | Sequence[Sequence[int]]) -> list[Arch]:
         """Inverse of :meth:`encode`. Rejects rows of another space or out-of-range indices."""
-        arr = np.asarray(codes)
+        try:
+            arr = np.asarray(codes)
+        except ValueError:  # ragged rows
+            raise ValueError(f"codes must be a rectangular integer array (n, {self.code_length})") from None
         if arr.ndim == 1:
             arr = arr[None, :]
         if arr.ndim != 2 or arr.shape[1] != self.code_length:
@@ -542,7 +564,10 @@ class SearchSpace:
                 tuple(stages),
                 _pick(row_index, row[2], self.head.widths, "head"),
             )
-            out.append(self.check(arch))
+            try:
+                out.append(self.check(arch))
+            except ValueError as exc:  # e.g. two kernels in one stage of a stage-granularity space
+                raise ValueError(f"codes[{row_index}]: {exc}") from None
         return out
 
     # -- counting and serialisation -----------------------------------------------------------
@@ -589,6 +614,10 @@ def _check_keys(d: Mapping[str, Any], required: tuple[str, ...], where: str) -> 
     unknown = [k for k in d if k not in required]
     if unknown:
         raise ValueError(f"{where} has unknown key(s) {unknown}; allowed keys: {list(required)}")
+
+
+# The canonical arch string's alphabet (see the module docstring).
+_ARCH_STRING_CHARACTERS = re.compile(r"[0-9rswdkeh,.\-]+")
 
 
 def _check_choice(value: Any, allowed: tuple, name: str):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -19,6 +20,16 @@ STRATEGY_LOSSES: dict[str, tuple[str, ...]] = {
 }
 PRECISIONS = ("auto", "fp32", "bf16")
 STEP_MODES = ("auto", "sequential")
+
+
+def check_device_name(device: str) -> None:
+    """Raise ``ValueError`` naming ``device`` unless PyTorch reads it as a device (``cpu``, ``cuda:1``…)."""
+    import torch
+
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r} is not a device name (cpu, cuda, cuda:1, …): {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -103,8 +114,18 @@ class TrainConfig:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name in ("lr", "label_smoothing", "threshold", "weight_decay"):
-            if getattr(c, name) < 0:
-                raise ValueError(f"{name} must be non-negative, got {getattr(c, name)}")
+            value = getattr(c, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
+        for name in ("label_smoothing", "threshold"):  # probabilities
+            if getattr(c, name) > 1:
+                raise ValueError(f"{name} must be at most 1, got {getattr(c, name)!r}")
+        if isinstance(c.seed, bool) or not isinstance(c.seed, int) or not 0 <= c.seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {c.seed!r}")
+        if isinstance(c.num_workers, bool) or not isinstance(c.num_workers, int) or c.num_workers < 0:
+            raise ValueError(f"num_workers must be a non-negative integer, got {c.num_workers!r}")
+        if c.device is not None:
+            check_device_name(c.device)
         return c
 
     def to_dict(self) -> dict[str, Any]:

@@ -143,16 +143,18 @@ class DataSplits:
         return len(self.classes)
 
 
-def split_labels_per_class(labels: torch.Tensor, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_labels_per_class(
+    labels: torch.Tensor, per_class: int, seed: int, name: str = "labels_per_class"
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices of ``per_class`` labelled examples per class and of the rest (TOFA's semi-supervised
-    splits). Raises if a class has fewer than ``per_class`` + 1 examples."""
+    splits). Raises if a class has fewer than ``per_class`` + 1 examples, naming the setting ``name``."""
     rng = np.random.default_rng(seed)
     labelled, rest = [], []
     labels_np = labels.numpy()
     for c in np.unique(labels_np):
         idx = rng.permutation(np.flatnonzero(labels_np == c))
         if len(idx) <= per_class:
-            raise ValueError(f"labels_per_class={per_class} but class {c} has only {len(idx)} training images")
+            raise ValueError(f"{name}={per_class} but class {c} has only {len(idx)} training images")
         labelled.append(idx[:per_class])
         rest.append(idx[per_class:])
     return np.sort(np.concatenate(labelled)), np.sort(np.concatenate(rest))
@@ -167,7 +169,7 @@ def carve_validation(train: ImageSet, per_class: int | None, seed: int) -> tuple
         return train, None
     if train.labels is None:
         raise ValueError("val_per_class needs labelled training images")
-    val_idx, rest_idx = split_labels_per_class(train.labels, per_class, seed + 7_919)
+    val_idx, rest_idx = split_labels_per_class(train.labels, per_class, seed + 7_919, "val_per_class")
     return train.subset(rest_idx), train.subset(val_idx)
 
 
