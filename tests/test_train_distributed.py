@@ -27,9 +27,18 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _launch(out, epochs: int, freeze_bn: bool, nproc: int, resume: bool = False, stop_after: int | None = None):
+def _launch(
+    out,
+    epochs: int,
+    freeze_bn: bool,
+    nproc: int,
+    resume: bool = False,
+    stop_after: int | None = None,
+    signal_at: int | None = None,
+):
     args = [WORKER, str(out), str(epochs), "1" if freeze_bn else "0"] + (["--resume"] if resume else [])
     args += ["--stop-after", str(stop_after)] if stop_after is not None else []
+    args += ["--signal-at", str(signal_at)] if signal_at is not None else []
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     else:
@@ -67,6 +76,15 @@ def test_rank_zero_writes_ranks_agree_and_resume_is_exact_with_bn_training(tmp_p
     r0, r1 = _weights(straight, 0), _weights(straight, 1)
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     resumed = _weights(split, 0)
+    for key in r0:
+        assert torch.equal(r0[key], resumed[key]), key
+    # one rank pre-empted mid-epoch (at step 3; ranks agree every 2 steps): all stop after step 4
+    stopped = tmp_path / "stopped"
+    _launch(stopped, epochs=2, freeze_bn=False, nproc=2, signal_at=3)
+    assert [open(f"{stopped}.rank{r}.stopped").read() for r in (0, 1)] == ["4", "4"]
+    assert load_checkpoint(str(stopped / "checkpoint.pt"))["step"] == 4
+    _launch(stopped, epochs=2, freeze_bn=False, nproc=2, resume=True)
+    resumed = _weights(stopped, 0)
     for key in r0:
         assert torch.equal(r0[key], resumed[key]), key
     # only rank 0 wrote the run folder: one checkpoint, one log line per epoch

@@ -121,6 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     train.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="also write the checkpoint every N steps mid-epoch (pre-emption; default: at epoch ends only)",
+    )
+    train.add_argument(
+        "--checkpoint-minutes",
+        type=float,
+        default=None,
+        metavar="M",
+        help="also write the checkpoint every M minutes mid-epoch; SIGTERM / SIGINT always write one and stop",
+    )
+    train.add_argument(
         "--precision",
         choices=PRECISIONS,
         default="auto",
@@ -221,11 +235,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(info_text())
         return 0
+    from .train.preemption import TrainingStopped
+
     try:
         return _run(args)
     except ValueError as exc:  # bad input: a clear message, no traceback
         print(f"tofa-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingStopped as stop:  # pre-empted or Ctrl-C: the checkpoint is written
+        print(
+            f"tofa-fast train: {stop}\nresume with: tofa-fast train --out {args.out} --resume "
+            "(under torchrun: the same torchrun command with --resume)",
+            file=sys.stderr,
+        )
+        return stop.exit_code
+    except OSError as exc:  # e.g. a checkpoint that could not be written: say what, no traceback
+        print(f"tofa-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -254,6 +280,8 @@ def _run(args: argparse.Namespace) -> int:
             arch=args.arch,
             num_workers=args.workers,
             precision=args.precision,
+            checkpoint_every=args.checkpoint_every,
+            checkpoint_minutes=args.checkpoint_minutes,
             channels_last=args.channels_last,
             step=args.step,
             skip_bad_images=args.skip_bad_images,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
@@ -31,6 +32,18 @@ def save_atomic(obj: Any, path: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def remove_stale_temporaries(path: str) -> None:
+    """Delete the temporary files :func:`save_atomic` leaves beside ``path`` when its process is
+    killed mid-write (they are never a checkpoint: the rename is what publishes one)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        if name.startswith(".tmp-") and name.endswith(".pt"):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
 
 
 def write_text_atomic(text: str, path: str) -> None:

@@ -76,6 +76,10 @@ class TrainConfig:
     channels_last: bool | None = None
     step: str = "auto"  # how a step computes its members' logits (train/step.py's table)
     log_every: int = 10  # steps between two reads of the loss terms from the device
+    # Mid-epoch checkpoints (pre-emption): every N optimizer steps and/or every M minutes; the end of
+    # every epoch and a SIGTERM / SIGINT always write one.
+    checkpoint_every: int | None = None
+    checkpoint_minutes: float | None = None
 
     def resolved(self) -> TrainConfig:
         """Fill data-set dependent defaults and validate every field (errors name the field)."""
@@ -109,7 +113,9 @@ class TrainConfig:
             value = getattr(c, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("labels_per_class", "val_per_class"):
+        if c.checkpoint_minutes is not None and not c.checkpoint_minutes > 0:
+            raise ValueError(f"checkpoint_minutes must be positive, got {c.checkpoint_minutes!r}")
+        for name in ("labels_per_class", "val_per_class", "checkpoint_every"):
             value = getattr(c, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

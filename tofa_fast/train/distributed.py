@@ -122,14 +122,30 @@ def average_buffers(module: torch.nn.Module, ctx: DistContext) -> None:
         _all_reduce_mean([b for b in module.buffers() if b.is_floating_point()], ctx)
 
 
+def _collective_device() -> torch.device:
+    """Where small host values travel for a collective: NCCL only moves CUDA tensors."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def average_scalars(values: dict[str, float], ctx: DistContext) -> dict[str, float]:
     """Mean of per-rank scalars (logged losses) over ranks; keys must match on every rank."""
     if not ctx.enabled or not values:
         return values
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t)
     return {k: float(v) / ctx.world_size for k, v in zip(keys, t.tolist())}
+
+
+def all_reduce_max(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """The element-wise maximum of a small CPU tensor over ranks (a CPU tensor)."""
+    if not ctx.enabled:
+        return values
+    t = values.to(_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.cpu()
 
 
 def broadcast_object(obj: Any, ctx: DistContext) -> Any:
@@ -139,6 +155,15 @@ def broadcast_object(obj: Any, ctx: DistContext) -> Any:
     box = [obj if ctx.is_main else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if not ctx.enabled:
+        return [obj]
+    box: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(box, obj)
+    return box
 
 
 def barrier(ctx: DistContext) -> None:

@@ -47,8 +47,14 @@ class Strategy:
         self.space, self.epochs, self.steps_per_epoch, self.config = space, epochs, steps_per_epoch, config
         self.use_fm, self.use_kd = variant_terms(config.loss)
 
-    def on_epoch_start(self, epoch: int, rng: random.Random, net: Supernet, optimizer: torch.optim.Optimizer) -> None:
-        """Called at the start of every epoch, before its first step (phase changes go here)."""
+    def on_epoch_start(
+        self, epoch: int, rng: random.Random, net: Supernet, optimizer: torch.optim.Optimizer, resumed: bool = False
+    ) -> None:
+        """Called at the start of every epoch, before its first step (phase changes go here).
+
+        ``resumed``: the epoch continues from a mid-epoch checkpoint, so what the epoch's start did
+        to ``net`` and ``optimizer`` is already in their restored state; only the strategy's own
+        epoch state (and its draws from ``rng``) is to be set up again."""
 
     def plan(self, rng: random.Random) -> StepPlan:
         raise NotImplementedError
@@ -88,7 +94,9 @@ class RssStrategy(Strategy):
 
     name = "rss"
 
-    def on_epoch_start(self, epoch: int, rng: random.Random, net: Supernet, optimizer: torch.optim.Optimizer) -> None:
+    def on_epoch_start(
+        self, epoch: int, rng: random.Random, net: Supernet, optimizer: torch.optim.Optimizer, resumed: bool = False
+    ) -> None:
         self.arch = self.space.sample(rng)
 
     def plan(self, rng: random.Random) -> StepPlan:
@@ -215,10 +223,12 @@ class ProgressiveShrinking(Strategy):
     def phase_at(self, epoch: int) -> int:
         return max(i for i, p in enumerate(self.phases) if p.start <= epoch)
 
-    def on_epoch_start(self, epoch: int, rng: random.Random, net: Supernet, optimizer: torch.optim.Optimizer) -> None:
+    def on_epoch_start(
+        self, epoch: int, rng: random.Random, net: Supernet, optimizer: torch.optim.Optimizer, resumed: bool = False
+    ) -> None:
         self.phase_index = self.phase_at(epoch)
         phase = self.phases[self.phase_index]
-        if epoch != phase.start or self.phase_index == 0:
+        if epoch != phase.start or self.phase_index == 0 or resumed:
             return
         # Phase boundary (runs again, identically, when a run resumes at this epoch).
         if self._teacher is None:  # the full net, frozen when the full phase ends

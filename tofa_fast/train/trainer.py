@@ -31,11 +31,12 @@ from ..nn import Supernet
 from ..nn.elastic_batchnorm import ElasticBatchNorm2d
 from ..spaces import SearchSpace
 from . import distributed as dist_utils
-from .checkpoint import FORMAT, load_checkpoint, save_atomic
+from .checkpoint import FORMAT, load_checkpoint, remove_stale_temporaries, save_atomic
 from .config import TrainConfig
 from .data import DataSplits, load_data
 from .loaders import epoch_loaders, epoch_seed
 from .plan import StepPlan
+from .preemption import CheckpointClock, StopSignals, TrainingStopped
 from .run_record import Run
 from .selection import SelectionIndex
 from .step import ComputeFormat, LossSettings, StepBatch, choose_step_backend, train_step
@@ -97,6 +98,9 @@ class Trainer:
         self.loss_settings = LossSettings(config.label_smoothing, config.threshold)
         self.selection = SelectionIndex(self.space)
         self.epoch, self.step = 0, 0
+        self._epoch_progress: dict[str, Any] | None = None
+        self._signals = StopSignals()
+        self._clock = CheckpointClock(config.checkpoint_every, config.checkpoint_minutes)
         if saved is not None:
             self._restore(saved)
 
@@ -139,9 +143,23 @@ class Trainer:
         self.selection = SelectionIndex(self.space, saved["selection_index"])
         self.epoch, self.step = int(saved["epoch"]), int(saved["step"])
         self.strategy.load_state_dict(saved.get("strategy", {}), self.net)
+        self._epoch_progress = saved.get("epoch_progress")  # a checkpoint written mid-epoch
+        if self._epoch_progress is not None and "rank_buffers" in self._epoch_progress:
+            # Mid-epoch, each rank's BN running statistics are its own (averaged at epoch ends only).
+            rank_buffers = self._epoch_progress["rank_buffers"]
+            if len(rank_buffers) != self.dist.world_size:
+                raise ValueError(
+                    f"{self.checkpoint_path} was written mid-epoch by {len(rank_buffers)} processes; resume it "
+                    f"with {len(rank_buffers)} processes (this run has {self.dist.world_size})"
+                )
+            buffers = dict(self.net.named_buffers())
+            for name, value in rank_buffers[self.dist.rank].items():
+                buffers[name].copy_(value)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
+    def state_dict(self, epoch_progress: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Everything a resumed run needs. Mid-epoch, ``epoch_progress`` adds the epoch's RNG states
+        and loss sums (see :meth:`train_epoch`); the data position follows from ``step``."""
+        state = {
             "format": FORMAT,
             "config": self.config.to_dict(),
             "space": self.space.to_json(),
@@ -154,6 +172,9 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
         }
+        if epoch_progress is not None:
+            state["epoch_progress"] = epoch_progress
+        return state
 
     def run(self) -> Run:
         """The run as it stands: what ``select``, ``export``, the palette and search work on."""
@@ -192,61 +213,123 @@ class Trainer:
                     m.eval()
 
     def train_epoch(self) -> dict[str, float]:
-        """Train one epoch; returns its mean loss terms (averaged over processes) and the last lr."""
-        c, epoch = self.config, self.epoch
+        """Train (the rest of) one epoch; returns its mean loss terms (averaged over processes) and
+        the last lr. Writes mid-epoch checkpoints when due; on a stop signal writes one and raises
+        :class:`TrainingStopped` at the step boundary.
+
+        Resuming mid-epoch: the epoch restarts from its seed (its batch lists, the strategy's epoch
+        draw), then the RNG states saved with the checkpoint replace the fresh ones and the batches
+        already trained are skipped — the rest of the epoch is what the uninterrupted run trains."""
+        c, epoch, spe = self.config, self.epoch, self.steps_per_epoch
         seed = epoch_seed(c.seed, epoch)
         torch.manual_seed(seed)  # dropout and drop-connect of this epoch
         rng = random.Random(seed)  # subnet sampling: identical on every rank
-        self.strategy.on_epoch_start(epoch, rng, self.net, self.optimizer)
+        progress, self._epoch_progress = self._epoch_progress, None
+        self.strategy.on_epoch_start(epoch, rng, self.net, self.optimizer, resumed=progress is not None)
+        done = self.step - epoch * spe  # steps of this epoch in the checkpoint
         self._train_mode()
         uses_unlabelled = self.strategy.use_fm or self.strategy.use_kd
         lab_loader, unl_loader = epoch_loaders(
-            self.splits, seed, self.steps_per_epoch, c.batch_size, c.mu, uses_unlabelled, self.dist, c.num_workers
+            self.splits, seed, spe, c.batch_size, c.mu, uses_unlabelled, self.dist, c.num_workers, skip=done
         )
         bar = tqdm(
-            zip(lab_loader, unl_loader),
-            total=self.steps_per_epoch,
+            zip(lab_loader, unl_loader),  # zip creates both loaders' iterators now
+            initial=done,
+            total=spe,
             desc=f"epoch {epoch + 1}/{c.epochs}",
             leave=False,
             dynamic_ncols=True,
             disable=not self.dist.is_main,
         )
         totals: dict[str, torch.Tensor] = {}
-        for i, (labelled, unlabelled) in enumerate(bar, 1):
+        if progress is not None:  # after the loaders' iterators exist: creating one draws a seed
+            rng.setstate(_as_rng_state(progress["rng"]))
+            torch.set_rng_state(progress["torch_rng"])
+            if self.device.type == "cuda" and "cuda_rng" in progress:
+                torch.cuda.set_rng_state(progress["cuda_rng"], self.device)
+            totals = {k: torch.tensor(v, device=self.device) for k, v in progress["totals"].items()}
+        for i, (labelled, unlabelled) in enumerate(bar, done + 1):
             for k, v in self.train_step(labelled, unlabelled, self.strategy.plan(rng)).items():
                 totals[k] = totals[k] + v if k in totals else v
             if i % c.log_every == 0 and self.dist.is_main:  # one device → host transfer per interval
                 bar.set_postfix({k: f"{v:.3f}" for k, v in _to_host(totals, 1 / i).items()})
+            # Ranks agree on time- and signal-driven decisions at every step of a single process and
+            # at every logging interval under torchrun (a collective each step would cost a sync).
+            time_due, stop = False, None
+            if not self.dist.enabled or i % c.log_every == 0 or i == spe:
+                time_due, stop = self._clock.agree(self._signals.requested, self.dist)
+            if i < spe and (stop or time_due or self._clock.steps_due(self.step)):
+                self.save(self._progress(rng, totals))
+            if stop:
+                self._stop_signal = stop
+                if i < spe:
+                    raise TrainingStopped(stop, self.checkpoint_path, self.epoch, self.step)
+                break
         self.epoch += 1
         dist_utils.average_buffers(self.net, self.dist)  # BN running statistics agree on all ranks
-        means = dist_utils.average_scalars(_to_host(totals, 1 / self.steps_per_epoch), self.dist)
+        means = dist_utils.average_scalars(_to_host(totals, 1 / spe), self.dist)
         return {**means, "lr": self.scheduler.get_last_lr()[0]}
 
-    def save(self) -> None:
-        """Write the checkpoint (rank 0 only; the other ranks wait until it is on disk)."""
+    def _progress(self, rng: random.Random, totals: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """What a mid-epoch checkpoint adds: the RNG states after the last step, and loss sums."""
+        progress = {
+            "rng": list(rng.getstate()),
+            "torch_rng": torch.get_rng_state(),
+            "totals": _to_host(totals, 1.0),
+        }
+        if self.device.type == "cuda":
+            progress["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        if self.dist.enabled:  # BN running statistics differ over ranks until the epoch's end
+            own = {name: b.detach().cpu() for name, b in self.net.named_buffers() if b.is_floating_point()}
+            progress["rank_buffers"] = dist_utils.all_gather_objects(own, self.dist)
+        return progress
+
+    def save(self, epoch_progress: dict[str, Any] | None = None) -> None:
+        """Write the checkpoint atomically (rank 0; the others wait for it). A failed write leaves
+        the previous checkpoint as it was and raises ``OSError`` saying so, on every rank."""
+        error = None
         if self.dist.is_main:
-            save_atomic(self.state_dict(), self.checkpoint_path)
-        dist_utils.barrier(self.dist)
+            try:
+                save_atomic(self.state_dict(epoch_progress), self.checkpoint_path)
+            except OSError as exc:
+                error = (
+                    f"could not write checkpoint {self.checkpoint_path} at step {self.step}: "
+                    f"{exc.strerror or exc}; the previous checkpoint, if any, is intact"
+                )
+        error = dist_utils.broadcast_object(error, self.dist)  # also the barrier
+        if error is not None:
+            raise OSError(error)
+        self._clock.reset()
 
     def fit(self, max_epochs: int | None = None) -> None:
         """Train up to ``config.epochs`` (or ``max_epochs`` more), checkpointing after each epoch
-        and logging per-term losses to ``train_log.jsonl``."""
+        (and mid-epoch when the config asks) and logging per-term losses to ``train_log.jsonl``.
+        SIGTERM / SIGINT stop it cleanly at the next step boundary (:class:`TrainingStopped`)."""
         if self.dist.is_main:
             os.makedirs(self.config.out, exist_ok=True)
+            remove_stale_temporaries(self.checkpoint_path)  # left by a process killed mid-write
         target = self.config.epochs if max_epochs is None else min(self.config.epochs, self.epoch + max_epochs)
         log_path = os.path.join(self.config.out, "train_log.jsonl")
-        while self.epoch < target:
-            start = time.perf_counter()
-            terms = self.train_epoch()
-            self.save()
-            if not self.dist.is_main:
-                continue
-            record = {"epoch": self.epoch, "step": self.step, "seconds": round(time.perf_counter() - start, 2), **terms}
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            print(
-                " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()), flush=True
-            )
+        self._stop_signal = None
+        self._clock.reset()
+        with self._signals:
+            while self.epoch < target:
+                start = time.perf_counter()
+                terms = self.train_epoch()
+                self.save()
+                if self.dist.is_main:
+                    record = {
+                        "epoch": self.epoch,
+                        "step": self.step,
+                        "seconds": round(time.perf_counter() - start, 2),
+                        **terms,
+                    }
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+                    print(line, flush=True)
+                if self._stop_signal is not None:
+                    raise TrainingStopped(self._stop_signal, self.checkpoint_path, self.epoch - 1, self.step)
 
 
 def _to_host(terms: dict[str, torch.Tensor], scale: float) -> dict[str, float]:
@@ -255,3 +338,9 @@ def _to_host(terms: dict[str, torch.Tensor], scale: float) -> dict[str, float]:
         return {}
     values = (torch.stack([v.float() for v in terms.values()]) * scale).tolist()
     return dict(zip(terms, values))
+
+
+def _as_rng_state(state: list) -> tuple:
+    """``random.Random.getstate()`` from its checkpoint form (tuples are stored as lists)."""
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
