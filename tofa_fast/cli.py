@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 
 from .train.config import PRECISIONS, STEP_MODES, STRATEGIES
@@ -228,8 +229,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _format_data_warning(message, category, filename, lineno, line=None) -> str:
+    """DataWarnings name the file or folder at fault; the line of tofa_fast that noticed is noise."""
+    from .train.data import DataWarning
+
+    if issubclass(category, DataWarning):
+        return f"tofa-fast: warning: {message}\n"
+    return _default_formatwarning(message, category, filename, lineno, line)
+
+
+_default_formatwarning = warnings.formatwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = _format_data_warning
     if args.command == "info":
         from .info import info_text
 
@@ -299,10 +313,6 @@ def _run(args: argparse.Namespace) -> int:
         print(run.arch_json(run.select(args.run, args.max_mflops)))
         return 0
     if args.command == "export":
-        if args.output.lower().endswith(".onnx"):
-            from .train.onnx_requirements import require_onnx_export
-
-            require_onnx_export()  # name the package to install before selecting and recalibrating
         arch = run.export(args.run, args.max_mflops, args.output)
         print(f"wrote {args.output} ({arch})")
         return 0

@@ -86,11 +86,10 @@ class TrainConfig:
         c = self
         if c.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {c.strategy!r}")
-        if c.space is None:
-            small = c.data == "digits"
-            c = replace(
-                c, space="digits" if small else ("rss" if c.data.lower() in ("cifar10", "cifar100") else "tofa")
-            )
+        if c.space is None:  # a space near the images' own size (data.default_space_for_size)
+            from .data import default_space_for_size, native_image_size
+
+            c = replace(c, space=default_space_for_size(native_image_size(c.data, c.data_root))[0])
         if c.epochs is None:
             c = replace(c, epochs=25 if c.data == "digits" else 100)
         accepted = STRATEGY_LOSSES[c.strategy]

@@ -25,12 +25,16 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..spaces import SearchSpace
+    from .config import TrainConfig
 
 TORCHVISION_SETS = ("cifar10", "cifar100", "flowers102", "oxfordiiitpet", "stanfordcars", "fgvcaircraft")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
@@ -551,6 +555,21 @@ def load_data(
         return load_image_folder(data, size, labels_per_class, seed, val_per_class, skip_bad_images)
     raise ValueError(
         f"--data {data!r} is neither 'digits', a torchvision data set ({', '.join(TORCHVISION_SETS)}) nor an existing folder"
+    )
+
+
+def load_run_data(config: TrainConfig, space: SearchSpace) -> DataSplits:
+    """The data of a training run: ``config``'s source and splits, stored at ``config.image_size``
+    (default: the largest resolution of ``space``)."""
+    return load_data(
+        config.data,
+        config.image_size or max(space.resolutions),
+        config.labels_per_class,
+        config.seed,
+        config.data_root,
+        config.download,
+        config.val_per_class,
+        config.skip_bad_images,
     )
 
 

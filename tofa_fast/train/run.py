@@ -11,6 +11,7 @@ import torch
 from ..spaces import Arch
 from . import distributed as dist_utils
 from .config import TrainConfig
+from .onnx_requirements import require_onnx_export
 from .palette import build_palette, write_outputs
 from .run_record import Run
 from .trainer import Trainer
@@ -71,6 +72,8 @@ def export(run: str, max_mflops: float, output: str) -> Arch:
     ext = os.path.splitext(output)[1].lower()
     if ext not in (".onnx", ".pt", ".pt2"):
         raise ValueError(f"output must end in .onnx or .pt, got {output!r}")
+    if ext == ".onnx":
+        require_onnx_export()  # before selecting and recalibrating: name the package to install
     record = open_run(run, device="cpu")
     arch = _select(record, max_mflops)
     sub = record.calibrated_subnet(arch).cpu().eval()

@@ -19,7 +19,7 @@ from ..spaces import Arch, SearchSpace
 from . import evaluation
 from .checkpoint import load_checkpoint
 from .config import TrainConfig
-from .data import DataSplits, ImageSet, load_data
+from .data import DataSplits, ImageSet, load_run_data
 from .selection import SelectionIndex, select_subnet
 from .strategies import STRATEGY_CLASSES
 
@@ -103,20 +103,11 @@ class Run:
     @property
     def splits(self) -> DataSplits:
         if self._splits is None:
-            c = self.config
-            self._splits = load_data(
-                c.data,
-                c.image_size or max(self.space.resolutions),
-                c.labels_per_class,
-                c.seed,
-                c.data_root,
-                c.download,
-                c.val_per_class,
-            )
+            self._splits = load_run_data(self.config, self.space)
             if self._splits.classes != self.classes:
                 raise ValueError(
-                    f"the data of run {self.folder!r} ({c.data!r}) now has classes {self._splits.classes}, "
-                    f"but the run was trained on {self.classes}"
+                    f"the data of run {self.folder!r} ({self.config.data!r}) now has classes "
+                    f"{self._splits.classes}, but the run was trained on {self.classes}"
                 )
         return self._splits
 

@@ -33,7 +33,7 @@ from ..spaces import SearchSpace
 from . import distributed as dist_utils
 from .checkpoint import FORMAT, load_checkpoint, remove_stale_temporaries, save_atomic
 from .config import TrainConfig
-from .data import DataSplits, load_data
+from .data import DataSplits, load_run_data, native_image_size
 from .loaders import epoch_loaders, epoch_seed
 from .plan import StepPlan
 from .preemption import CheckpointClock, StopSignals, TrainingStopped
@@ -57,6 +57,7 @@ class Trainer:
         if resume:
             saved = self._load_everywhere(self.checkpoint_path)
             config = TrainConfig.from_dict({**saved["config"], "out": config.out, "device": config.device})
+        chose_space = config.space is None and saved is None
         config = config.resolved()
         # Record the resolved numerics and layout, so that a resumed run computes as it did.
         self.compute_format = ComputeFormat.resolve(config.precision, config.channels_last, self.device)
@@ -66,16 +67,14 @@ class Trainer:
         dist_utils.check_divisible(config.batch_size, self.dist)
         # A resumed run rebuilds its space from the checkpoint: spaces derived by --init are no preset.
         self.space = SearchSpace.from_json(saved["space"]) if saved is not None else spaces.get(config.space)
-        size = config.image_size or max(self.space.resolutions)
-        self.splits = splits or load_data(
-            config.data,
-            size,
-            config.labels_per_class,
-            config.seed,
-            config.data_root,
-            config.download,
-            config.val_per_class,
-        )
+        self.splits = splits or load_run_data(config, self.space)
+        if chose_space and self.dist.is_main:
+            size = native_image_size(config.data, config.data_root)
+            print(
+                f"space {config.space!r} for {size} px images, stored at {self.splits.size} px "
+                "(--space to choose another)",
+                flush=True,
+            )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)  # the initial weights depend on the seed only
             self.net = self._build_network(resume=saved is not None).to(self.device)
@@ -99,6 +98,7 @@ class Trainer:
         self.selection = SelectionIndex(self.space)
         self.epoch, self.step = 0, 0
         self._epoch_progress: dict[str, Any] | None = None
+        self._timed = False  # whether this process has said how long training will take
         self._signals = StopSignals()
         self._clock = CheckpointClock(config.checkpoint_every, config.checkpoint_minutes)
         if saved is not None:
@@ -248,9 +248,12 @@ class Trainer:
             if self.device.type == "cuda" and "cuda_rng" in progress:
                 torch.cuda.set_rng_state(progress["cuda_rng"], self.device)
             totals = {k: torch.tensor(v, device=self.device) for k, v in progress["totals"].items()}
+        started = time.perf_counter()
         for i, (labelled, unlabelled) in enumerate(bar, done + 1):
             for k, v in self.train_step(labelled, unlabelled, self.strategy.plan(rng)).items():
                 totals[k] = totals[k] + v if k in totals else v
+            if not self._timed and (i - done == 5 or i == spe):
+                self._report_pace((time.perf_counter() - started) / (i - done))
             if i % c.log_every == 0 and self.dist.is_main:  # one device → host transfer per interval
                 bar.set_postfix({k: f"{v:.3f}" for k, v in _to_host(totals, 1 / i).items()})
             # Ranks agree on time- and signal-driven decisions at every step of a single process and
@@ -269,6 +272,24 @@ class Trainer:
         dist_utils.average_buffers(self.net, self.dist)  # BN running statistics agree on all ranks
         means = dist_utils.average_scalars(_to_host(totals, 1 / spe), self.dist)
         return {**means, "lr": self.scheduler.get_last_lr()[0]}
+
+    def _report_pace(self, seconds_per_step: float) -> None:
+        """Say, once, how long an epoch and the rest of the run take at the measured pace, and
+        which flags would shorten a run that takes hours on a CPU."""
+        self._timed = True
+        if not self.dist.is_main:
+            return
+        left = (self.config.epochs * self.steps_per_epoch - self.step) * seconds_per_step
+        message = (
+            f"{seconds_per_step:.2f} s/step: about {_duration(seconds_per_step * self.steps_per_epoch)} per epoch, "
+            f"{_duration(left)} for the rest of the run"
+        )
+        if left > 3600 and self.device.type == "cpu":
+            message += (
+                f"; to shorten it: a smaller --space (now {self.config.space!r}; 'digits' or 'rss' for small "
+                "images), fewer --epochs, or a GPU (--device cuda)"
+            )
+        tqdm.write(message)
 
     def _progress(self, rng: random.Random, totals: dict[str, torch.Tensor]) -> dict[str, Any]:
         """What a mid-epoch checkpoint adds: the RNG states after the last step, and loss sums."""
@@ -344,3 +365,11 @@ def _as_rng_state(state: list) -> tuple:
     """``random.Random.getstate()`` from its checkpoint form (tuples are stored as lists)."""
     version, internal, gauss = state
     return version, tuple(internal), gauss
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -1,0 +1,44 @@
+"""Defaults that fit the data and the machine (issue: long runs survive, item 7): the space follows
+the images' size and the run says so; the run reports its pace and, when it takes hours on a CPU,
+which flags shorten it; skipped bad images stay skipped when the run is reopened."""
+
+from __future__ import annotations
+
+import pytest
+from test_data_validation import _tree, _truncate
+
+from tofa_fast.cli import main
+from tofa_fast.train import Run, TrainConfig, Trainer
+
+
+@pytest.mark.parametrize("side,space", [(28, "digits"), (48, "rss"), (120, "tofa")])
+def test_the_default_space_follows_the_image_size(tmp_path, side, space):
+    root = _tree(tmp_path, side=side)
+    assert TrainConfig(data=root).resolved().space == space
+    assert TrainConfig(data=root, space="rss").resolved().space == "rss"  # --space still wins
+
+
+def test_a_small_image_folder_trains_in_a_small_space_skipping_a_bad_image(tmp_path, capsys):
+    root = tmp_path / "data"
+    _tree(root, per_class=6, side=28)
+    _truncate(root / "train" / "cat" / "0.png")
+    out = str(tmp_path / "run")
+    code = main(["train", "--data", str(root), "--out", out, "--epochs", "1", "--batch-size", "4", "--skip-bad-images"])
+    assert code == 0
+    printed = capsys.readouterr()
+    assert "space 'digits' for 28 px images, stored at 32 px (--space to choose another)" in printed.out
+    assert "s/step: about" in printed.err + printed.out
+    assert "tofa-fast: warning: skipping 1 unreadable images" in printed.err
+    run = Run.open(out, device="cpu")
+    assert run.config.skip_bad_images and len(run.splits.labelled) == 11  # reopened without the bad file
+
+
+def test_a_run_of_hours_on_the_cpu_says_what_shortens_it(tmp_path, capsys):
+    from test_train_run import tiny_config, tiny_digits
+
+    trainer = Trainer(tiny_config(tmp_path), splits=tiny_digits())
+    trainer._report_pace(1.0)
+    assert "for the rest of the run" in capsys.readouterr().out
+    trainer._report_pace(500.0)  # 10 steps of 500 s
+    message = capsys.readouterr().out
+    assert "83.3 min for the rest of the run" in message and "--space" in message and "--epochs" in message
