@@ -1,5 +1,8 @@
 """Measuring subnets of a trained supernet: BN recalibration batches, test accuracy, calibrated
-extraction. Shared by the palette, ``export``, ``evaluate`` and the search module."""
+extraction. Shared by the palette, ``export``, ``evaluate`` and the search module.
+
+The transforms (torchvision) are imported where images are measured: importing torchvision costs
+seconds, and ``tofa-fast select`` measures nothing."""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ from torch.utils.data import DataLoader
 
 from ..nn import Supernet, recalibrate_bn
 from ..spaces import Arch
-from .augment import eval_transform
 from .data import DataSplits, ImageSet
 from .loaders import PlainImages, resize
 
@@ -16,6 +18,8 @@ from .loaders import PlainImages, resize
 def calibration_batches(splits: DataSplits, resolution: int, images: int, batch_size: int = 128) -> list[torch.Tensor]:
     """Up to ``images`` un-augmented training images (labelled first, then unlabelled), resized to
     ``resolution``, in batches (N, C, r, r) — the BN recalibration data of every subnet."""
+    from .augment import eval_transform  # torchvision: only when images are measured
+
     sets = [splits.labelled] + ([splits.unlabelled] if splits.unlabelled is not None else [])
     tf = eval_transform(splits.size)
     chosen: list[torch.Tensor] = []
@@ -35,6 +39,8 @@ def accuracy(
     num_workers: int = 0,
 ) -> float:
     """Top-1 accuracy in [0, 1] of ``model`` (put in eval mode) on labelled ``images`` at ``resolution``."""
+    from .augment import eval_transform
+
     loader = DataLoader(PlainImages(images, eval_transform(base_size)), batch_size=256, num_workers=num_workers)
     model.eval()
     correct = total = 0

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as dist_utils
-from .augment import strong_transform, weak_transform
 from .data import DataSplits, ImageSet
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -118,6 +117,8 @@ def epoch_loaders(
     Both batch lists are drawn from one generator, labelled first, so their order never changes;
     ``skip`` leaves out the epoch's first batches (already trained before a mid-epoch checkpoint).
     """
+    from .augment import strong_transform, weak_transform  # torchvision: imported when training starts
+
     g = torch.Generator().manual_seed(epoch_seed_value)
     weak = weak_transform(splits.size, splits.flip)
     kw = dict(num_workers=num_workers, persistent_workers=False)
