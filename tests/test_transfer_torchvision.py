@@ -15,7 +15,7 @@ from tofa_fast.transfer import from_torchvision, torchvision_space
 
 RTOL = TOLERANCES[torch.float32][0]
 SUBNETS = 20
-BUILDERS = {"large": mobilenet_v3_large, "small": mobilenet_v3_small}
+BUILDERS = {"large": mobilenet_v3_large, "small": mobilenet_v3_small, "v2": mobilenet_v2}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -26,7 +26,12 @@ def make_torchvision(name: str, seed: int = 0, **kwargs) -> torch.nn.Module:
     """Random-init (weights=None) torchvision model with non-trivial BN statistics and biases, and a
     classifier large enough that logits are not all ≈ 0."""
     torch.manual_seed(seed)
-    model = BUILDERS[name](weights=None, **kwargs)
+    return perturb_(BUILDERS[name](weights=None, **kwargs), seed)
+
+
+def perturb_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Give a freshly initialised model non-trivial BN statistics, affine parameters and biases (BN
+    at its init is the identity, which would hide BN mapping errors), in place; returns it in eval mode."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
@@ -176,11 +181,13 @@ def test_options_shape_the_space():
 
 
 def test_unsupported_models_are_rejected():
-    with pytest.raises(TypeError, match="takes a torchvision MobileNetV3"):
-        from_torchvision(mobilenet_v2(weights=None))
+    from torchvision.models import resnet18
+
+    with pytest.raises(TypeError, match=r"takes a torchvision MobileNetV3 .* or MobileNetV2 .*got ResNet"):
+        from_torchvision(resnet18(weights=None))
     with pytest.raises(ValueError, match=r"dilated convolutions \(dilation \(2, 2\)\) are not supported"):
         from_torchvision(mobilenet_v3_small(weights=None, dilated=True))
-    with pytest.raises(ValueError, match=r"expand_fractions must lie in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"expand_fractions must be a non-empty list of fractions in \(0, 1\]"):
         from_torchvision(mobilenet_v3_small(weights=None), expand_fractions=(0.5, 1.5))
 
 

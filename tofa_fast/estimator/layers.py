@@ -115,7 +115,8 @@ class MBConvConfig:
 class HeadConfig:
     """Head: 1×1 conv to ``final_channels`` + BN + act, global average pool, 1×1 feature-mix conv to
     ``head_channels`` (bias only with ``feature_mix_bias``) + act, flatten, dropout, linear classifier.
-    ``size`` is the input side."""
+    ``size`` is the input side. Without ``feature_mix`` (MobileNetV2, EfficientNet) there is no
+    feature-mix conv: ``head_channels`` equals ``final_channels`` and the classifier reads the pool."""
 
     in_channels: int
     final_channels: int
@@ -124,33 +125,37 @@ class HeadConfig:
     size: int
     act: str
     feature_mix_bias: bool = False
+    feature_mix: bool = True
 
     def flops(self) -> int:
         hw, final = self.size**2, self.final_channels
+        mix = self.head_channels * final if self.feature_mix else 0
         return (
             final * self.in_channels * hw
             + 2 * final * hw
             + final * hw  # adaptive_avg_pool2d counts its input elements
-            + self.head_channels * final
+            + mix
             + self.num_classes * self.head_channels
         )
 
     def params(self) -> int:
         final = self.final_channels
+        mix = final * self.head_channels + (self.head_channels if self.feature_mix_bias else 0)
         return (
             self.in_channels * final
             + 2 * final
-            + final * self.head_channels
-            + (self.head_channels if self.feature_mix_bias else 0)
+            + (mix if self.feature_mix else 0)
             + self.head_channels * self.num_classes
             + self.num_classes
         )
 
     @property
     def key(self) -> str:
+        # Heads with a feature-mix conv keep the keys of latency tables written before the option.
+        mix = "" if self.feature_mix else ",mix=0"
         return (
             f"head:in={self.in_channels},final={self.final_channels},head={self.head_channels},"
-            f"classes={self.num_classes},hw={self.size},act={self.act},bias={int(self.feature_mix_bias)}"
+            f"classes={self.num_classes},hw={self.size},act={self.act},bias={int(self.feature_mix_bias)}{mix}"
         )
 
 
@@ -213,12 +218,13 @@ def head_config(space: SearchSpace, resolution: int, last_width: int, head_width
     size = stage_input_sizes(space, resolution)[-1]
     return HeadConfig(
         last_width,
-        space.final_expand_channels(last_width),
+        space.final_channels(last_width, head_width),
         head_width,
         num_classes,
         size,
         space.head.act,
-        bool(getattr(space.head, "feature_mix_bias", False)),  # optional field of HeadSpec
+        space.head.feature_mix_bias,
+        space.head.feature_mix,
     )
 
 

@@ -54,6 +54,7 @@ from ..backends import cpu_model
 from ..nn.activations import build_activation
 from ..nn.elastic_se import SqueezeExcite
 from ..nn.mbconv import MBConvBlock
+from ..nn.padding import static_conv2d
 from ..spaces import Arch, SearchSpace
 from .estimator import Estimator
 from .latency import LatencyTable, space_fingerprint
@@ -80,7 +81,7 @@ def build_layer(config: LayerConfig, space: SearchSpace) -> nn.Module:
     if isinstance(config, StemConfig):
         c = config
         layer = nn.Sequential(
-            nn.Conv2d(c.in_channels, c.out_channels, c.kernel, c.stride, c.kernel // 2, bias=False),
+            static_conv2d(c.in_channels, c.out_channels, c.kernel, c.stride, padding=space.padding),
             nn.BatchNorm2d(c.out_channels, **bn),
             build_activation(c.act),
         )
@@ -92,7 +93,7 @@ def build_layer(config: LayerConfig, space: SearchSpace) -> nn.Module:
                 nn.Conv2d(c.in_channels, mid, 1, 1, 0, bias=False), nn.BatchNorm2d(mid, **bn), build_activation(c.act)
             )
         depthwise = [
-            nn.Conv2d(mid, mid, c.kernel, c.stride, c.kernel // 2, groups=mid, bias=False),
+            static_conv2d(mid, mid, c.kernel, c.stride, groups=mid, padding=space.padding),
             nn.BatchNorm2d(mid, **bn),
             build_activation(c.act),
         ]
@@ -106,13 +107,18 @@ def build_layer(config: LayerConfig, space: SearchSpace) -> nn.Module:
         layer = MBConvBlock(expand, nn.Sequential(*depthwise), project, c.residual)
     elif isinstance(config, HeadConfig):
         c = config
+        mix = []
+        if c.feature_mix:
+            mix = [
+                nn.Conv2d(c.final_channels, c.head_channels, 1, 1, 0, bias=c.feature_mix_bias),
+                build_activation(c.act),
+            ]
         layer = nn.Sequential(
             nn.Conv2d(c.in_channels, c.final_channels, 1, 1, 0, bias=False),
             nn.BatchNorm2d(c.final_channels, **bn),
             build_activation(c.act),
             nn.AdaptiveAvgPool2d(1),
-            nn.Conv2d(c.final_channels, c.head_channels, 1, 1, 0, bias=c.feature_mix_bias),
-            build_activation(c.act),
+            *mix,
             nn.Flatten(1),
             nn.Dropout(space.head.dropout),
             nn.Linear(c.head_channels, c.num_classes),

@@ -8,20 +8,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .padding import conv_of, static_conv2d, tf_same_from_symmetric
+
 
 class ElasticConv2d(nn.Module):
     """Dense k×k convolution whose active input/output channels are prefixes of the max weight.
 
     The input channel count is read from ``x`` (it is the previous layer's active width); the output
-    channel count is passed by the caller. Padding is ``kernel_size // 2``.
+    channel count is passed by the caller. Padding is ``kernel_size // 2``, or TensorFlow's ``SAME``
+    with ``padding="tf_same"`` (see :mod:`tofa_fast.nn.padding`).
 
     Shapes: weight (max_out, max_in, k, k); x (N, C_in ≤ max_in, H, W) → (N, C_out, H', W').
     """
 
-    def __init__(self, max_in: int, max_out: int, kernel_size: int = 1, stride: int = 1, bias: bool = False):
+    def __init__(
+        self,
+        max_in: int,
+        max_out: int,
+        kernel_size: int = 1,
+        stride: int = 1,
+        bias: bool = False,
+        padding: str = "symmetric",
+    ):
         super().__init__()
         self.max_in, self.max_out = max_in, max_out
-        self.kernel_size, self.stride = kernel_size, stride
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.weight = nn.Parameter(torch.empty(max_out, max_in, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(max_out)) if bias else None
         # Same initialisation as nn.Conv2d, so a maxnet trained from scratch behaves like a plain net.
@@ -30,20 +41,32 @@ class ElasticConv2d(nn.Module):
     def forward(self, x: torch.Tensor, out_channels: int) -> torch.Tensor:
         c_in = x.shape[1]
         bias = self.bias[:out_channels] if self.bias is not None else None
-        return F.conv2d(x, self.weight[:out_channels, :c_in], bias, self.stride, self.kernel_size // 2)
+        weight = self.weight[:out_channels, :c_in]
 
-    def extract(self, in_channels: int, out_channels: int) -> nn.Conv2d:
-        conv = nn.Conv2d(
-            in_channels, out_channels, self.kernel_size, self.stride, self.kernel_size // 2, bias=self.bias is not None
+        def conv(t: torch.Tensor) -> torch.Tensor:
+            return F.conv2d(t, weight, bias, self.stride, self.kernel_size // 2)
+
+        return tf_same_from_symmetric(conv, x, self.kernel_size, self.stride) if self.padding == "tf_same" else conv(x)
+
+    def extract(self, in_channels: int, out_channels: int) -> nn.Module:
+        """An ``nn.Conv2d`` (preceded by :class:`~tofa_fast.nn.padding.TFSamePad2d` in an
+        ``nn.Sequential`` for strided ``tf_same`` convs) with the active weights."""
+        layers = static_conv2d(
+            in_channels, out_channels, self.kernel_size, self.stride, bias=self.bias is not None, padding=self.padding
         )
+        conv = conv_of(layers)
         with torch.no_grad():
             conv.weight.copy_(self.weight[:out_channels, :in_channels])
             if self.bias is not None:
                 conv.bias.copy_(self.bias[:out_channels])
-        return conv
+        return layers
 
     def extra_repr(self) -> str:
-        return f"max_in={self.max_in}, max_out={self.max_out}, kernel_size={self.kernel_size}, stride={self.stride}"
+        extra = f", padding={self.padding}" if self.padding != "symmetric" else ""
+        return (
+            f"max_in={self.max_in}, max_out={self.max_out}, kernel_size={self.kernel_size}, stride={self.stride}"
+            + extra
+        )
 
 
 class ElasticLinear(nn.Module):

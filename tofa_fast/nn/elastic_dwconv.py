@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..ops import active_filter_reference, elastic_dwconv2d
+from .padding import conv_of, static_conv2d, tf_same_from_symmetric
 
 
 class ElasticDepthwiseConv2d(nn.Module):
@@ -20,15 +21,23 @@ class ElasticDepthwiseConv2d(nn.Module):
 
     With ``transform=True`` it owns OFA's kernel-transformation matrices, one per consecutive pair of
     the sorted kernel sizes (``transform_7to5`` of shape 25×25, ``transform_5to3`` of 9×9, …),
-    initialised to the identity (SPEC §3).
+    initialised to the identity (SPEC §3). ``padding="tf_same"`` pads strided convolutions the way
+    TensorFlow does (:mod:`tofa_fast.nn.padding`).
 
     Shapes: weight (max_channels, 1, K, K); x (N, C ≤ max_channels, H, W) → (N, C, H', W').
     """
 
-    def __init__(self, max_channels: int, kernel_sizes: Sequence[int], stride: int = 1, transform: bool = False):
+    def __init__(
+        self,
+        max_channels: int,
+        kernel_sizes: Sequence[int],
+        stride: int = 1,
+        transform: bool = False,
+        padding: str = "symmetric",
+    ):
         super().__init__()
         self.kernel_sizes = tuple(sorted(kernel_sizes))
-        self.max_channels, self.stride = max_channels, stride
+        self.max_channels, self.stride, self.padding = max_channels, stride, padding
         big = self.kernel_sizes[-1]
         self.weight = nn.Parameter(torch.empty(max_channels, 1, big, big))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
@@ -55,21 +64,29 @@ class ElasticDepthwiseConv2d(nn.Module):
         return chain
 
     def forward(self, x: torch.Tensor, kernel_size: int) -> torch.Tensor:
-        return elastic_dwconv2d(x, self.weight, kernel_size, self.stride, self.transforms_for(kernel_size))
+        transforms = self.transforms_for(kernel_size)
+
+        def conv(t: torch.Tensor) -> torch.Tensor:
+            return elastic_dwconv2d(t, self.weight, kernel_size, self.stride, transforms)
+
+        return tf_same_from_symmetric(conv, x, kernel_size, self.stride) if self.padding == "tf_same" else conv(x)
 
     @torch.no_grad()
     def active_filter(self, channels: int, kernel_size: int) -> torch.Tensor:
         """The (channels, 1, k, k) filter a subnet uses, transforms baked in."""
         return active_filter_reference(self.weight, kernel_size, self.transforms_for(kernel_size))[:channels]
 
-    def extract(self, channels: int, kernel_size: int) -> nn.Conv2d:
-        conv = nn.Conv2d(channels, channels, kernel_size, self.stride, kernel_size // 2, groups=channels, bias=False)
+    def extract(self, channels: int, kernel_size: int) -> nn.Module:
+        """An ``nn.Conv2d`` (after a :class:`~tofa_fast.nn.padding.TFSamePad2d` for strided
+        ``tf_same`` convs) holding the active filter."""
+        layers = static_conv2d(channels, channels, kernel_size, self.stride, groups=channels, padding=self.padding)
         with torch.no_grad():
-            conv.weight.copy_(self.active_filter(channels, kernel_size))
-        return conv
+            conv_of(layers).weight.copy_(self.active_filter(channels, kernel_size))
+        return layers
 
     def extra_repr(self) -> str:
+        extra = f", padding={self.padding}" if self.padding != "symmetric" else ""
         return (
             f"max_channels={self.max_channels}, kernel_sizes={list(self.kernel_sizes)}, stride={self.stride}, "
-            f"transform={bool(self.transform_names)}"
+            f"transform={bool(self.transform_names)}" + extra
         )

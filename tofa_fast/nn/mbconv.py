@@ -45,7 +45,9 @@ class ElasticMBConv(nn.Module):
             self.expand_bn = ElasticBatchNorm2d(self.max_mid, **bn)
         else:
             self.expand_conv = self.expand_bn = None
-        self.dw_conv = ElasticDepthwiseConv2d(self.max_mid, stage.kernels, self.stride, space.kernel_transform)
+        self.dw_conv = ElasticDepthwiseConv2d(
+            self.max_mid, stage.kernels, self.stride, space.kernel_transform, space.padding
+        )
         self.dw_bn = ElasticBatchNorm2d(self.max_mid, **bn)
         self.se = ElasticSqueezeExcite(self.max_mid, space.se_reduction, space.channel_divisor) if stage.se else None
         self.project_conv = ElasticConv2d(self.max_mid, self.max_out, 1)
@@ -94,23 +96,27 @@ class ElasticMBConv(nn.Module):
         return MBConvBlock(expand, nn.Sequential(*depthwise), project, self.residual)
 
     @torch.no_grad()
-    def sort_middle_channels(self, expand_stage: int = 0) -> None:
+    def sort_middle_channels(self, expand_stage: int = 0, expand_choices: int | None = None) -> None:
         """Permute middle channels by importance (L1 norm of the projection weight), OFA's
         ``re_organize_middle_weights``: the function the full net computes is unchanged, and every
         width prefix now keeps the most important channels.
 
         ``expand_stage`` > 0 reproduces OFA's progressive-shrinking variant: channels beyond the
         width of the ``expand_stage``-th largest expand ratio are ranked in bands, so that a band that
-        smaller subnets already use stays in front of the bands they do not.
+        smaller subnets already use stays in front of the bands they do not. The ratios are the
+        layer's ``expand_choices`` largest (default: all of them), as OFA ranks by the expand list of
+        the network of the current phase.
         Layers without an expansion conv have no middle channels of their own and are left alone.
         """
         if self.expand_conv is None:
             return
         importance = self.project_conv.weight.abs().sum(dim=(0, 2, 3))
         if expand_stage > 0:
-            targets = [
-                make_divisible(round(self.max_in * e), self.divisor) for e in sorted(self.expand_ratios, reverse=True)
-            ]
+            ratios = sorted(self.expand_ratios, reverse=True)[:expand_choices]
+            # A layer with fewer ratios than the stage asks for (per-layer expand choices) has fewer
+            # bands: the last one it has is the smallest prefix any of its subnets uses.
+            expand_stage = min(expand_stage, len(ratios) - 1)
+            targets = [make_divisible(round(self.max_in * e), self.divisor) for e in ratios]
             right, base = len(importance), -len(targets) * 1e5
             for i in range(expand_stage + 1):
                 left = targets[i]

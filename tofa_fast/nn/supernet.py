@@ -41,7 +41,9 @@ class Supernet(nn.Module):
         bn = dict(eps=space.bn_eps, momentum=space.bn_momentum)
 
         max_stem = max(space.stem.widths)
-        self.stem_conv = ElasticConv2d(space.in_channels, max_stem, space.stem.kernel, space.stem.stride)
+        self.stem_conv = ElasticConv2d(
+            space.in_channels, max_stem, space.stem.kernel, space.stem.stride, padding=space.padding
+        )
         self.stem_bn = ElasticBatchNorm2d(max_stem, **bn)
         self.stem_act = build_activation(space.stem.act)
 
@@ -54,13 +56,17 @@ class Supernet(nn.Module):
             stages.append(nn.ModuleList(layers))
         self.stages = nn.ModuleList(stages)
 
-        max_final = space.final_expand_channels(max_in)
+        max_head = max(space.head.widths)
+        max_final = space.final_channels(max_in, max_head)
         self.final_expand_conv = ElasticConv2d(max_in, max_final, 1)
         self.final_expand_bn = ElasticBatchNorm2d(max_final, **bn)
         self.head_act = build_activation(space.head.act)
-        self.feature_mix_conv = ElasticConv2d(max_final, max(space.head.widths), 1, bias=space.head.feature_mix_bias)
+        # Without a feature-mix conv (MobileNetV2, EfficientNet) the classifier reads the pooled final conv.
+        self.feature_mix_conv = (
+            ElasticConv2d(max_final, max_head, 1, bias=space.head.feature_mix_bias) if space.head.feature_mix else None
+        )
         self.dropout = nn.Dropout(space.head.dropout)
-        self.classifier = ElasticLinear(max(space.head.widths), num_classes)
+        self.classifier = ElasticLinear(max_head, num_classes)
         self._init_weights()
         self.set_active(space.max_arch())
 
@@ -108,9 +114,11 @@ class Supernet(nn.Module):
         for layers, stage_arch in zip(self.stages, arch.stages):
             for layer in layers[: stage_arch.depth]:
                 x = layer(x)
-        x = self.head_act(self.final_expand_bn(self.final_expand_conv(x, self.space.final_expand_channels(x.shape[1]))))
+        final = self.space.final_channels(x.shape[1], arch.head)
+        x = self.head_act(self.final_expand_bn(self.final_expand_conv(x, final)))
         x = x.mean((2, 3), keepdim=True)
-        x = self.head_act(self.feature_mix_conv(x, arch.head))
+        if self.feature_mix_conv is not None:
+            x = self.head_act(self.feature_mix_conv(x, arch.head))
         x = self.dropout(torch.flatten(x, 1))
         return self.classifier(x)
 
@@ -133,14 +141,16 @@ class Supernet(nn.Module):
                 for layer in layers[: stage_arch.depth]:
                     blocks.append(layer.extract(width))
                     width = stage_arch.width
-            final = self.space.final_expand_channels(width)
+            final = self.space.final_channels(width, arch.head)
+            mix = []
+            if self.feature_mix_conv is not None:
+                mix = [self.feature_mix_conv.extract(final, arch.head), type(self.head_act)()]
             head = nn.Sequential(
                 self.final_expand_conv.extract(width, final),
                 self.final_expand_bn.extract(final),
                 type(self.head_act)(),
                 nn.AdaptiveAvgPool2d(1),
-                self.feature_mix_conv.extract(final, arch.head),
-                type(self.head_act)(),
+                *mix,
                 nn.Flatten(1),
                 nn.Dropout(self.space.head.dropout),
                 self.classifier.extract(arch.head),
@@ -151,12 +161,14 @@ class Supernet(nn.Module):
         return subnet.train(self.training).to(self.stem_conv.weight.device)
 
     @torch.no_grad()
-    def sort_channels(self, expand_stage: int = 0) -> None:
-        """Reorder every layer's middle channels by importance (OFA ``re_organize_middle_weights``);
-        the max subnet's output is unchanged. See :meth:`ElasticMBConv.sort_middle_channels`."""
+    def sort_channels(self, expand_stage: int = 0, expand_choices: int | None = None) -> None:
+        """Reorder every layer's middle channels by importance (OFA ``re_organize_middle_weights``
+        with ``expand_ratio_stage=expand_stage`` on a network whose expand list is each layer's
+        ``expand_choices`` largest ratios); the max subnet's output is unchanged. See
+        :meth:`ElasticMBConv.sort_middle_channels`."""
         for layers in self.stages:
             for layer in layers:
-                layer.sort_middle_channels(expand_stage)
+                layer.sort_middle_channels(expand_stage, expand_choices)
 
 
 def _check_images(x: Any, channels: int, weight: torch.Tensor) -> None:

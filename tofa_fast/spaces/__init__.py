@@ -13,6 +13,9 @@ from collections.abc import Callable
 
 from . import presets
 from .space import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PADDINGS,
     Arch,
     HeadSpec,
     SearchSpace,
@@ -50,6 +53,9 @@ def get(name: str, **options) -> SearchSpace:
 
 
 __all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "PADDINGS",
     "Arch",
     "HeadSpec",
     "SearchSpace",

@@ -37,7 +37,14 @@ from typing import Any
 import numpy as np
 
 GRANULARITIES = ("stage", "layer")
-ACTIVATIONS = ("relu", "hswish", "swish", "none")
+ACTIVATIONS = ("relu", "relu6", "hswish", "swish", "none")
+#: How strided convolutions pad: ``"symmetric"`` (PyTorch, ``k // 2`` on every side) or ``"tf_same"``
+#: (TensorFlow's ``SAME``: the total padding ``max((⌈n/s⌉ − 1)·s + k − n, 0)`` split with the extra
+#: pixel at the end, as networks trained in TensorFlow — EfficientNet-Lite — expect).
+PADDINGS = ("symmetric", "tf_same")
+#: The per-channel input normalisation of ImageNet-pretrained torchvision networks (RGB in [0, 1]).
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
@@ -172,6 +179,10 @@ class HeadSpec:
 
     ``feature_mix_bias`` gives the feature-mix conv a bias: OFA's has none, torchvision's MobileNetV3
     (a ``Linear`` on the pooled features, which is the same map) has one.
+
+    ``feature_mix=False`` drops the feature-mix conv (MobileNetV2, EfficientNet): the head is the 1×1
+    conv + BN + act, global pool, dropout, classifier, and ``widths`` are the choices of that conv's
+    width (``expand`` is then unused).
     """
 
     widths: tuple[int, ...]
@@ -179,6 +190,7 @@ class HeadSpec:
     act: str = "hswish"
     dropout: float = 0.1
     feature_mix_bias: bool = False
+    feature_mix: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", _choices(self.widths, "head.widths"))
@@ -186,6 +198,8 @@ class HeadSpec:
         _check_act(self.act, "head.act")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"head.dropout must be in [0, 1), got {self.dropout}")
+        if self.feature_mix_bias and not self.feature_mix:
+            raise ValueError("head.feature_mix_bias needs head.feature_mix (there is no feature-mix conv)")
 
 
 def _check_act(act: str, name: str) -> None:
@@ -273,6 +287,11 @@ class SearchSpace:
         bn_momentum, bn_eps: batch-norm settings of every BN in the supernet.
         se_reduction: squeeze-excite bottleneck is ``make_divisible(C // se_reduction, divisor)``.
         channel_divisor: every derived channel count is a multiple of this.
+        padding: how strided convolutions (stem, depthwise) pad, one of :data:`PADDINGS`.
+        input_mean, input_std: the per-channel normalisation ``(x − mean) / std`` the network expects
+            of images with values in [0, 1] (one entry per input channel). ImageNet's by default;
+            a space derived from a pretrained network records that network's (EfficientNet-Lite:
+            ``(x − 127) / 128`` on 0–255 values). Trainers and exporters read it from here.
     """
 
     name: str
@@ -287,6 +306,9 @@ class SearchSpace:
     bn_eps: float = 1e-5
     se_reduction: int = 4
     channel_divisor: int = 8
+    padding: str = "symmetric"
+    input_mean: tuple[float, ...] = IMAGENET_MEAN
+    input_std: tuple[float, ...] = IMAGENET_STD
     _code_offsets: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -300,6 +322,18 @@ class SearchSpace:
             raise ValueError(f"granularity must be one of {list(GRANULARITIES)}, got {self.granularity!r}")
         if self.granularity == "stage" and any(st.layer_expands is not None for st in self.stages):
             raise ValueError("stage.layer_expands (per-layer expand choices) needs granularity 'layer'")
+        if self.padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {list(PADDINGS)}, got {self.padding!r}")
+        # Tuples, also when read back from JSON lists, so that spaces stay hashable and comparable.
+        for name in ("input_mean", "input_std"):
+            values = tuple(float(v) for v in getattr(self, name))
+            if len(values) != self.in_channels:
+                raise ValueError(
+                    f"{name} must have one entry per input channel ({self.in_channels}), got {len(values)}"
+                )
+            object.__setattr__(self, name, values)
+        if min(self.input_std) <= 0:
+            raise ValueError(f"input_std must be positive, got {list(self.input_std)}")
         offsets, pos = [], 3
         for stage in self.stages:
             offsets.append(pos)
@@ -319,6 +353,14 @@ class SearchSpace:
 
     def final_expand_channels(self, last_width: int) -> int:
         return make_divisible(last_width * self.head.expand, self.channel_divisor)
+
+    def final_channels(self, last_width: int, head_width: int) -> int:
+        """Width of the head's first 1×1 conv for a subnet whose last stage is ``last_width`` wide and
+        whose head choice is ``head_width``: ``expand`` × the last width when the head has a
+        feature-mix conv (whose width ``head_width`` is), else ``head_width`` itself."""
+        if self.head.feature_mix:
+            return self.final_expand_channels(last_width)
+        return head_width
 
     def stage_input_widths(self, stage_index: int) -> tuple[int, ...]:
         """Width choices of the tensor entering ``stages[stage_index]``."""
@@ -586,6 +628,13 @@ class SearchSpace:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("_code_offsets")
+        # Fields added for transferred networks are written only when set, so every space that does
+        # not use them keeps its JSON — and the fingerprint its latency tables are keyed by.
+        for name, default in _OPTIONAL_FIELDS.items():
+            if d[name] == default:
+                del d[name]
+        if d["head"]["feature_mix"]:
+            del d["head"]["feature_mix"]
         return d
 
     def to_json(self) -> str:
@@ -605,6 +654,9 @@ class SearchSpace:
     @classmethod
     def from_json(cls, text: str) -> SearchSpace:
         return cls.from_dict(json.loads(text))
+
+
+_OPTIONAL_FIELDS: dict[str, Any] = {"padding": "symmetric", "input_mean": IMAGENET_MEAN, "input_std": IMAGENET_STD}
 
 
 def _check_keys(d: Mapping[str, Any], required: tuple[str, ...], where: str) -> None:

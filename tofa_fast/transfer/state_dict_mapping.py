@@ -1,8 +1,9 @@
 """Copying a foreign state dict into a :class:`~tofa_fast.nn.Supernet` through a key map, strictly.
 
-Both converters (OFA, torchvision) reduce to "our key ← their key (+ reshape)". Doing the copy in one
-place means every mismatch — a missing key, a stray key, a wrong shape — is reported the same way,
-with the names a user can look up in *their* checkpoint.
+Every converter (OFA, torchvision, EfficientNet-Lite) reduces to "our key ← their key (+ reshape)".
+Doing the copy in one place means every mismatch — a missing key, a stray key, a wrong shape — is
+reported the same way, with the names a user can look up in *their* checkpoint. :func:`load_exactly`
+applies the same checks to a weights file loaded into the source network itself (``--init``).
 """
 
 from __future__ import annotations
@@ -85,3 +86,25 @@ def copy_mapped(
 
 def _squeezed(shape: torch.Size) -> tuple[int, ...]:
     return tuple(s for s in shape if s != 1)
+
+
+def check_shapes(present: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise :class:`CheckpointMismatchError` listing every key whose shape differs (both shapes)."""
+    wrong = [
+        f"{key!r}: checkpoint has {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
+        for key, value in present.items()
+        if key in expected and (not isinstance(value, torch.Tensor) or value.shape != expected[key].shape)
+    ]
+    if wrong:
+        raise CheckpointMismatchError(f"{what}: shape mismatch ({len(wrong)}): {_listing(wrong)}")
+
+
+def load_exactly(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """``model.load_state_dict(state)`` after checking that the keys are exactly the model's (BN's
+    ``num_batches_tracked`` may be absent, as in checkpoints of old PyTorch versions) and every shape
+    fits, so that a wrong or foreign file fails with a :class:`CheckpointMismatchError` naming what differs."""
+    expected = model.state_dict()
+    optional = {key for key in expected if key.endswith("num_batches_tracked")}
+    check_keys(set(state), set(expected), what, optional)
+    check_shapes(state, expected, what)
+    model.load_state_dict(state, strict=False)
