@@ -551,6 +551,10 @@ def load_data(
         return load_digits(per_class, seed, size, val_per_class=val_per_class)
     if data.lower() in TORCHVISION_SETS:
         return load_torchvision(data, root, size, labels_per_class, seed, download, val_per_class, skip_bad_images)
+    from .idx_data import IDX_SETS, load_idx  # idx_data builds on this module: imported here, not at the top
+
+    if data.lower() in IDX_SETS:
+        return load_idx(data.lower(), root, size, labels_per_class, seed, val_per_class)
     if os.path.isdir(data):
         return load_image_folder(data, size, labels_per_class, seed, val_per_class, skip_bad_images)
     raise ValueError(
