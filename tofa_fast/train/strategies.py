@@ -134,7 +134,9 @@ class Phase:
     resolutions: int | None
     subnets: int
     lr_scale: float
-    sort_channels: int | None  # OFA expand_ratio_stage for the channel re-sort at the phase start
+    # OFA's expand_ratio_stage for the channel re-sort at the phase start, on the phase's expand list
+    # (OFA's train_elastic_expand: the current network's list, stage = its length - 2)
+    sort_channels: int | None
     start: int = 0
     epochs: int = 0
 
@@ -153,8 +155,8 @@ PS_PHASES = (
     Phase("kernel", None, 1, 1, 1, None, subnets=1, lr_scale=1.0, sort_channels=None),
     Phase("depth-1", None, 2, 1, 1, None, subnets=2, lr_scale=_LOW, sort_channels=None),
     Phase("depth-2", None, None, 1, 1, None, subnets=2, lr_scale=_HIGH, sort_channels=None),
-    Phase("expand-1", None, None, 2, 2, None, subnets=4, lr_scale=_LOW, sort_channels=1),
-    Phase("expand-2", None, None, None, None, None, subnets=4, lr_scale=_HIGH, sort_channels=2),
+    Phase("expand-1", None, None, 2, 2, None, subnets=4, lr_scale=_LOW, sort_channels=0),
+    Phase("expand-2", None, None, None, None, None, subnets=4, lr_scale=_HIGH, sort_channels=1),
 )
 PS_EPOCH_WEIGHTS = (180, 120, 25, 120, 25, 120)
 
@@ -234,7 +236,7 @@ class ProgressiveShrinking(Strategy):
         if self._teacher is None:  # the full net, frozen when the full phase ends
             self._teacher = _frozen_copy(net.extract(self.space.max_arch()))
         if phase.sort_channels is not None:
-            net.sort_channels(phase.sort_channels)
+            net.sort_channels(phase.sort_channels, phase.expands)
         # Each OFA phase is a fresh run with its own optimizer; stale momentum would also point the
         # wrong way after the channel re-sort.
         optimizer.state.clear()
