@@ -139,3 +139,27 @@ def test_a_checkpoint_from_before_the_step_seam_resumes(tmp_path):
         assert torch.equal(value, resumed.net.state_dict()[key]), key
     record = Run.open(str(tmp_path / "b"))
     assert record.selection.state_dict() == straight.selection.state_dict()
+
+
+def test_the_pseudo_label_pass_has_no_noise_and_updates_no_statistics():
+    """The FixMatch teacher sees batch statistics as the members do, without dropout or
+    drop-connect, and leaves BN running statistics to the members (one update per member)."""
+    net = tofa_fast.Supernet(SPACE, 10).train()
+    net.set_regularization(dropout=0.5, drop_connect=0.5)
+    net.set_active(SPACE.max_arch())
+    x = torch.randn(6, 3, 32, 32)
+    buffers = {k: v.clone() for k, v in net.named_buffers()}
+    with torch.no_grad(), net.pseudo_label_pass():
+        a, b = net(x), net(x)
+    assert torch.equal(a, b)  # no dropout / drop-connect noise
+    assert all(torch.equal(v, buffers[k]) for k, v in net.named_buffers())  # counters included
+    quiet = tofa_fast.Supernet(SPACE, 10).train()
+    quiet.load_state_dict(net.state_dict())
+    quiet.set_regularization(dropout=0.0, drop_connect=0.0)
+    quiet.set_active(SPACE.max_arch())
+    with torch.no_grad():
+        torch.testing.assert_close(quiet(x), a)  # batch statistics, as a train-mode forward without noise
+    assert net.dropout.p == 0.5 and net.stages[1][0].drop_connect_rate == 0.5  # restored
+    with torch.no_grad():
+        net(x)
+    assert not torch.equal(net.stem_bn.running_mean, buffers["stem_bn.running_mean"])  # members still update

@@ -22,9 +22,14 @@ class ElasticBatchNorm2d(nn.Module):
         self.register_buffer("running_mean", torch.zeros(max_features))
         self.register_buffer("running_var", torch.ones(max_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        # False: training mode normalises with batch statistics but leaves the running ones alone
+        # (the pseudo-label pass, Supernet.pseudo_label_pass).
+        self.update_running_stats = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = x.shape[1]
+        if self.training and not self.update_running_stats:
+            return F.batch_norm(x, None, None, self.weight[:c], self.bias[:c], True, 0.0, self.eps)
         # Mirrors nn.BatchNorm2d: momentum=None means a cumulative moving average.
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -82,6 +83,30 @@ class Supernet(nn.Module):
             for layers in self.stages:
                 for layer in layers:
                     layer.drop_connect_rate = drop_connect
+
+    @contextlib.contextmanager
+    def pseudo_label_pass(self) -> Iterator[None]:
+        """Within: the forward of a FixMatch teacher (TOFA's pseudo-labels, SPEC §7). Batch norm keeps
+        its mode — in training it normalises with batch statistics, as the members do — but updates
+        no running statistics (each member updates them once, in its own pass); dropout and residual
+        drop-connect are off, so the pseudo-labels and their confidence mask carry no
+        regularisation noise."""
+        bns = [m for m in self.modules() if isinstance(m, ElasticBatchNorm2d)]
+        layers = [layer for stage in self.stages for layer in stage]
+        dropout, drop_connect = self.dropout.p, [layer.drop_connect_rate for layer in layers]
+        self.dropout.p = 0.0
+        for layer in layers:
+            layer.drop_connect_rate = 0.0
+        for bn in bns:
+            bn.update_running_stats = False
+        try:
+            yield
+        finally:
+            self.dropout.p = dropout
+            for layer, rate in zip(layers, drop_connect):
+                layer.drop_connect_rate = rate
+            for bn in bns:
+                bn.update_running_stats = True
 
     def _init_weights(self) -> None:
         # MobileNetV3's initialisation (torchvision): He fan-out for convs, small normal for the classifier.

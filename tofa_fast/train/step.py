@@ -183,7 +183,7 @@ def train_step(
         if batch.u_weak is None:
             raise ValueError("the step plan has unlabelled terms but the batch has no unlabelled images")
         arch = plan.pseudo_label_teacher
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast, net.pseudo_label_pass():
             logits = forward_members(net, [arch], [resize(batch.u_weak, arch.resolution)], backend)[0]
         pseudo = losses.pseudo_labels(logits, settings.threshold)
 
