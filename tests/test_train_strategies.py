@@ -120,7 +120,11 @@ def test_progressive_shrinking_schedule_teacher_and_resume(tmp_path):
     factors = [straight.strategy.lr_factor(s) for s in range(6 * spe)]
     for phase in straight.strategy.phases:
         first = phase.start * spe
-        expected = phase.lr_scale * (1.0 / spe if phase.start == 0 else 1.0)  # warm-up only in the full phase
+        # warm-up where OFA has one: config.warmup_epochs in the full phase, 5/120 of the phase
+        # (here less than a step: one step) in the kernel, depth-2 and expand-2 phases
+        warmup_steps = spe if phase.start == 0 else 1
+        expected = phase.lr_scale * (1.0 / warmup_steps if phase.warmup else 1.0)
+        assert phase.warmup == (phase.name in ("full", "kernel", "depth-2", "expand-2"))
         assert factors[first] == pytest.approx(expected)
         assert factors[first + phase.epochs * spe - 1] < factors[first] or phase.start == 0
     seen = _record_steps(straight)
@@ -201,3 +205,24 @@ def test_cli_strategies_search_and_population_on_an_image_folder(tmp_path, capsy
     capsys.readouterr()
     assert main(["search", plain]) == 2
     assert "--val-per-class" in capsys.readouterr().err
+
+
+def test_progressive_shrinking_warms_up_and_teaches_as_ofa():
+    space = tofa_fast.spaces.get("digits")
+    strategy = build_strategy("ps", space, 590, 1, TrainConfig(strategy="ps").resolved())
+    phases = {p.name: p for p in strategy.phases}  # 180 / 120 / 25 / 120 / 25 / 120 epochs of 1 step
+    kernel = phases["kernel"].start
+    assert [strategy.lr_factor(kernel + i) for i in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert strategy.lr_factor(phases["depth-1"].start) == pytest.approx(phases["depth-1"].lr_scale)  # no warm-up
+    assert strategy.lr_factor(phases["expand-2"].start) == pytest.approx(phases["expand-2"].lr_scale / 5)
+    # the frozen teacher normalises with batch statistics (OFA never sets it to eval), without dropout
+    net = tofa_fast.Supernet(space, 10)
+    strategy.on_epoch_start(kernel, random.Random(0), net, torch.optim.SGD(net.parameters(), lr=0.1))
+    teacher = strategy.teacher()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        a, b = teacher(x), teacher(x[:3])
+    assert not torch.allclose(a[:3], b)  # batch statistics: the batch matters
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())  # nothing updated
+    assert not any(p.requires_grad for p in teacher.parameters())

@@ -137,6 +137,7 @@ class Phase:
     # OFA's expand_ratio_stage for the channel re-sort at the phase start, on the phase's expand list
     # (OFA's train_elastic_expand: the current network's list, stage = its length - 2)
     sort_channels: int | None
+    warmup: bool  # OFA warms the learning rate up again at the start of this phase
     start: int = 0
     epochs: int = 0
 
@@ -151,14 +152,17 @@ class Phase:
 #: progressive phase; the full net trains at the largest resolution.
 _LOW, _HIGH = 2.5e-3 / 3e-2, 7.5e-3 / 3e-2
 PS_PHASES = (
-    Phase("full", 1, 1, 1, 1, 1, subnets=1, lr_scale=1.0, sort_channels=None),
-    Phase("kernel", None, 1, 1, 1, None, subnets=1, lr_scale=1.0, sort_channels=None),
-    Phase("depth-1", None, 2, 1, 1, None, subnets=2, lr_scale=_LOW, sort_channels=None),
-    Phase("depth-2", None, None, 1, 1, None, subnets=2, lr_scale=_HIGH, sort_channels=None),
-    Phase("expand-1", None, None, 2, 2, None, subnets=4, lr_scale=_LOW, sort_channels=0),
-    Phase("expand-2", None, None, None, None, None, subnets=4, lr_scale=_HIGH, sort_channels=1),
+    Phase("full", 1, 1, 1, 1, 1, subnets=1, lr_scale=1.0, sort_channels=None, warmup=True),
+    Phase("kernel", None, 1, 1, 1, None, subnets=1, lr_scale=1.0, sort_channels=None, warmup=True),
+    Phase("depth-1", None, 2, 1, 1, None, subnets=2, lr_scale=_LOW, sort_channels=None, warmup=False),
+    Phase("depth-2", None, None, 1, 1, None, subnets=2, lr_scale=_HIGH, sort_channels=None, warmup=True),
+    Phase("expand-1", None, None, 2, 2, None, subnets=4, lr_scale=_LOW, sort_channels=0, warmup=False),
+    Phase("expand-2", None, None, None, None, None, subnets=4, lr_scale=_HIGH, sort_channels=1, warmup=True),
 )
 PS_EPOCH_WEIGHTS = (180, 120, 25, 120, 25, 120)
+#: OFA's warm-up in the kernel, depth-2 and expand-2 phases: 5 of their 120 epochs
+#: (train_ofa_net.py); the full phase warms up for ``config.warmup_epochs`` like every strategy.
+PS_WARMUP_SHARE = 5 / 120
 
 
 def share_epochs(total: int, weights: tuple[int, ...] = PS_EPOCH_WEIGHTS) -> list[int]:
@@ -249,13 +253,21 @@ class ProgressiveShrinking(Strategy):
         return StepPlan(tuple(Member(a, teacher_kd=distil) for a in archs))
 
     def lr_factor(self, step: int) -> float:
-        """A fresh schedule per phase (OFA runs each phase separately): warm-up in the full phase,
-        cosine decay to zero within every phase, scaled by the phase's LR ratio."""
+        """A fresh schedule per phase (OFA runs each phase separately): a linear warm-up where OFA
+        has one (``config.warmup_epochs`` in the full phase; OFA's 5/120 of the phase, at least one
+        step, in the kernel, depth-2 and expand-2 phases), cosine decay to zero within every phase,
+        scaled by the phase's LR ratio."""
         epoch = min(step // self.steps_per_epoch, self.epochs - 1)
         phase = self.phases[self.phase_at(epoch)]
         local = step - phase.start * self.steps_per_epoch
-        warmup = self.config.warmup_epochs * self.steps_per_epoch if phase.start == 0 else 0
-        return phase.lr_scale * warmup_cosine(local, warmup, phase.epochs * self.steps_per_epoch)
+        steps = phase.epochs * self.steps_per_epoch
+        if not phase.warmup:
+            warmup = 0
+        elif phase.start == 0:
+            warmup = self.config.warmup_epochs * self.steps_per_epoch
+        else:
+            warmup = max(1, round(PS_WARMUP_SHARE * steps))
+        return phase.lr_scale * warmup_cosine(local, warmup, steps)
 
     def teacher(self) -> torch.nn.Module | None:
         return self._teacher
@@ -271,7 +283,16 @@ class ProgressiveShrinking(Strategy):
 
 
 def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    model = model.eval()
+    """The ``ps`` teacher as OFA runs it: never set to eval mode, so batch norm normalises with the
+    batch's statistics (OFA's teacher, ``args.teacher_model``, stays in train mode); its dropout is
+    off (OFA builds it with ``dropout_rate=0``) and its running statistics stay as they were frozen
+    (they do not enter a train-mode forward, and a checkpoint need not follow them)."""
+    model = model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.eval()
+        elif isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats = False
     for p in model.parameters():
         p.requires_grad_(False)
     return model
