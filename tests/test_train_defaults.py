@@ -42,3 +42,33 @@ def test_a_run_of_hours_on_the_cpu_says_what_shortens_it(tmp_path, capsys):
     trainer._report_pace(500.0)  # 10 steps of 500 s
     message = capsys.readouterr().out
     assert "83.3 min for the rest of the run" in message and "--space" in message and "--epochs" in message
+
+
+def test_the_papers_knobs_are_flags_recorded_in_the_config(tmp_path, monkeypatch, capsys):
+    seen = {}
+
+    def record(config, resume=False):
+        seen["config"] = config.resolved()
+        return []
+
+    monkeypatch.setattr("tofa_fast.train.run.train", record)
+    flags = "--label-smoothing 0 --threshold 0.9 --mu 3 --weight-decay 1e-4 --momentum 0.8 --no-nesterov"
+    flags += " --dropout 0.2 --drop-connect 0 --warmup-epochs 0"
+    assert main(["train", "--out", str(tmp_path), *flags.split()]) == 0
+    c = seen["config"]
+    assert (c.label_smoothing, c.threshold, c.mu, c.weight_decay, c.momentum, c.nesterov) == (
+        0,
+        0.9,
+        3,
+        1e-4,
+        0.8,
+        False,
+    )
+    assert (c.dropout, c.drop_connect, c.warmup_epochs) == (0.2, 0, 0)
+    for bad, words in (
+        ("--momentum 1", "momentum must be in"),
+        ("--dropout -0.1", "dropout must be in"),
+        ("--warmup-epochs -1", "warmup_epochs must be"),
+    ):
+        assert main(["train", "--out", str(tmp_path), *bad.split()]) == 2
+        assert words in capsys.readouterr().err

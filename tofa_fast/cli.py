@@ -11,7 +11,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from .train.config import PRECISIONS, STEP_MODES, STRATEGIES
+from .train.config import PRECISIONS, STEP_MODES, STRATEGIES, TrainConfig
 from .train.losses import LOSS_VARIANTS
 
 
@@ -117,6 +117,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=_positive_int, default=32, help="global batch (split over torchrun processes)"
     )
     train.add_argument("--lr", type=float, default=0.05, help="peak learning rate (default: %(default)s)")
+    # The knobs the papers turn (SPEC §7 defaults, TOFA §4.2); TrainConfig validates them.
+    knobs = TrainConfig()
+    train.add_argument("--label-smoothing", type=float, default=knobs.label_smoothing, metavar="EPS")
+    train.add_argument(
+        "--threshold", type=float, default=knobs.threshold, metavar="TAU", help="FixMatch confidence threshold"
+    )
+    train.add_argument("--mu", type=_positive_int, default=knobs.mu, help="unlabelled batch = MU x the labelled batch")
+    train.add_argument("--weight-decay", type=float, default=knobs.weight_decay, metavar="WD")
+    train.add_argument("--momentum", type=float, default=knobs.momentum)
+    train.add_argument(
+        "--nesterov", action=argparse.BooleanOptionalAction, default=knobs.nesterov, help="Nesterov momentum"
+    )
+    train.add_argument("--dropout", type=float, default=knobs.dropout, help="classifier dropout")
+    train.add_argument("--drop-connect", type=float, default=knobs.drop_connect, help="residual drop-connect")
+    train.add_argument("--warmup-epochs", type=int, default=knobs.warmup_epochs, metavar="N")
     train.add_argument(
         "--freeze-bn", action="store_true", help="keep batch norm in inference mode (fine-tuning with tiny batches)"
     )
@@ -290,6 +305,15 @@ def _run(args: argparse.Namespace) -> int:
             download=args.download,
             batch_size=args.batch_size,
             lr=args.lr,
+            label_smoothing=args.label_smoothing,
+            threshold=args.threshold,
+            mu=args.mu,
+            weight_decay=args.weight_decay,
+            momentum=args.momentum,
+            nesterov=args.nesterov,
+            dropout=args.dropout,
+            drop_connect=args.drop_connect,
+            warmup_epochs=args.warmup_epochs,
             freeze_bn=args.freeze_bn,
             arch=args.arch,
             num_workers=args.workers,

@@ -125,6 +125,12 @@ class TrainConfig:
         for name in ("label_smoothing", "threshold"):  # probabilities
             if getattr(c, name) > 1:
                 raise ValueError(f"{name} must be at most 1, got {getattr(c, name)!r}")
+        for name in ("momentum", "dropout", "drop_connect"):  # rates in [0, 1)
+            value = getattr(c, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        if isinstance(c.warmup_epochs, bool) or not isinstance(c.warmup_epochs, int) or c.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be a non-negative integer, got {c.warmup_epochs!r}")
         if isinstance(c.seed, bool) or not isinstance(c.seed, int) or not 0 <= c.seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {c.seed!r}")
         if isinstance(c.num_workers, bool) or not isinstance(c.num_workers, int) or c.num_workers < 0:
