@@ -1,4 +1,4 @@
-"""``tofa-fast info``: version, backends, and why any backend is missing."""
+"""``tofa-fast info``: version, backends, and why any backend is missing (all from :mod:`.backends`)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ def info_text() -> str:
     for status in backends.statuses():
         mark = "yes" if status.available else "no "
         lines.append(f"  {status.name:<7} {mark}  {status.detail}")
+    estimator = backends.estimator_status()
+    lines.append(f"estimator (FLOPs / params / latency table sums): {estimator.detail}")
     lines.append("elastic_dwconv2d dispatch (per device, the first backend without a reason to refuse serves):")
     lines.extend(f"  {line}" for line in describe_dispatch())
     return "\n".join(lines)

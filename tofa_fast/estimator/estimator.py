@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import _extension, spaces
+from .. import backends, spaces
 from ..spaces import Arch, SearchSpace
 from .layout import TableLayout, table_sum_reference, validate_codes
 
@@ -19,14 +19,9 @@ ArchBatch = Arch | Mapping[str, Any] | Iterable[Arch | Mapping[str, Any]] | np.n
 
 
 def cpp_estimator_available() -> bool:
-    """Whether the compiled ``torch.ops.tofa_fast.estimator_sum`` kernel is loaded."""
-    return _extension.available() and hasattr(torch.ops.tofa_fast, "estimator_sum")
-
-
-def _cpp_unavailable_reason() -> str:
-    if not _extension.available():
-        return _extension.LOAD_ERROR or "the C++ extension is not loaded"
-    return "the loaded extension has no estimator_sum kernel (rebuild it: pip install --no-build-isolation -e .)"
+    """Whether the compiled ``torch.ops.tofa_fast.estimator_sum`` kernel is loaded (why not:
+    :func:`tofa_fast.backends.estimator_reasons`, which ``tofa-fast info`` prints)."""
+    return not backends.estimator_reasons()
 
 
 class Estimator:
@@ -68,7 +63,7 @@ class Estimator:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
         if backend == "cpp" and not cpp_estimator_available():
-            raise RuntimeError(f"backend='cpp' asked for, but {_cpp_unavailable_reason()}")
+            raise RuntimeError(f"backend='cpp' asked for, but {'; '.join(backends.estimator_reasons())}")
         if backend == "auto":
             backend = "cpp" if cpp_estimator_available() else "python"
         self.space, self.num_classes, self.backend = space, int(num_classes), backend
