@@ -2,7 +2,8 @@
 
 A case fixes every axis the kernels branch on: K, k ≤ K, stride, C_active < or = C_max, odd and
 non-square H×W, batch, memory layout (contiguous / channels_last / strided view), with or without
-the transform chain, dtype.
+the transform chain, dtype of x and, for mixed precision, of the weights (float32 with a
+bfloat16/float16 x, as under autocast).
 """
 
 from __future__ import annotations
@@ -12,10 +13,17 @@ import random
 from dataclasses import dataclass
 
 import torch
+from conftest import tolerance
 
-from tofa_fast.ops import elastic_dwconv2d_reference
+from tofa_fast.ops import elastic_dwconv2d, elastic_dwconv2d_reference
+from tofa_fast.ops.elastic_dwconv_dispatch import use_backend
 
 LAYOUTS = ("contiguous", "channels_last", "strided")
+
+# A whole network's gradient under autocast against its float32 gradient: least cosine similarity.
+# bf16 keeps 8 mantissa bits (relative rounding 2⁻⁹ per op); through the digits max subnet the
+# direction agreed to 0.996 (NCHW and channels_last), and a wrong gradient lands far below 0.99.
+AUTOCAST_GRADIENT_COSINE: dict[torch.dtype, float] = {torch.bfloat16: 0.99}
 
 
 @dataclass(frozen=True)
@@ -31,12 +39,18 @@ class DwconvCase:
     layout: str
     with_transforms: bool
     dtype: torch.dtype = torch.float32
+    weight_dtype: torch.dtype | None = None  # None: x's dtype
+
+    @property
+    def parameter_dtype(self) -> torch.dtype:
+        return self.weight_dtype or self.dtype
 
     def __str__(self) -> str:
         chain = "T" if self.with_transforms and self.kernel < self.max_kernel else "-"
+        mixed = f"_w{str(self.weight_dtype).removeprefix('torch.')}" if self.weight_dtype else ""
         return (
             f"N{self.batch}C{self.channels}of{self.max_channels}_{self.height}x{self.width}_K{self.max_kernel}"
-            f"k{self.kernel}s{self.stride}_{self.layout}_{chain}_{str(self.dtype).removeprefix('torch.')}"
+            f"k{self.kernel}s{self.stride}_{self.layout}_{chain}_{str(self.dtype).removeprefix('torch.')}{mixed}"
         )
 
 
@@ -68,10 +82,10 @@ def make_inputs(case: DwconvCase, device="cpu", generator_seed: int = 0):
     torch.manual_seed(generator_seed)
     transforms = transform_chain(case.max_kernel, case.kernel, torch.float64) if case.with_transforms else []
     x = _layout(x.to(case.dtype).to(device), case.layout)
-    weight = weight.to(case.dtype).to(device)
+    weight = weight.to(case.parameter_dtype).to(device)
     if case.layout == "strided":
         weight = _layout(weight, "strided")  # a non-contiguous weight too
-    return x, weight, [m.to(case.dtype).to(device) for m in transforms]
+    return x, weight, [m.to(case.parameter_dtype).to(device) for m in transforms]
 
 
 def reference_outputs(x, weight, kernel, stride, transforms, grad_output=None):
@@ -90,18 +104,38 @@ def assert_matches_oracle(got, torch_value, oracle, dtype, tolerance, name="outp
     rule): the kernel's largest error against the float64 oracle is at most twice PyTorch's own error
     in that dtype, plus what tolerance(dtype) allows at the largest value (atol + rtol·max|oracle|);
     both implementations round differently over long reductions (weight gradients).
+
+    ``dtype`` is the compute dtype (x's), which sets the tolerance; ``got`` must have the reference's
+    dtype (in mixed precision the weight and transform gradients are float32 while x is bf16/fp16).
     """
     if dtype == torch.float64:
         torch.testing.assert_close(got, oracle.to(got.dtype), **tolerance(dtype), msg=lambda m: f"{name}: {m}")
         return
-    assert got.shape == oracle.shape and got.dtype == dtype, (
-        f"{name}: {got.shape}/{got.dtype} vs {oracle.shape}/{dtype}"
+    assert got.shape == oracle.shape and got.dtype == torch_value.dtype, (
+        f"{name}: {got.shape}/{got.dtype} vs {oracle.shape}/{torch_value.dtype}"
     )
     ours = (got.double() - oracle).abs().max().item()
     theirs = (torch_value.double() - oracle).abs().max().item()
     tol = tolerance(dtype)
     bound = 2 * theirs + tol["atol"] + tol["rtol"] * oracle.abs().max().item()
     assert ours <= bound, f"{name}: max error {ours:.3g} > 2 × PyTorch's {theirs:.3g} + atol"
+
+
+def assert_backend_matches_oracle(backend: str, case: DwconvCase, device="cpu"):
+    """Forward and every gradient of the op with ``backend`` pinned, against the float64 oracle
+    (:func:`assert_matches_oracle`); a channels_last input must give a channels_last output."""
+    x, weight, transforms = make_inputs(case, device=device)
+    expected, grad_output, expected_grads = reference_outputs(x, weight, case.kernel, case.stride, transforms)
+    oracle, _, oracle_grads = oracle_outputs(x, weight, case.kernel, case.stride, transforms, grad_output)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, *transforms)]
+    with use_backend(backend):
+        out = elastic_dwconv2d(leaves[0], leaves[1], case.kernel, case.stride, leaves[2:] or None)
+        grads = torch.autograd.grad(out, leaves, grad_output)
+    names = ["output", "grad x", "grad weight"] + [f"grad transforms[{i}]" for i in range(len(transforms))]
+    for name, got, want, exact in zip(names, [out, *grads], [expected, *expected_grads], [oracle, *oracle_grads]):
+        assert_matches_oracle(got, want, exact, case.dtype, tolerance, name)
+    if case.layout == "channels_last" and x.shape[0] > 1:
+        assert out.is_contiguous(memory_format=torch.channels_last), "output must keep the channels_last layout"
 
 
 def oracle_outputs(x, weight, kernel, stride, transforms, grad_output):

@@ -13,10 +13,9 @@ import subprocess
 
 import pytest
 import torch
-from conftest import tolerance
-from elastic_dwconv_cases import DwconvCase, assert_matches_oracle, make_inputs, oracle_outputs, reference_outputs
+from elastic_dwconv_cases import DwconvCase, assert_backend_matches_oracle, make_inputs
 
-from tofa_fast.ops import elastic_dwconv2d
+import tofa_fast
 from tofa_fast.ops import elastic_dwconv_dispatch as dispatch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,6 +81,10 @@ GPU_CASES = [
     DwconvCase(2, 6, 8, 7, 9, 7, 5, 1, "contiguous", True, torch.float64),
     DwconvCase(4, 24, 32, 14, 14, 7, 7, 1, "channels_last", False, torch.bfloat16),
     DwconvCase(4, 24, 32, 14, 14, 5, 3, 2, "contiguous", True, torch.float16),
+    # Mixed precision, what autocast hands the op: x bf16/fp16, weights and transforms fp32.
+    DwconvCase(8, 24, 32, 14, 13, 7, 3, 1, "channels_last", True, torch.bfloat16, torch.float32),
+    DwconvCase(4, 17, 20, 9, 11, 5, 3, 2, "contiguous", True, torch.float16, torch.float32),
+    DwconvCase(4, 16, 16, 8, 8, 7, 7, 2, "strided", False, torch.bfloat16, torch.float32),
 ]
 
 
@@ -89,22 +92,15 @@ GPU_CASES = [
 @needs_cuda_kernels
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
 def test_cuda_matches_reference(case):
-    x, weight, transforms = make_inputs(case, device="cuda")
-    expected, grad_output, expected_grads = reference_outputs(x, weight, case.kernel, case.stride, transforms)
-    oracle, _, oracle_grads = oracle_outputs(x, weight, case.kernel, case.stride, transforms, grad_output)
-    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, *transforms)]
-    with dispatch.use_backend("CUDA"):
-        out = elastic_dwconv2d(leaves[0], leaves[1], case.kernel, case.stride, leaves[2:])
-        grads = torch.autograd.grad(out, leaves, grad_output)
-    names = ["output", "grad x", "grad weight"] + [f"grad transforms[{i}]" for i in range(len(transforms))]
-    for name, got, want, exact in zip(names, [out, *grads], [expected, *expected_grads], [oracle, *oracle_grads]):
-        assert_matches_oracle(got, want, exact, case.dtype, tolerance, name)
+    assert_backend_matches_oracle("CUDA", case, "cuda")
 
 
 @gpu
 @needs_cuda_kernels
-def test_cuda_opcheck():
-    x, weight, transforms = make_inputs(DwconvCase(2, 5, 6, 7, 6, 7, 3, 2, "channels_last", True), device="cuda")
+@pytest.mark.parametrize("dtype,weight_dtype", [(torch.float32, None), (torch.bfloat16, torch.float32)])
+def test_cuda_opcheck(dtype, weight_dtype):
+    case = DwconvCase(2, 5, 6, 7, 6, 7, 3, 2, "channels_last", True, dtype, weight_dtype)
+    x, weight, transforms = make_inputs(case, device="cuda")
     args = (x.requires_grad_(), weight.requires_grad_(), 3, 2, [m.requires_grad_() for m in transforms])
     with dispatch.use_backend("CUDA"):
         torch.library.opcheck(torch.ops.tofa_fast.elastic_dwconv2d.default, args)
@@ -118,3 +114,16 @@ def test_cuda_dispatch_picks_a_gpu_backend():
     assert chosen.name in {"CUDA", "Triton"} or chosen.name == "reference"
     reasons = dict(dispatch.explain(dispatch.DwconvProblem.of(x, weight, 3, 1, [])))
     assert all(name == chosen.name or reasons[name] or name == "reference" for name in reasons)
+
+
+@gpu
+@needs_gpu
+def test_supernet_trains_under_cuda_bf16_autocast():
+    """What the trainer does on a GPU: bf16 autocast, channels_last, fp32 master weights and grads."""
+    net = tofa_fast.Supernet("digits", num_classes=10).cuda().to(memory_format=torch.channels_last).train()
+    x = torch.randn(8, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = torch.nn.functional.cross_entropy(net(x), torch.arange(8, device="cuda"))
+    loss.backward()
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

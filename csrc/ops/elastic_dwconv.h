@@ -1,7 +1,7 @@
 // Elastic depthwise convolution (SPEC §4): argument checks and shape helpers shared by the CPU
 // (csrc/ops/cpu) and CUDA (kernels/cuda) kernels. Header-only so nvcc can compile a .cu alone.
 //
-// Semantics (also tofa_fast/ops/elastic_dwconv.py): x (N, C, H, W), weight (C_max, 1, K, K) with K
+// Semantics (also tofa_fast/ops/elastic_dwconv_reference.py): x (N, C, H, W), weight (C_max, 1, K, K) with K
 // odd, active kernel k ≤ K odd; transforms: a chain of t²×t² matrices with t odd, strictly
 // decreasing below K and ending at k; each step takes the centred t×t window of the current filter
 // and maps it through `window @ Mᵀ`. Output: depthwise conv of x with the first C active filters,
@@ -22,6 +22,12 @@ inline int64_t transform_target_size(const at::Tensor& matrix) {
   return t * t == matrix.size(0) ? t : 0;
 }
 
+// Mixed precision (autocast's fp32 master weights): x bfloat16/float16 with float32 weight and
+// transforms. The active filter is formed in float32; gradients keep each input's dtype.
+inline bool is_mixed_precision(const at::Tensor& x, const at::Tensor& weight) {
+  return (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf) && weight.scalar_type() == at::kFloat;
+}
+
 // Checks every argument and returns the target sizes of the transform chain.
 inline std::vector<int64_t> check_elastic_dwconv_args(
     const at::Tensor& x, const at::Tensor& weight, int64_t kernel_size, int64_t stride, at::TensorList transforms) {
@@ -30,8 +36,9 @@ inline std::vector<int64_t> check_elastic_dwconv_args(
   TORCH_CHECK(
       weight.dim() == 4 && weight.size(1) == 1 && weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1,
       "weight must have shape (C_max, 1, K, K) with K odd, got ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight dtype ", weight.scalar_type(),
-              " does not match x dtype ", x.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() || is_mixed_precision(x, weight), "weight dtype ",
+              weight.scalar_type(), " does not match x dtype ", x.scalar_type(),
+              " (a float32 weight also serves bfloat16/float16 x: mixed precision)");
   TORCH_CHECK(weight.device() == x.device(), "weight is on ", weight.device(), " but x is on ", x.device());
   const int64_t big = weight.size(2);
   TORCH_CHECK(kernel_size >= 1 && kernel_size % 2 == 1 && kernel_size <= big,

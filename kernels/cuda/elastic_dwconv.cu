@@ -6,6 +6,9 @@
 // input, grad filter, then one launch walking the filter gradient back through the chain (full
 // weight gradient, zero outside the window and channels ≥ C; matrix gradients by atomic adds into a
 // zeroed accumulation buffer). Accumulation is in at::opmath_type (float for half/bfloat16).
+// Mixed precision (autocast's fp32 master weights): a bfloat16/float16 x with float32 weight and
+// transforms. The chain kernels are templated on the weight's type apart from x's, so the active
+// filter is formed from the float32 weights and the weight/matrix gradients come back in float32.
 // Strides are passed to the kernels, so NCHW, channels_last and non-contiguous inputs need no copy;
 // threads walk elements in the output's memory order so neighbouring threads touch neighbouring
 // addresses for both layouts. Only c10/cuda headers (no cuBLAS/cuSPARSE) are needed to compile.
@@ -30,9 +33,9 @@ namespace {
 constexpr int kMaxTransforms = 8;  // the chain travels by value in the kernel parameters
 constexpr int kThreads = 256;
 
-template <typename scalar_t>
+template <typename weight_t>
 struct TransformChain {
-  const scalar_t* mats[kMaxTransforms];
+  const weight_t* mats[kMaxTransforms];
   int sizes[kMaxTransforms];
   int count;
 };
@@ -70,8 +73,8 @@ __device__ __forceinline__ void unravel(int64_t index, int64_t C, int64_t A, int
 
 // Block `blockIdx.x` = channel c: filters[c] (k·k, acc_t) = chain applied to weight[c].
 // Shared memory: two K·K buffers (current filter, window).
-template <typename scalar_t, typename acc_t>
-__global__ void active_filter_kernel(const scalar_t* __restrict__ weight, TransformChain<scalar_t> chain, int big,
+template <typename weight_t, typename acc_t>
+__global__ void active_filter_kernel(const weight_t* __restrict__ weight, TransformChain<weight_t> chain, int big,
                                      int k, acc_t* __restrict__ filters) {
   extern __shared__ unsigned char shared_raw[];
   acc_t* current = reinterpret_cast<acc_t*>(shared_raw);
@@ -100,10 +103,10 @@ __global__ void active_filter_kernel(const scalar_t* __restrict__ weight, Transf
 // Block `blockIdx.x` = channel c < C_max. Recomputes the chain's windows, then walks the filter
 // gradient back: dM += g ⊗ window (atomics across channels), g ← centre-padded Mᵀ g.
 // Shared memory: the windows of every step, plus two K·K gradient buffers.
-template <typename scalar_t, typename acc_t>
-__global__ void active_filter_backward_kernel(const scalar_t* __restrict__ weight, TransformChain<scalar_t> chain,
+template <typename weight_t, typename acc_t>
+__global__ void active_filter_backward_kernel(const weight_t* __restrict__ weight, TransformChain<weight_t> chain,
                                               int big, int k, int64_t channels, const acc_t* __restrict__ grad_filters,
-                                              scalar_t* __restrict__ grad_weight, acc_t* __restrict__ grad_mats,
+                                              weight_t* __restrict__ grad_weight, acc_t* __restrict__ grad_mats,
                                               int window_total) {
   extern __shared__ unsigned char shared_raw[];
   acc_t* windows = reinterpret_cast<acc_t*>(shared_raw);
@@ -112,7 +115,7 @@ __global__ void active_filter_backward_kernel(const scalar_t* __restrict__ weigh
   const int64_t c = blockIdx.x;
   if (c >= channels) {
     if (grad_weight != nullptr)
-      for (int e = threadIdx.x; e < big * big; e += blockDim.x) grad_weight[c * big * big + e] = scalar_t(0);
+      for (int e = threadIdx.x; e < big * big; e += blockDim.x) grad_weight[c * big * big + e] = weight_t(0);
     return;
   }
   // Forward again, keeping each step's window (the current filter lives in `grad` meanwhile).
@@ -162,7 +165,7 @@ __global__ void active_filter_backward_kernel(const scalar_t* __restrict__ weigh
   for (int e = threadIdx.x; e < big * big; e += blockDim.x) {
     const int r = e / big - off, s = e % big - off;
     const bool inside = r >= 0 && r < gsize && s >= 0 && s < gsize;
-    grad_weight[c * big * big + e] = inside ? static_cast<scalar_t>(grad[r * gsize + s]) : scalar_t(0);
+    grad_weight[c * big * big + e] = inside ? static_cast<weight_t>(grad[r * gsize + s]) : weight_t(0);
   }
 }
 
@@ -251,12 +254,12 @@ Dims dims_of(const at::Tensor& x, const at::Tensor& weight, int64_t k, int64_t s
           static_cast<int>(k / 2), static_cast<int>(weight.size(2))};
 }
 
-template <typename scalar_t>
-TransformChain<scalar_t> chain_of(const std::vector<at::Tensor>& mats, const std::vector<int64_t>& sizes) {
-  TransformChain<scalar_t> chain{};
+template <typename weight_t>
+TransformChain<weight_t> chain_of(const std::vector<at::Tensor>& mats, const std::vector<int64_t>& sizes) {
+  TransformChain<weight_t> chain{};
   chain.count = static_cast<int>(mats.size());
   for (size_t i = 0; i < mats.size(); ++i) {
-    chain.mats[i] = mats[i].data_ptr<scalar_t>();
+    chain.mats[i] = mats[i].data_ptr<weight_t>();
     chain.sizes[i] = static_cast<int>(sizes[i]);
   }
   return chain;
@@ -277,17 +280,41 @@ std::vector<at::Tensor> contiguous_all(at::TensorList tensors) {
   return out;
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename weight_t, typename acc_t>
 at::Tensor active_filters(const at::Tensor& weight, const std::vector<at::Tensor>& mats,
                           const std::vector<int64_t>& sizes, int64_t k, int64_t channels, cudaStream_t stream) {
   const int big = static_cast<int>(weight.size(2));
   at::Tensor filters = at::empty({channels, k * k}, weight.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   const size_t shared = 2 * big * big * sizeof(acc_t);
-  active_filter_kernel<scalar_t, acc_t><<<channels, 64, shared, stream>>>(
-      weight.data_ptr<scalar_t>(), chain_of<scalar_t>(mats, sizes), big, static_cast<int>(k),
+  active_filter_kernel<weight_t, acc_t><<<channels, 64, shared, stream>>>(
+      weight.data_ptr<weight_t>(), chain_of<weight_t>(mats, sizes), big, static_cast<int>(k),
       filters.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return filters;
+}
+
+// The (C, k·k) active filters in acc_t from weights of x's type, or of float32 in mixed precision.
+template <typename scalar_t, typename acc_t>
+at::Tensor active_filters_for(const at::Tensor& x, const at::Tensor& weight, const std::vector<at::Tensor>& mats,
+                              const std::vector<int64_t>& sizes, int64_t k, int64_t channels, cudaStream_t stream) {
+  if (is_mixed_precision(x, weight)) return active_filters<float, acc_t>(weight, mats, sizes, k, channels, stream);
+  return active_filters<scalar_t, acc_t>(weight, mats, sizes, k, channels, stream);
+}
+
+// Walks the filter gradient back through the chain: grad_weight (weight_t, when defined) and the
+// matrices' gradients, atomically added into grad_mats_acc (acc_t, when defined).
+template <typename weight_t, typename acc_t>
+void active_filters_backward(const at::Tensor& weight, const std::vector<at::Tensor>& mats,
+                             const std::vector<int64_t>& sizes, int64_t k, int64_t channels,
+                             const at::Tensor& grad_filters, at::Tensor* grad_weight, at::Tensor* grad_mats_acc,
+                             int64_t window_total, cudaStream_t stream) {
+  const int big = static_cast<int>(weight.size(2));
+  const size_t shared = (window_total + 2 * big * big) * sizeof(acc_t);
+  active_filter_backward_kernel<weight_t, acc_t><<<weight.size(0), 64, shared, stream>>>(
+      weight.data_ptr<weight_t>(), chain_of<weight_t>(mats, sizes), big, static_cast<int>(k), channels,
+      grad_filters.data_ptr<acc_t>(), grad_weight ? grad_weight->data_ptr<weight_t>() : nullptr,
+      grad_mats_acc ? grad_mats_acc->data_ptr<acc_t>() : nullptr, static_cast<int>(window_total));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor elastic_dwconv2d_forward_cuda(const at::Tensor& x, const at::Tensor& weight_arg, int64_t k, int64_t stride,
@@ -303,7 +330,7 @@ at::Tensor elastic_dwconv2d_forward_cuda(const at::Tensor& x, const at::Tensor& 
   const auto mats = contiguous_all(transforms_arg);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "elastic_dwconv2d_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor filters = active_filters<scalar_t, acc_t>(weight, mats, sizes, k, d.c, stream);
+    const at::Tensor filters = active_filters_for<scalar_t, acc_t>(x, weight, mats, sizes, k, d.c, stream);
     const int64_t total = y.numel();
     dwconv_forward_kernel<scalar_t, acc_t><<<grid_for(total), kThreads, 0, stream>>>(
         x.data_ptr<scalar_t>(), strides_of(x), filters.data_ptr<acc_t>(), y.data_ptr<scalar_t>(), strides_of(y), d,
@@ -337,7 +364,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> elastic_dwconv2d_bac
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "elastic_dwconv2d_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor filters = active_filters<scalar_t, acc_t>(weight, mats, sizes, k, d.c, stream);
+    const at::Tensor filters = active_filters_for<scalar_t, acc_t>(x, weight, mats, sizes, k, d.c, stream);
     if (need_x && grad_x.numel() > 0) {
       const int64_t total = grad_x.numel();
       dwconv_grad_input_kernel<scalar_t, acc_t><<<grid_for(total), kThreads, 0, stream>>>(
@@ -357,19 +384,19 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> elastic_dwconv2d_bac
     int64_t window_total = 0, matrix_total = 0;
     for (int64_t t : sizes) window_total += t * t, matrix_total += t * t * t * t;
     at::Tensor grad_mats_acc = at::zeros({need_mats ? matrix_total : 0}, acc_options);
-    const int big = d.big;
-    const size_t shared = (window_total + 2 * big * big) * sizeof(acc_t);
-    active_filter_backward_kernel<scalar_t, acc_t><<<weight.size(0), 64, shared, stream>>>(
-        weight.data_ptr<scalar_t>(), chain_of<scalar_t>(mats, sizes), big, static_cast<int>(k), d.c,
-        grad_filters.data_ptr<acc_t>(), need_weight ? grad_weight.data_ptr<scalar_t>() : nullptr,
-        need_mats ? grad_mats_acc.data_ptr<acc_t>() : nullptr, static_cast<int>(window_total));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    at::Tensor* gw = need_weight ? &grad_weight : nullptr;
+    at::Tensor* gm = need_mats ? &grad_mats_acc : nullptr;
+    if (is_mixed_precision(x, weight))
+      active_filters_backward<float, acc_t>(weight, mats, sizes, k, d.c, grad_filters, gw, gm, window_total, stream);
+    else
+      active_filters_backward<scalar_t, acc_t>(weight, mats, sizes, k, d.c, grad_filters, gw, gm, window_total,
+                                               stream);
     if (need_mats) {
       int64_t offset = 0;
       for (size_t i = 0; i < mats.size(); ++i) {
         const int64_t tt = sizes[i] * sizes[i];
         // copy: views of one buffer would alias each other, which op outputs must not.
-        grad_mats[i] = grad_mats_acc.narrow(0, offset, tt * tt).view({tt, tt}).to(x.scalar_type(), false, true);
+        grad_mats[i] = grad_mats_acc.narrow(0, offset, tt * tt).view({tt, tt}).to(mats[i].scalar_type(), false, true);
         offset += tt * tt;
       }
     }

@@ -19,18 +19,23 @@ channel c, k×k, padding p = k // 2, stride S):
   The final g is the weight gradient, zero for channels ≥ C. One launch.
 
 Strides are passed explicitly, so NCHW, channels_last and non-contiguous inputs need no copies.
-Accumulation is float32 (float64 for float64 tensors). On CPU tensors the kernels run only under
+Accumulation is float32 (float64 for float64 tensors). Mixed precision (a bfloat16/float16 x with
+float32 weight and transforms, as under autocast): the active filter is formed from the float32
+weights and kept in float32 for the convolution; weight and matrix gradients come back in the
+weights' dtype, the input gradient in x's. On CPU tensors the kernels run only under
 ``TRITON_INTERPRET=1``, which must be set before this module is imported (``INTERPRETED`` records
 which mode the kernels were decorated in).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 import triton
 import triton.language as tl
-from tofa_fast.ops.elastic_dwconv import check_elastic_dwconv_args, output_memory_format
+from tofa_fast.ops.elastic_dwconv_reference import check_elastic_dwconv_args, output_memory_format
 from triton import knobs
 
 INTERPRETED = bool(knobs.runtime.interpret)
@@ -195,6 +200,16 @@ def _active_filter_backward_kernel(
 
 
 @triton.jit
+def _plane_tile(C, BLOCK_C: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (n · channel blocks, plane block): sample n, channels c (BLOCK_C, 1), plane offsets (1, BLOCK)."""
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    n = tl.program_id(0) // c_blocks
+    c = (tl.program_id(0) % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]
+    return n, c, c < C, offs
+
+
+@triton.jit
 def _dwconv_forward_kernel(
     x_ptr,
     f_ptr,
@@ -215,24 +230,22 @@ def _dwconv_forward_kernel(
     K: tl.constexpr,
     STRIDE: tl.constexpr,
     ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    nc = tl.program_id(0)
-    n = nc // C
-    c = nc % C
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < OH * OW
+    n, c, c_ok, offs = _plane_tile(C, BLOCK_C, BLOCK)
+    mask = c_ok & (offs < OH * OW)
     oh = offs // OW
     ow = offs % OW
     x_base = x_ptr + n * sxn + c * sxc
-    acc = tl.zeros([BLOCK], dtype=ACC)
+    acc = tl.zeros([BLOCK_C, BLOCK], dtype=ACC)
     for i in tl.static_range(K):
         ih = oh * STRIDE + i - K // 2
         row_ok = mask & (ih >= 0) & (ih < H)
         for j in tl.static_range(K):
             iw = ow * STRIDE + j - K // 2
             xv = tl.load(x_base + ih * sxh + iw * sxw, mask=row_ok & (iw >= 0) & (iw < W), other=0.0)
-            acc += xv.to(ACC) * tl.load(f_ptr + c * (K * K) + i * K + j)
+            acc += xv.to(ACC) * tl.load(f_ptr + c * (K * K) + i * K + j, mask=c_ok, other=0.0)
     tl.store(y_ptr + n * syn + c * syc + oh * syh + ow * syw, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -257,17 +270,15 @@ def _dwconv_grad_input_kernel(
     K: tl.constexpr,
     STRIDE: tl.constexpr,
     ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    nc = tl.program_id(0)
-    n = nc // C
-    c = nc % C
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < H * W
+    n, c, c_ok, offs = _plane_tile(C, BLOCK_C, BLOCK)
+    mask = c_ok & (offs < H * W)
     h = offs // W
     w = offs % W
     gy_base = gy_ptr + n * sgn + c * sgc
-    acc = tl.zeros([BLOCK], dtype=ACC)
+    acc = tl.zeros([BLOCK_C, BLOCK], dtype=ACC)
     for i in tl.static_range(K):
         th = h + K // 2 - i
         oh = th // STRIDE
@@ -277,7 +288,7 @@ def _dwconv_grad_input_kernel(
             ow = tw // STRIDE
             ok = row_ok & (tw >= 0) & (tw % STRIDE == 0) & (ow < OW)
             gv = tl.load(gy_base + oh * sgh + ow * sgw, mask=ok, other=0.0)
-            acc += gv.to(ACC) * tl.load(f_ptr + c * (K * K) + i * K + j)
+            acc += gv.to(ACC) * tl.load(f_ptr + c * (K * K) + i * K + j, mask=c_ok, other=0.0)
     tl.store(gx_ptr + n * sxn + c * sxc + h * sxh + w * sxw, acc.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -287,6 +298,7 @@ def _dwconv_grad_filter_kernel(
     gy_ptr,
     gf_ptr,
     N,
+    C,
     H,
     W,
     OH,
@@ -304,33 +316,38 @@ def _dwconv_grad_filter_kernel(
     PKK: tl.constexpr,
     SPLIT: tl.constexpr,
     ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    c = tl.program_id(0)
+    # Tile [channels, taps, reduction elements]; program (c block, s) takes every SPLIT-th block.
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c3 = c[:, None, None]
     taps = tl.arange(0, PKK)
-    ti = (taps // K)[:, None]
-    tj = (taps % K)[:, None]
-    tap_ok = (taps < K * K)[:, None]
-    acc = tl.zeros([PKK, BLOCK], dtype=ACC)
+    ti = (taps // K)[None, :, None]
+    tj = (taps % K)[None, :, None]
+    valid = (c3 < C) & (taps < K * K)[None, :, None]
+    acc = tl.zeros([BLOCK_C, PKK, BLOCK], dtype=ACC)
     total = N * OH * OW
     for start in range(tl.program_id(1) * BLOCK, total, SPLIT * BLOCK):
-        e = start + tl.arange(0, BLOCK)
+        e = start + tl.arange(0, BLOCK)[None, None, :]
         ok = e < total
         n = e // (OH * OW)
         rem = e % (OH * OW)
         oh = rem // OW
         ow = rem % OW
-        g = tl.load(gy_ptr + n * sgn + c * sgc + oh * sgh + ow * sgw, mask=ok, other=0.0).to(ACC)
-        ih = oh[None, :] * STRIDE + ti - K // 2
-        iw = ow[None, :] * STRIDE + tj - K // 2
-        m = ok[None, :] & tap_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        xv = tl.load(x_ptr + n[None, :] * sxn + c * sxc + ih * sxh + iw * sxw, mask=m, other=0.0).to(ACC)
-        acc += xv * g[None, :]
-    total_taps = tl.sum(acc, axis=1)
+        g = tl.load(gy_ptr + n * sgn + c3 * sgc + oh * sgh + ow * sgw, mask=ok & (c3 < C), other=0.0).to(ACC)
+        ih = oh * STRIDE + ti - K // 2
+        iw = ow * STRIDE + tj - K // 2
+        m = ok & valid & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        xv = tl.load(x_ptr + n * sxn + c3 * sxc + ih * sxh + iw * sxw, mask=m, other=0.0).to(ACC)
+        acc += xv * g
+    total_taps = tl.sum(acc, axis=2)
+    out = gf_ptr + c[:, None] * (K * K) + taps[None, :]
+    out_mask = (c[:, None] < C) & (taps[None, :] < K * K)
     if SPLIT == 1:
-        tl.store(gf_ptr + c * (K * K) + taps, total_taps, mask=taps < K * K)
+        tl.store(out, total_taps, mask=out_mask)
     else:
-        tl.atomic_add(gf_ptr + c * (K * K) + taps, total_taps, mask=taps < K * K)
+        tl.atomic_add(out, total_taps, mask=out_mask)
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -367,45 +384,95 @@ def _matrix_args(transforms: list[torch.Tensor], like: torch.Tensor) -> list[tor
     return mats + [like] * (MAX_TRANSFORMS - len(mats))  # unused slots: any valid pointer
 
 
-_BLOCK_C = 4  # channels per active-filter program: the E tile is BLOCK_C × t² × t_prev² values
+@dataclass(frozen=True)
+class Tiles:
+    """Program tile sizes (powers of two), capped by the problem's own sizes.
+
+    Compiled, one channel per conv and grad-filter program (what the GPU kernels were built
+    around: coalesced along the plane for NCHW). Under the interpreter a program costs a fixed time
+    per operation whatever its tile, so it takes blocks of channels and whole planes: tens of
+    programs per layer instead of thousands (training a supernet through it becomes affordable).
+    """
+
+    chain_channels: int  # active-filter programs: the E tile is channels × t² × t_prev² values
+    conv_channels: int  # forward / grad-input programs: channels × pixels
+    conv_pixels: int
+    filter_channels: int  # grad-filter programs: channels × taps × reduction elements per step
+    filter_reduction: int
+    filter_elements: int  # cap on that product (registers on a GPU, array size in the interpreter)
+
+    def conv(self, channels: int, pixels: int) -> tuple[int, int]:
+        return min(self.conv_channels, _pow2(channels)), min(self.conv_pixels, _pow2(pixels))
+
+    def grad_filter(self, channels: int, taps: int, total: int) -> tuple[int, int]:
+        block_c, block = min(self.filter_channels, _pow2(channels)), min(self.filter_reduction, _pow2(total))
+        while block_c * taps * block > self.filter_elements and block > 16:
+            block //= 2
+        while block_c * taps * block > self.filter_elements and block_c > 1:
+            block_c //= 2
+        return block_c, block
+
+
+COMPILED_TILES = Tiles(4, 1, 256, 1, 128, 1 << 15)
+INTERPRETER_TILES = Tiles(32, 64, 1024, 64, 1024, 1 << 18)
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(n, 1))
+
+
+def _default_tiles() -> Tiles:
+    return INTERPRETER_TILES if INTERPRETED else COMPILED_TILES
 
 
 def active_filter(
-    weight: torch.Tensor, kernel_size: int, transforms: list[torch.Tensor], channels: int
+    weight: torch.Tensor, kernel_size: int, transforms: list[torch.Tensor], channels: int, tiles: Tiles | None = None
 ) -> torch.Tensor:
     """(channels, k·k) active filters in the accumulation dtype, one launch."""
+    block_c = (tiles or _default_tiles()).chain_channels
     weight = weight.contiguous()
     out = torch.empty((channels, kernel_size * kernel_size), dtype=_acc_torch(weight.dtype), device=weight.device)
-    _active_filter_kernel[(triton.cdiv(channels, _BLOCK_C),)](
+    _active_filter_kernel[(triton.cdiv(channels, block_c),)](
         weight,
         *_matrix_args(transforms, weight),
         out,
         channels,
         **_chain_meta(weight, kernel_size, transforms),
         ACC=_acc_dtype(weight.dtype),
-        BLOCK_C=_BLOCK_C,
+        BLOCK_C=block_c,
     )
     return out
 
 
-def _plane_block(size: int) -> int:
-    return min(256, triton.next_power_of_2(size))
+def _grad_filter_split(total: int, block: int) -> int:
+    # Enough programs per channel to fill a GPU; the interpreter runs programs one by one.
+    return 1 if INTERPRETED else max(1, min(64, triton.cdiv(total, block * 8)))
 
 
 def elastic_dwconv2d_forward(
-    x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int, transforms: list[torch.Tensor]
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    kernel_size: int,
+    stride: int,
+    transforms: list[torch.Tensor],
+    tiles: Tiles | None = None,
 ) -> torch.Tensor:
-    """(N, C, H, W) → (N, C, H_out, W_out) in ``output_memory_format(x)``."""
+    """(N, C, H, W) → (N, C, H_out, W_out) in ``output_memory_format(x)``.
+
+    ``tiles``: program tile sizes; None picks :data:`INTERPRETER_TILES` or :data:`COMPILED_TILES`
+    by mode (tests pass the other one to cover it).
+    """
     check_elastic_dwconv_args(x, weight, kernel_size, stride, transforms)
+    tiles = tiles or _default_tiles()
     n, c, h, w = x.shape
     pad = kernel_size // 2
     oh, ow = (h + 2 * pad - kernel_size) // stride + 1, (w + 2 * pad - kernel_size) // stride + 1
     y = torch.empty((n, c, oh, ow), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
     if y.numel() == 0:
         return y
-    filters = active_filter(weight, kernel_size, transforms, c)
-    block = _plane_block(oh * ow)
-    _dwconv_forward_kernel[(n * c, triton.cdiv(oh * ow, block))](
+    filters = active_filter(weight, kernel_size, transforms, c, tiles)
+    block_c, block = tiles.conv(c, oh * ow)
+    _dwconv_forward_kernel[(n * triton.cdiv(c, block_c), triton.cdiv(oh * ow, block))](
         x,
         filters,
         y,
@@ -419,6 +486,7 @@ def elastic_dwconv2d_forward(
         K=kernel_size,
         STRIDE=stride,
         ACC=_acc_dtype(x.dtype),
+        BLOCK_C=block_c,
         BLOCK=block,
     )
     return y
@@ -432,9 +500,18 @@ def elastic_dwconv2d_backward(
     stride: int,
     transforms: list[torch.Tensor],
     output_mask: list[bool],
+    tiles: Tiles | None = None,
+    grad_filter_split: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """(grad_x, grad_weight (C_max, 1, K, K), grad per transform); masked-off entries are empty (0,)."""
+    """(grad_x, grad_weight (C_max, 1, K, K), grad per transform); masked-off entries are empty (0,).
+
+    ``tiles`` as in :func:`elastic_dwconv2d_forward`. ``grad_filter_split``: programs per channel
+    block of the grad-filter reduction (each takes every SPLIT-th block of N·H_out·W_out, summed by
+    atomic adds); None picks 1 under the interpreter and enough to fill a GPU otherwise. Tests force
+    it above 1 to run the GPU's path under the interpreter.
+    """
     check_elastic_dwconv_args(x, weight, kernel_size, stride, transforms)
+    tiles = tiles or _default_tiles()
     need_x, need_weight, need_transforms = output_mask
     need_transforms = need_transforms and bool(transforms)
     n, c, h, w = x.shape
@@ -445,12 +522,12 @@ def elastic_dwconv2d_backward(
     def empty() -> torch.Tensor:  # masked-off gradients: distinct (0,) tensors (op outputs must not alias)
         return x.new_empty((0,))
 
-    filters = active_filter(weight, kernel_size, transforms, c)
+    filters = active_filter(weight, kernel_size, transforms, c, tiles)
     grad_x = empty()
     if need_x:
         grad_x = torch.empty_like(x, memory_format=output_memory_format(x))
-        block = _plane_block(h * w)
-        _dwconv_grad_input_kernel[(n * c, triton.cdiv(h * w, block))](
+        block_c, block = tiles.conv(c, h * w)
+        _dwconv_grad_input_kernel[(n * triton.cdiv(c, block_c), triton.cdiv(h * w, block))](
             grad_output,
             filters,
             grad_x,
@@ -464,23 +541,25 @@ def elastic_dwconv2d_backward(
             K=kernel_size,
             STRIDE=stride,
             ACC=acc,
+            BLOCK_C=block_c,
             BLOCK=block,
         )
     if not (need_weight or need_transforms):
         return grad_x, empty(), [empty() for _ in transforms]
     total = n * oh * ow
-    block = min(128, triton.next_power_of_2(max(total, 1)))
-    # Enough programs per channel to fill a GPU; the interpreter runs programs one by one.
-    split = 1 if INTERPRETED else max(1, min(64, triton.cdiv(total, block * 8)))
+    taps = _pow2(kernel_size * kernel_size)
+    block_c, block = tiles.grad_filter(c, taps, total)
+    split = grad_filter_split or _grad_filter_split(total, block)
     grad_filters = (torch.zeros if split > 1 else torch.empty)(
         (c, kernel_size * kernel_size), dtype=acc_torch, device=x.device
     )
     if total > 0:
-        _dwconv_grad_filter_kernel[(c, split)](
+        _dwconv_grad_filter_kernel[(triton.cdiv(c, block_c), split)](
             x,
             grad_output,
             grad_filters,
             n,
+            c,
             h,
             w,
             oh,
@@ -489,21 +568,22 @@ def elastic_dwconv2d_backward(
             *grad_output.stride(),
             K=kernel_size,
             STRIDE=stride,
-            PKK=triton.next_power_of_2(kernel_size * kernel_size),
+            PKK=taps,
             SPLIT=split,
             ACC=acc,
+            BLOCK_C=block_c,
             BLOCK=block,
         )
     else:
         grad_filters.zero_()
     c_max, big = weight.shape[0], weight.shape[-1]
-    grad_weight = torch.empty((c_max, 1, big, big), dtype=x.dtype, device=x.device) if need_weight else empty()
+    grad_weight = torch.empty((c_max, 1, big, big), dtype=weight.dtype, device=x.device) if need_weight else empty()
     sizes = [round(m.shape[0] ** 0.5) for m in transforms]
     numels = [t**4 for t in sizes]
     grad_mats_flat = torch.zeros(sum(numels) if need_transforms else 1, dtype=acc_torch, device=x.device)
     grad_mats = list(torch.split(grad_mats_flat, numels)) if need_transforms else []
     weight_c = weight.contiguous()
-    _active_filter_backward_kernel[(triton.cdiv(c_max, _BLOCK_C),)](
+    _active_filter_backward_kernel[(triton.cdiv(c_max, tiles.chain_channels),)](
         weight_c,
         *_matrix_args(transforms, weight_c),
         grad_filters,
@@ -515,11 +595,11 @@ def elastic_dwconv2d_backward(
         ACC=acc,
         WANT_GW=need_weight,
         WANT_GM=need_transforms,
-        BLOCK_C=_BLOCK_C,
+        BLOCK_C=tiles.chain_channels,
     )
     if need_transforms:
         # copy=True: views of one buffer would alias each other, which op outputs must not.
-        grad_transforms = [g.view(t * t, t * t).to(x.dtype, copy=True) for g, t in zip(grad_mats, sizes)]
+        grad_transforms = [g.view(t * t, t * t).to(m.dtype, copy=True) for g, t, m in zip(grad_mats, sizes, transforms)]
     else:
         grad_transforms = [empty() for _ in transforms]
     return grad_x, grad_weight, grad_transforms

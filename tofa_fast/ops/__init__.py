@@ -1,12 +1,14 @@
 """Custom operators of tofa_fast, each with its pure-PyTorch reference beside it.
 
-``elastic_dwconv_dispatch`` holds the per-device backend table of ``elastic_dwconv2d``.
+``elastic_dwconv2d`` is built in three modules that depend one way: ``elastic_dwconv_reference``
+(math, argument rules, the reference) ← ``elastic_dwconv_dispatch`` (the per-device backend table)
+← ``elastic_dwconv`` (the ``torch.library`` operator).
 """
 
-from .elastic_dwconv import (
+from .elastic_dwconv import elastic_dwconv2d
+from .elastic_dwconv_reference import (
     active_filter_backward_reference,
     active_filter_reference,
-    elastic_dwconv2d,
     elastic_dwconv2d_reference,
 )
 

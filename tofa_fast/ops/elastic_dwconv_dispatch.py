@@ -3,8 +3,10 @@
 Every backend declares what it supports through :meth:`ElasticDwconvBackend.not_supported_reasons`;
 :data:`DISPATCH_TABLE` lists, per device type, the backends in order of preference; the first one
 with no reason to refuse serves the call. The reference (slice + transform + ``F.conv2d``) accepts
-everything, so it ends every list and serves devices the table does not name. ``tofa-fast info``
-prints :func:`describe_dispatch`, so what it says is what the op does.
+everything, so it ends every list and serves devices the table does not name. Why a compiled
+backend is missing here (no extension, a build without CUDA, no triton, no device) is worded once in
+:mod:`tofa_fast.backends`; the backends add what they refuse per call (dtype, kernel size, stride).
+``tofa-fast info`` prints :func:`describe_dispatch`, so what it says is what the op does.
 
 Tests and benchmarks pin a backend with :func:`use_backend` (the Triton kernels under
 ``TRITON_INTERPRET=1`` are reachable on CPU tensors only that way).
@@ -15,16 +17,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
-import importlib.util
-import os
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .. import _extension
-from .elastic_dwconv import (
+from .. import backends
+from .elastic_dwconv_reference import (
+    MIXED_PRECISION_DTYPES,
     active_filter_backward_reference,
     active_filter_reference,
     elastic_dwconv2d_reference,
@@ -97,7 +97,7 @@ class ReferenceBackend(ElasticDwconvBackend):
         # ATen's convolution backward for the depthwise part, then the transform chain rule.
         need_x, need_weight, need_transforms = output_mask
         channels = x.shape[1]
-        filters = active_filter_reference(weight, kernel_size, transforms)[:channels].contiguous()
+        filters = active_filter_reference(weight, kernel_size, transforms)[:channels].to(x.dtype).contiguous()
         need_filter = need_weight or need_transforms
         grad_x, grad_filter, _ = torch.ops.aten.convolution_backward(
             grad_output.to(x.dtype),
@@ -119,7 +119,10 @@ class ReferenceBackend(ElasticDwconvBackend):
         grad_x = grad_x.contiguous(memory_format=output_memory_format(x)) if need_x else empty()
         if not need_filter:
             return grad_x, empty(), [empty() for _ in transforms]
-        grad_weight, grad_transforms = active_filter_backward_reference(grad_filter, weight, transforms)
+        # Mixed precision: the conv's filter gradient (compute dtype) enters the chain in the weight's dtype.
+        grad_weight, grad_transforms = active_filter_backward_reference(
+            grad_filter.to(weight.dtype), weight, transforms
+        )
         return (
             grad_x,
             grad_weight if need_weight else empty(),
@@ -130,13 +133,7 @@ class ReferenceBackend(ElasticDwconvBackend):
 class _CompiledOpBackend(ElasticDwconvBackend):
     """Backends living in the compiled extension: the torch dispatcher routes by device to the kernel."""
 
-    @staticmethod
-    def _extension_reasons() -> list[str]:
-        if not _extension.available():
-            return [_extension.LOAD_ERROR or "the C++ extension is not loaded"]
-        if not hasattr(torch.ops.tofa_fast, "_elastic_dwconv2d_compiled_forward"):
-            return ["the loaded extension has no elastic_dwconv2d kernels (stale build: rebuild it)"]
-        return []
+    OPS = ("_elastic_dwconv2d_compiled_forward", "_elastic_dwconv2d_compiled_backward")
 
     def forward(self, x, weight, kernel_size, stride, transforms):
         return torch.ops.tofa_fast._elastic_dwconv2d_compiled_forward(x, weight, kernel_size, stride, transforms)
@@ -150,19 +147,22 @@ class _CompiledOpBackend(ElasticDwconvBackend):
 
 class CppBackend(_CompiledOpBackend):
     name = "C++"
-    supports = "CPU; float32/float64; k in {1,3,5,7}; stride 1 or 2; NCHW and channels_last (csrc/ops/cpu)"
-    DTYPES = (torch.float32, torch.float64)
+    supports = (
+        "CPU; float32/float64, bfloat16/float16 through float32 (weights float32 or x's dtype); k in {1,3,5,7}; "
+        "stride 1 or 2; NCHW and channels_last (csrc/ops/cpu)"
+    )
+    DTYPES = (torch.float32, torch.float64, *MIXED_PRECISION_DTYPES)
     KERNEL_SIZES = (1, 3, 5, 7)
     STRIDES = (1, 2)
 
     def not_supported_reasons(self, problem: DwconvProblem) -> list[str]:
-        if missing := self._extension_reasons():
+        if missing := backends.extension_reasons(*self.OPS):
             return missing
         reasons = []
         if problem.device_type != "cpu":
             reasons.append(f"serves CPU tensors only, got {problem.device_type}")
         if problem.dtype not in self.DTYPES:
-            reasons.append(f"dtype {problem.dtype} is not compiled (float32, float64)")
+            reasons.append(f"dtype {problem.dtype} is not compiled (float32, float64, bfloat16, float16)")
         if problem.kernel_size not in self.KERNEL_SIZES:
             reasons.append(f"kernel_size {problem.kernel_size} is not compiled (1, 3, 5, 7)")
         if problem.stride not in self.STRIDES:
@@ -172,18 +172,13 @@ class CppBackend(_CompiledOpBackend):
 
 class CudaBackend(_CompiledOpBackend):
     name = "CUDA"
-    supports = "CUDA; float32/float64/float16/bfloat16; any k; any stride; ≤ 8 transforms (kernels/cuda)"
+    supports = "CUDA; float32/float64/float16/bfloat16 (float32 accumulation); any k; any stride; ≤ 8 transforms (kernels/cuda)"
     DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
     MAX_TRANSFORMS = 8  # the active-filter kernel takes the matrices as one by-value parameter struct
 
     def not_supported_reasons(self, problem: DwconvProblem) -> list[str]:
-        if missing := self._extension_reasons():
+        if missing := backends.cuda_build_reasons(*self.OPS):
             return missing
-        if not _extension.built_with_cuda():
-            return [
-                "the extension was built without CUDA kernels (needs nvcc + CUDA PyTorch + a GPU at build time, "
-                "or TOFA_FAST_BUILD_CUDA=1)"
-            ]
         reasons = []
         if problem.device_type != "cuda":
             reasons.append(f"serves CUDA tensors only, got {problem.device_type}")
@@ -194,37 +189,19 @@ class CudaBackend(_CompiledOpBackend):
         return reasons
 
 
-_TRITON_MODULE = "tofa_fast.triton_kernels.elastic_dwconv"
-
-
-def _triton_interpreted() -> bool:
-    # Triton decides interpreter vs compiler when a kernel is decorated, so once the module is
-    # imported its own flag is the truth; before that, the environment variable decides.
-    module = sys.modules.get(_TRITON_MODULE)
-    if module is not None:
-        return bool(module.INTERPRETED)
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
-
-
 class TritonBackend(ElasticDwconvBackend):
     name = "Triton"
     supports = (
-        "CUDA (CPU tensors under TRITON_INTERPRET=1); float32/float64/float16/bfloat16; ≤ 3 transforms (kernels/triton)"
+        "CUDA (CPU tensors under TRITON_INTERPRET=1); float32/float64/float16/bfloat16 (float32 accumulation); "
+        "≤ 3 transforms (kernels/triton)"
     )
     DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
     MAX_TRANSFORMS = 3  # one pointer argument per chain step; OFA's 7→5→3 needs two
 
     def not_supported_reasons(self, problem: DwconvProblem) -> list[str]:
-        if importlib.util.find_spec("triton") is None:
-            return ["the triton package is not installed"]
-        reasons = []
-        if _triton_interpreted():
-            if problem.device_type != "cpu":
-                reasons.append("the kernels were loaded in interpreter mode (TRITON_INTERPRET=1): CPU tensors only")
-        elif problem.device_type != "cuda":
-            reasons.append(f"serves CUDA tensors only, got {problem.device_type} (TRITON_INTERPRET=1 runs it on CPU)")
-        elif not torch.cuda.is_available():
-            reasons.append("no CUDA device is visible")
+        if missing := backends.triton_package_reasons():
+            return missing
+        reasons = backends.triton_device_reasons(problem.device_type)
         if problem.dtype not in self.DTYPES:
             reasons.append(f"dtype {problem.dtype} is not supported (float32, float64, float16, bfloat16)")
         if problem.num_transforms > self.MAX_TRANSFORMS:
@@ -233,7 +210,7 @@ class TritonBackend(ElasticDwconvBackend):
 
     @staticmethod
     def _kernels():
-        return importlib.import_module(_TRITON_MODULE)
+        return importlib.import_module(backends.TRITON_KERNELS_MODULE)
 
     def forward(self, x, weight, kernel_size, stride, transforms):
         return self._kernels().elastic_dwconv2d_forward(x, weight, kernel_size, stride, transforms)
@@ -275,6 +252,11 @@ def use_backend(name: str) -> Iterator[ElasticDwconvBackend]:
         yield BACKENDS[name]
     finally:
         _FORCED.reset(token)
+
+
+def pinned_backend() -> str | None:
+    """The backend :func:`use_backend` pins in this context, or None."""
+    return _FORCED.get()
 
 
 def candidates(device_type: str) -> tuple[ElasticDwconvBackend, ...]:
@@ -322,4 +304,12 @@ def describe_dispatch() -> list[str]:
             verdict = "serves" if backend is chosen else ("fallback" if not reasons else "no: " + "; ".join(reasons))
             lines.append(f"    {name:<9} {verdict}")
             lines.append(f"    {'':<9} supports {backend.supports}")
+        # The same call in mixed precision (bf16 autocast: x bfloat16, weights float32).
+        mixed = DwconvProblem(device, torch.bfloat16, 3, 7, 1, 2)
+        chosen = select_backend_for(mixed)
+        lines.append(f"{device}, bfloat16 (autocast, float32 weights): served by {chosen.name}")
+        for name, reasons in explain(mixed):
+            if BACKENDS[name] is chosen:
+                break
+            lines.append(f"    {name:<9} no: {'; '.join(reasons)}")
     return lines

@@ -99,7 +99,10 @@ std::string tile_kernels_description() {
 
 namespace {
 
-// Copies of the inputs the kernels read with plain pointer arithmetic.
+// Copies of the inputs the kernels read with plain pointer arithmetic, in the compute dtype: the tile
+// kernels are compiled for float and double, so bfloat16/float16 tensors (x, and the weight unless it
+// is float32 already) run through float32 copies — float32 accumulation, as in the CUDA and Triton
+// kernels — and the results go back to each input's own dtype.
 struct DenseInputs {
   at::MemoryFormat format;
   at::Tensor x, weight;
@@ -112,15 +115,17 @@ DenseInputs dense_inputs(const at::Tensor& x, const at::Tensor& weight, int64_t 
   DenseInputs in;
   in.sizes = check_elastic_dwconv_args(x, weight, kernel_size, stride, transforms);
   TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor for the C++ kernel, got ", x.device());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "the C++ CPU kernel is compiled for float32 and float64, got x of dtype ", x.scalar_type());
+  const at::ScalarType dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "the C++ CPU kernel serves float32, float64, bfloat16 and float16, got x of dtype ", dtype);
   TORCH_CHECK(cpu::tile_kernels_support(kernel_size, stride),
               "the C++ CPU kernel is compiled for kernel_size in {1, 3, 5, 7} and stride 1 or 2, got kernel_size=",
               kernel_size, ", stride=", stride);
+  const at::ScalarType compute = dtype == at::kDouble ? at::kDouble : at::kFloat;
   in.format = dwconv_memory_format(x);
-  in.x = x.contiguous(in.format);
-  in.weight = weight.contiguous();
-  for (const auto& m : transforms) in.transforms.push_back(m.contiguous());
+  in.x = x.to(compute).contiguous(in.format);
+  in.weight = weight.to(compute).contiguous();
+  for (const auto& m : transforms) in.transforms.push_back(m.to(compute).contiguous());
   return in;
 }
 
@@ -357,7 +362,7 @@ at::Tensor elastic_dwconv2d_forward_cpu(const at::Tensor& x_arg, const at::Tenso
   const DenseInputs in = dense_inputs(x_arg, weight_arg, kernel_size, stride, transforms_arg);
   const cpu::DwconvGeometry g = geometry(in.x, kernel_size, stride, in.format);
   at::Tensor y = at::empty({g.batch, g.channels, g.out_height, g.out_width}, in.x.options().memory_format(in.format));
-  if (y.numel() == 0) return y;
+  if (y.numel() == 0) return y.to(x_arg.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "elastic_dwconv2d_forward_cpu", [&] {
     const auto& kernels = cpu::select_tile_kernels<scalar_t>();
     const ActiveFilterChain<scalar_t> chain(in.weight.size(2), kernel_size, matrix_pointers<scalar_t>(in.transforms),
@@ -378,7 +383,7 @@ at::Tensor elastic_dwconv2d_forward_cpu(const at::Tensor& x_arg, const at::Tenso
                             scratch);
     });
   });
-  return y;
+  return y.to(x_arg.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> elastic_dwconv2d_backward_cpu(
@@ -392,12 +397,20 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> elastic_dwconv2d_bac
   const bool need_mats = output_mask[2] && !in.transforms.empty();
   const bool need_filter = need_weight || need_mats;
   // Masked-off gradients are (0,) tensors, each its own: op outputs must not alias one another.
-  const auto empty = [&] { return at::empty({0}, in.x.options()); };
+  const auto empty = [&] { return at::empty({0}, x_arg.options()); };
   at::Tensor grad_x = need_x ? at::empty_like(in.x, in.format) : empty();
   at::Tensor grad_weight = need_weight ? at::zeros_like(in.weight, at::MemoryFormat::Contiguous) : empty();
   std::vector<at::Tensor> grad_mats;
   for (const auto& m : in.transforms) grad_mats.push_back(output_mask[2] ? at::zeros_like(m) : empty());
-  if (g.batch == 0 || (!need_x && !need_filter)) return {grad_x, grad_weight, grad_mats};
+  // Each gradient in its input's dtype (no copy where the compute dtype is that already).
+  const auto cast_to_input_dtypes = [&] {
+    std::vector<at::Tensor> mats;
+    for (size_t i = 0; i < grad_mats.size(); ++i)
+      mats.push_back(output_mask[2] ? grad_mats[i].to(transforms_arg[i].scalar_type()) : grad_mats[i]);
+    return std::make_tuple(need_x ? grad_x.to(x_arg.scalar_type()) : grad_x,
+                           need_weight ? grad_weight.to(weight_arg.scalar_type()) : grad_weight, mats);
+  };
+  if (g.batch == 0 || (!need_x && !need_filter)) return cast_to_input_dtypes();
 
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "elastic_dwconv2d_backward_cpu", [&] {
     const auto& kernels = cpu::select_tile_kernels<scalar_t>();
@@ -445,7 +458,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> elastic_dwconv2d_bac
     for (auto& m : grad_mats) mat_grads.push_back(m.data_ptr<scalar_t>());
     transform_gradients(chain, dq, mat_grads);
   });
-  return {grad_x, grad_weight, grad_mats};
+  return cast_to_input_dtypes();
 }
 
 }  // namespace
