@@ -1,6 +1,8 @@
 """GPU benchmark of elastic_dwconv2d: the CUDA and Triton kernels vs PyTorch's depthwise path.
 
 Same OFA MobileNetV3 w1.2 depthwise shapes as the CPU suite, at resolution 224 (the GPU affords it),
+read off tofa_fast's ``ofa_mbv3`` preset (held equal to the ``ofa`` package's model by
+tests/test_spaces.py) so that this suite runs where ``ofa`` is not installed, as on the GPU machine;
 batch 32, float32 and bfloat16, forward and forward+backward. The baseline is the reference (slice +
 transform + ``F.conv2d``, i.e. cuDNN's depthwise convolution). Besides the medians the summary
 reports the achieved memory bandwidth of tofa_fast's CUDA kernels (bytes the op must move at least:
@@ -15,8 +17,9 @@ import contextlib
 
 import pytest
 import torch
-from test_elastic_dwconv_cpu import MAX_KERNEL, mobilenet_v3_depthwise_shapes
 
+import tofa_fast
+from tofa_fast.nn import ElasticDepthwiseConv2d
 from tofa_fast.ops import elastic_dwconv2d, elastic_dwconv2d_reference
 from tofa_fast.ops.elastic_dwconv_dispatch import CUDA, TRITON, DwconvProblem, use_backend
 
@@ -30,6 +33,28 @@ DTYPES = (torch.float32, torch.bfloat16)
 MODES = ("forward", "forward+backward")
 IMPLS = {"tofa_fast": "CUDA", "triton": "Triton", "reference": None}
 ROUNDS = 20
+MAX_KERNEL = 7
+
+
+def mobilenet_v3_depthwise_shapes(resolution: int) -> list[tuple[int, int, int]]:
+    """Distinct (max channels, input size, stride) of the elastic depthwise convs of OFA's MobileNetV3
+    w1.2 (its five elastic stages; the fixed first block is no DynamicSeparableConv2d in OFA either)."""
+    net = tofa_fast.Supernet(tofa_fast.spaces.get("ofa_mbv3", resolutions=(resolution,)), num_classes=1000).eval()
+    net.set_active(net.space.max_arch())
+    seen: list[tuple[int, int, int]] = []
+
+    def hook(module, args, _output):
+        shape = (args[0].shape[1], args[0].shape[2], module.stride)
+        if shape not in seen:
+            seen.append(shape)
+
+    handles = [m.register_forward_hook(hook) for m in net.stages[1:].modules() if isinstance(m, ElasticDepthwiseConv2d)]
+    with torch.no_grad():
+        net(torch.zeros(1, 3, resolution, resolution))
+    for handle in handles:
+        handle.remove()
+    return seen
+
 
 SHAPES = mobilenet_v3_depthwise_shapes(RESOLUTION) if torch.cuda.is_available() else []
 
