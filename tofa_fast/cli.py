@@ -43,14 +43,22 @@ def _non_negative_number(text: str) -> float:
     return value
 
 
+def _device_name(text: str) -> str:
+    """A device name PyTorch reads (``profile --validate`` compares it with its table's own)."""
+    import torch
+
+    try:
+        torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a device name (cpu, cuda, cuda:1, …): {text!r}") from None
+    return text
+
+
 def _device(text: str) -> str:
     """A device name PyTorch reads, and for CUDA one that this machine has."""
     import torch
 
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"not a device name (cpu, cuda, cuda:1, …): {text!r}") from None
+    device = torch.device(_device_name(text))
     if device.type == "cuda":
         visible = torch.cuda.device_count()
         if visible == 0:
@@ -211,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile = sub.add_parser("profile", help="build or validate a latency table on this device")
     profile.add_argument("--space", default="rss")
     profile.add_argument(
-        "--device", type=_device, default=None, help="cpu or cuda (default: cpu; with --validate: the table's)"
+        "--device", type=_device_name, default=None, help="cpu or cuda (default: cpu; with --validate: the table's)"
     )
     profile.add_argument(
         "-o", "--output", metavar="FILE", help="latency table to write or resume (with --validate: a JSON report)"
