@@ -612,9 +612,8 @@ def test_fuzz_elastic_dwconv2d():
             )
 
 
-#: Inputs ``elastic_dwconv2d`` does not yet refuse clearly (issue 16; ops/ is fixed by its owner):
-#: a bare tensor as ``transforms`` ("Boolean value of Tensor ... is ambiguous"), sparse and nested
-#: tensors (NotImplementedError / RuntimeError from the dispatcher).
+#: Inputs ``elastic_dwconv2d`` once let through to the dispatcher (issue 16): a bare tensor as
+#: ``transforms`` ("Boolean value of Tensor ... is ambiguous"), sparse tensors (NotImplementedError).
 DWCONV_GAPS = [
     ("transforms as one tensor", (torch.randn(2, 8, 10, 10), torch.randn(8, 1, 5, 5), 3, 1, torch.randn(9, 9)), ("transforms",)),
     ("sparse x", (torch.randn(2, 8, 10, 10).to_sparse(), torch.randn(8, 1, 5, 5), 3), ("x",)),
@@ -622,9 +621,8 @@ DWCONV_GAPS = [
 ]  # fmt: skip
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16: elastic_dwconv2d's argument checks miss these (ops/ owner)")
 @pytest.mark.parametrize(("label", "args", "names"), DWCONV_GAPS, ids=[g[0] for g in DWCONV_GAPS])
-def test_elastic_dwconv2d_known_gaps(label, args, names):
+def test_elastic_dwconv2d_refuses_tensors_it_cannot_take(label, args, names):
     _refused(label, lambda: elastic_dwconv2d(*args), names)
 
 

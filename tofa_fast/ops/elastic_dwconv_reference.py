@@ -166,6 +166,13 @@ def check_elastic_dwconv_args(
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    for name, t in (("x", x), ("weight", weight)):
+        if t.is_nested or t.layout != torch.strided:
+            raise ValueError(
+                f"{name} must be a dense (strided) tensor, got a {'nested' if t.is_nested else t.layout} one"
+            )
+    if isinstance(transforms, torch.Tensor):
+        raise TypeError("transforms must be None or a sequence of tensors (a list of matrices), got one tensor")
     if x.dim() != 4:
         raise ValueError(f"x must have shape (N, C, H, W), got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
     if not x.is_floating_point():
@@ -196,6 +203,9 @@ def check_elastic_dwconv_args(
         return
     if not isinstance(transforms, Sequence) or not all(isinstance(m, torch.Tensor) for m in transforms):
         raise TypeError("transforms must be None or a sequence of tensors")
+    for i, matrix in enumerate(transforms):
+        if matrix.is_nested or matrix.layout != torch.strided:
+            raise ValueError(f"transforms[{i}] must be a dense (strided) tensor, got a {matrix.layout} one")
     previous = big
     for i, matrix in enumerate(transforms):
         t = _transform_size(matrix)
