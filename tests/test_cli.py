@@ -17,6 +17,7 @@ def test_info_lists_every_backend(capsys):
     assert "tofa_fast 0.1.0" in out
     for backend in ("C++", "CUDA", "Triton"):
         assert backend in out
+    assert "training step (--step" in out and "sequential" in out  # train/step.py's table
 
 
 def test_python_dash_m_is_the_same_program():

@@ -23,4 +23,8 @@ def info_text() -> str:
     lines.append(f"estimator (FLOPs / params / latency table sums): {estimator.detail}")
     lines.append("elastic_dwconv2d dispatch (per device, the first backend without a reason to refuse serves):")
     lines.extend(f"  {line}" for line in describe_dispatch())
+    from .train.step import describe_step_backends  # the training layer: imported only here
+
+    lines.append("training step (--step; auto takes the first entry that serves):")
+    lines.extend(f"  {line}" for line in describe_step_backends())
     return "\n".join(lines)
