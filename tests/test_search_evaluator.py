@@ -11,7 +11,7 @@ from conftest import tolerance
 from search_fixtures import one_thread, tiny_run
 
 from tofa_fast.search import SubnetEvaluator
-from tofa_fast.train.augment import eval_transform
+from tofa_fast.train.evaluation import eval_transform_for
 from tofa_fast.train.loaders import resize
 
 
@@ -27,7 +27,7 @@ def record(tmp_path_factory):
 
 def _oracle(record, arch, images):
     sub = record.calibrated_subnet(arch)
-    tf = eval_transform(record.splits.size)
+    tf = eval_transform_for(record.splits, record.space)
     x = torch.stack([tf(images.image(i)) for i in range(len(images))])
     with torch.no_grad():
         logits = sub(resize(x, arch.resolution))

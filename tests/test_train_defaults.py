@@ -72,3 +72,26 @@ def test_the_papers_knobs_are_flags_recorded_in_the_config(tmp_path, monkeypatch
     ):
         assert main(["train", "--out", str(tmp_path), *bad.split()]) == 2
         assert words in capsys.readouterr().err
+
+
+def test_init_networks_take_the_datas_resolutions_and_their_normalisation(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from test_train_run import tiny_config, tiny_digits
+
+    import tofa_fast
+    import tofa_fast.train.augment as augment
+
+    config = replace(tiny_config(tmp_path, init="torchvision:mobilenet_v2", loss="sup"), epochs=1)
+    trainer = Trainer(config, splits=tiny_digits())
+    assert trainer.space.resolutions == tofa_fast.spaces.get("digits").resolutions  # 8 px digits: 24–32
+    assert trainer.config.image_size == 32  # recorded: a reopened run reads images as training did
+    seen = []
+    weak = augment.weak_transform
+    monkeypatch.setattr(augment, "weak_transform", lambda *args: seen.append(args) or weak(*args))
+    half = (0.5, 0.5, 0.5)
+    trainer.space = replace(trainer.space, input_mean=half, input_std=half)  # e.g. EfficientNet-Lite's
+    trainer.fit()
+    assert seen and seen[0][2:] == (half, half)
+    run = trainer.run()
+    assert run.calibration_batches(32)[0].min() >= -1.0 - 1e-6  # (x - 0.5) / 0.5 stays in [-1, 1]

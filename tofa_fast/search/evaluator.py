@@ -157,9 +157,9 @@ class SubnetEvaluator:
         :class:`~tofa_fast.train.data.DataSplits` labelled sets: ``"val"``, ``"test"``), calibrating
         BN exactly as :meth:`Run.calibrated_subnet` does. Splits the run lacks are remembered and
         refused with an explanation when asked for."""
-        from ..train.augment import eval_transform
+        from ..train.evaluation import eval_transform_for
 
-        tf = eval_transform(run.splits.size)
+        tf = eval_transform_for(run.splits, run.space)
         images, missing = {}, {}
         for split in splits:
             image_set = getattr(run.splits, split, None)

@@ -3,6 +3,8 @@
 α = random resized crop + horizontal flip (when the data set allows it) + colour jitter;
 𝒜 = α + AutoAugment (FixMatch's strong view). Both take a uint8 (3, H, W) image and return a
 normalised float32 image of the same size; the trainer resizes batches to each subnet's resolution.
+The normalisation is the network's (``SearchSpace.input_mean`` / ``input_std``: ImageNet's, except
+for EfficientNet-Lite's [-1, 1]).
 """
 
 from __future__ import annotations
@@ -10,8 +12,7 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ..spaces import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _finish(mean, std) -> list:

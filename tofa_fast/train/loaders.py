@@ -8,7 +8,7 @@ batch is sharded over processes, and a resumed run sees what the uninterrupted r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -109,25 +109,28 @@ def epoch_loaders(
     dist: dist_utils.DistContext,
     num_workers: int = 0,
     skip: int = 0,
+    normalization: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> tuple[Iterable, Iterable]:
     """This rank's labelled and unlabelled loaders for one epoch (its shard of every global batch).
 
     The labelled loader yields (weak views (B, 3, S, S), labels (B,)); the unlabelled one yields
     (weak, strong) views (μB, 3, S, S) each, or ``None`` per step when ``unlabelled`` is false.
     Both batch lists are drawn from one generator, labelled first, so their order never changes;
-    ``skip`` leaves out the epoch's first batches (already trained before a mid-epoch checkpoint).
+    ``skip`` leaves out the epoch's first batches (already trained before a mid-epoch checkpoint);
+    ``normalization`` is the network's (mean, std) per channel (default: ImageNet's).
     """
     from .augment import strong_transform, weak_transform  # torchvision: imported when training starts
 
     g = torch.Generator().manual_seed(epoch_seed_value)
-    weak = weak_transform(splits.size, splits.flip)
+    norm = normalization or ()
+    weak = weak_transform(splits.size, splits.flip, *norm)
     kw = dict(num_workers=num_workers, persistent_workers=False)
     lab = LabelledViews(splits.labelled, weak)
     lab_batches = epoch_batches(len(lab), batch_size, steps, g, stream=0)
     lab_loader = DataLoader(lab, batch_sampler=[dist_utils.shard(b, dist) for b in lab_batches[skip:]], **kw)
     if not unlabelled:
         return lab_loader, [None] * (steps - skip)
-    unl = UnlabelledViews(splits.unlabelled, weak, strong_transform(splits.size, splits.flip))
+    unl = UnlabelledViews(splits.unlabelled, weak, strong_transform(splits.size, splits.flip, *norm))
     unl_batches = epoch_batches(len(unl), mu * batch_size, steps, g, stream=1)
     return lab_loader, DataLoader(unl, batch_sampler=[dist_utils.shard(b, dist) for b in unl_batches[skip:]], **kw)
 

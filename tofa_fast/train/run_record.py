@@ -121,7 +121,9 @@ class Run:
 
     def calibration_batches(self, resolution: int, batch_size: int = 128) -> list[torch.Tensor]:
         """The BN recalibration batches (N, C, r, r) of every subnet at ``resolution``."""
-        return evaluation.calibration_batches(self.splits, resolution, self.config.calibration_images, batch_size)
+        return evaluation.calibration_batches(
+            self.splits, self.space, resolution, self.config.calibration_images, batch_size
+        )
 
     def calibrated_subnet(self, arch: Arch) -> torch.nn.Module:
         return evaluation.calibrated_subnet(self.net, arch, self.splits, self.config.calibration_images)
@@ -129,7 +131,8 @@ class Run:
     def evaluate(self, model: torch.nn.Module, resolution: int, images: ImageSet | None = None) -> float:
         """Top-1 accuracy in [0, 1] of ``model`` on ``images`` (default: the test split) at ``resolution``."""
         images = images if images is not None else self.splits.test
-        return evaluation.accuracy(model, images, self.splits.size, resolution, self.device, self.config.num_workers)
+        transform = evaluation.eval_transform_for(self.splits, self.space)
+        return evaluation.accuracy(model, images, transform, resolution, self.device, self.config.num_workers)
 
     def meta(self) -> dict[str, Any]:
         """What a report says about the run."""

@@ -68,6 +68,9 @@ class Trainer:
         # A resumed run rebuilds its space from the checkpoint: spaces derived by --init are no preset.
         self.space = SearchSpace.from_json(saved["space"]) if saved is not None else spaces.get(config.space)
         self.splits = splits or load_run_data(config, self.space)
+        # The size images are stored at, recorded: a run reopened with a space derived by --init
+        # must read its images as training did.
+        self.config = config = replace(config, image_size=config.image_size or self.splits.size)
         if chose_space and self.dist.is_main:
             size = native_image_size(config.data, config.data_root)
             print(
@@ -123,7 +126,10 @@ class Trainer:
         if self.config.init and not resume:  # on resume the checkpoint holds the weights
             from ..transfer import load_init
 
-            net = load_init(self.config.init, self.splits.num_classes)
+            # The derived space takes the resolutions the data calls for (small images stay small);
+            # for ImageNet-size images the pretrained network's own range (128–224) beats tofa's 272–320.
+            resolutions = None if self.space.name == "tofa" else self.space.resolutions
+            net = load_init(self.config.init, self.splits.num_classes, resolutions=resolutions)
             self.space = net.space
             return net
         return Supernet(self.space, self.splits.num_classes)
@@ -230,7 +236,16 @@ class Trainer:
         self._train_mode()
         uses_unlabelled = self.strategy.use_fm or self.strategy.use_kd
         lab_loader, unl_loader = epoch_loaders(
-            self.splits, seed, spe, c.batch_size, c.mu, uses_unlabelled, self.dist, c.num_workers, skip=done
+            self.splits,
+            seed,
+            spe,
+            c.batch_size,
+            c.mu,
+            uses_unlabelled,
+            self.dist,
+            c.num_workers,
+            skip=done,
+            normalization=(self.space.input_mean, self.space.input_std),
         )
         bar = tqdm(
             zip(lab_loader, unl_loader),  # zip creates both loaders' iterators now
