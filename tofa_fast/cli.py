@@ -74,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a supernet and write its run folder")
     train.add_argument(
-        "--data", default="digits", help="'digits' (embedded), a torchvision data-set name, or an ImageFolder path"
+        "--data",
+        default="digits",
+        help="'digits' (embedded), 'mnist' / 'fashion-mnist' (IDX files), a torchvision data-set name, "
+        "or an ImageFolder path",
     )
     train.add_argument("--out", default="runs/digits", metavar="DIR", help="run folder (default: %(default)s)")
     train.add_argument(
@@ -105,7 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="hold N labelled images per class out of training as a validation split (for `search`)",
     )
     train.add_argument(
-        "--init", default=None, metavar="SOURCE", help="ofa:PATH or torchvision:mobilenet_v3_large[:WEIGHTS]"
+        "--init",
+        default=None,
+        metavar="SOURCE",
+        help="ofa:PATH | torchvision:{mobilenet_v3_large,mobilenet_v3_small,mobilenet_v2}[:WEIGHTS|PATH] | "
+        "efficientnet_lite:efficientnet-lite0..4[:PATH] (local weights files; nothing is downloaded)",
     )
     train.add_argument("--seed", type=int, default=0, metavar="S")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")

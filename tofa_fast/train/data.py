@@ -558,7 +558,8 @@ def load_data(
     if os.path.isdir(data):
         return load_image_folder(data, size, labels_per_class, seed, val_per_class, skip_bad_images)
     raise ValueError(
-        f"--data {data!r} is neither 'digits', a torchvision data set ({', '.join(TORCHVISION_SETS)}) nor an existing folder"
+        f"--data {data!r} is neither 'digits', 'mnist', 'fashion-mnist', a torchvision data set "
+        f"({', '.join(TORCHVISION_SETS)}) nor an existing folder"
     )
 
 
