@@ -4,11 +4,14 @@ which flags shorten it; skipped bad images stay skipped when the run is reopened
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 from test_data_validation import _tree, _truncate
 
 from tofa_fast.cli import main
 from tofa_fast.train import Run, TrainConfig, Trainer
+from tofa_fast.train.data import DataWarning
 
 
 @pytest.mark.parametrize("side,space", [(28, "digits"), (48, "rss"), (120, "tofa")])
@@ -23,12 +26,15 @@ def test_a_small_image_folder_trains_in_a_small_space_skipping_a_bad_image(tmp_p
     _tree(root, per_class=6, side=28)
     _truncate(root / "train" / "cat" / "0.png")
     out = str(tmp_path / "run")
-    code = main(["train", "--data", str(root), "--out", out, "--epochs", "1", "--batch-size", "4", "--skip-bad-images"])
-    assert code == 0
+    argv = ["train", "--data", str(root), "--out", out, "--epochs", "1", "--batch-size", "4", "--skip-bad-images"]
+    with pytest.warns(DataWarning, match="skipping 1 unreadable images") as caught:
+        assert main(argv) == 0
     printed = capsys.readouterr()
     assert "space 'digits' for 28 px images, stored at 32 px (--space to choose another)" in printed.out
     assert "s/step: about" in printed.err + printed.out
-    assert "tofa-fast: warning: skipping 1 unreadable images" in printed.err
+    warning = next(w for w in caught if w.category is DataWarning)  # as the CLI prints it: one line
+    line = warnings.formatwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    assert line.startswith("tofa-fast: warning: skipping 1 unreadable images") and "data.py" not in line
     run = Run.open(out, device="cpu")
     assert run.config.skip_bad_images and len(run.splits.labelled) == 11  # reopened without the bad file
 
