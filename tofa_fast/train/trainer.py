@@ -126,9 +126,11 @@ class Trainer:
         if self.config.init and not resume:  # on resume the checkpoint holds the weights
             from ..transfer import load_init
 
-            # The derived space takes the resolutions the data calls for (small images stay small);
-            # for ImageNet-size images the pretrained network's own range (128–224) beats tofa's 272–320.
-            resolutions = None if self.space.name == "tofa" else self.space.resolutions
+            # A derived space takes the resolutions the data calls for (small images stay small); for
+            # ImageNet-size images the pretrained network's own range (128–224) beats tofa's 272–320.
+            # OFA checkpoints come with their preset's resolutions.
+            derived = not self.config.init.startswith("ofa:")
+            resolutions = self.space.resolutions if derived and self.space.name != "tofa" else None
             net = load_init(self.config.init, self.splits.num_classes, resolutions=resolutions)
             self.space = net.space
             return net
