@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from dataclasses import replace
 
@@ -152,12 +153,15 @@ class _Worker:
     """A preemption_worker.py process whose printed steps are read on a thread."""
 
     def __init__(self, out, *args: str):
+        # stderr (progress bars) goes to a file: only the reader thread reads stdout, so no line is lost
+        self.err = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
-            [sys.executable, WORKER, str(out), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            [sys.executable, WORKER, str(out), *args], stdout=subprocess.PIPE, stderr=self.err, text=True
         )
         self.steps: queue.Queue[int] = queue.Queue()
         self.last = 0
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
     def _read(self) -> None:
         for line in self.proc.stdout:
@@ -171,10 +175,12 @@ class _Worker:
         return self.last
 
     def finish(self, timeout: float = 300) -> tuple[int, str]:
-        _, err = self.proc.communicate(timeout=timeout)
+        self.proc.wait(timeout=timeout)
+        self.reader.join(timeout=60)  # every line the process printed is in the queue now
         while not self.steps.empty():
             self.last = self.steps.get()
-        return self.proc.returncode, err
+        self.err.seek(0)
+        return self.proc.returncode, self.err.read()
 
 
 def _checkpoint_step(out) -> int:
