@@ -1,0 +1,632 @@
+// CPU kernels of the packed batch norm + activation (schemas and semantics: ../packed_batch_norm.cpp).
+//
+// x is (P, C) row-major: a row holds one pixel's channels, so every inner loop runs over the
+// contiguous channels of one row and the compiler vectorises it; rows are the parallel dimension.
+//   forward:  one statistics pass (training only) + one normalise / activate / zero-pad pass;
+//   backward: one pass for the per-segment Σdz and Σdz·x̂ (z recomputed from x for the activation
+//             derivative) + one pass for grad_x.
+// Each pass is one parallel region over fixed row chunks ("tasks", never crossing a segment). A task
+// writes its partial sums to its own slot and the slots are added in task order afterwards, so the
+// results do not depend on the thread count or on which thread ran what. Threads pull tasks from a
+// shared counter: on a loaded machine a preempted thread delays only the task it holds.
+//
+// Precision: bfloat16 and float32 compute in float32, float64 in float64; every sum over rows
+// accumulates in double (the per-element math stays in the compute dtype). The batch variance comes
+// from one pass of shifted sums: with each segment's first row as the shift, Σ(x − K)² − (Σ(x − K))²/n
+// does not cancel catastrophically (the shift is within a few standard deviations of the mean), and in
+// double it is as accurate as a two-pass variance, for one read of x instead of two.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace tofa_fast {
+namespace {
+
+// The element math and the row kernels are compiled without -ftrapping-math (GCC's default: every
+// floating-point operation may raise a signal). With it GCC will not evaluate both sides of a select
+// on floats (the activations, their derivatives, the exp clamp), so those loops stay scalar. Nothing
+// here enables FP exceptions, so the flag changes no result. The row kernels are noinline: a kernel
+// inlined into a caller outside this region would be compiled under the caller's options.
+//
+// The build targets baseline x86-64 (SSE2: 4 float lanes). On x86-64 Linux with GCC each row kernel
+// is also cloned for AVX2 (8 lanes) and an ifunc picks the clone once, at load time, from the CPU:
+// the same C++ loops, auto-vectorised twice, no intrinsics. (The dwconv tiles do the same with one
+// translation unit per ISA; a kernel this small does not need the split, nor TOFA_FAST_CPU_ISA.)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#endif
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define TOFA_FAST_ROW_KERNEL __attribute__((noinline, target_clones("avx2", "default")))
+#else
+#define TOFA_FAST_ROW_KERNEL __attribute__((noinline))
+#endif
+
+// ---- elements -----------------------------------------------------------------------------------
+// bfloat16 is handled as its raw 16 bits (uint16_t): the conversions below are plain integer and
+// bit-cast operations, which the compiler vectorises (c10::BFloat16's operators keep loops scalar).
+
+inline float to_compute(float v) { return v; }
+inline double to_compute(double v) { return v; }
+inline float to_compute(uint16_t bfloat16_bits) {
+  const uint32_t bits = static_cast<uint32_t>(bfloat16_bits) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+inline void store(float* p, float v) { *p = v; }
+inline void store(double* p, double v) { *p = v; }
+// Round to nearest even, NaN to the canonical quiet NaN: c10::BFloat16's rounding, bit for bit.
+inline void store(uint16_t* p, float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  *p = v != v ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(rounded);
+}
+
+// Storage type S → compute type: float64 for float64, float32 for float32 and bfloat16.
+template <typename S>
+using compute_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
+// ---- activations --------------------------------------------------------------------------------
+
+enum class Activation { kNone, kRelu, kRelu6, kHswish, kSwish };
+
+Activation parse_activation(c10::string_view name) {
+  if (name == "none") return Activation::kNone;
+  if (name == "relu") return Activation::kRelu;
+  if (name == "relu6") return Activation::kRelu6;
+  if (name == "hswish") return Activation::kHswish;
+  if (name == "swish") return Activation::kSwish;
+  TORCH_CHECK(false, "activation must be one of none, relu, relu6, hswish, swish, got '", std::string(name), "'");
+  return Activation::kNone;  // unreachable
+}
+
+// exp(x) for x ≤ 0 in float32, in plain arithmetic so that a loop calling it still vectorises (a libm
+// call would keep the swish loops scalar): Cephes' expf — range reduction by ln 2 (in two parts), a
+// degree-6 polynomial, 2ⁿ built in the exponent bits; within 2 ulp of expf. x is clamped below at −87,
+// where 2ⁿ is still a normal float (exp(−87) ≈ 1.6e−38; the sigmoid it serves is saturated there).
+inline float exp_of_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  // n = round(x / ln 2): adding and subtracting 1.5·2²³ rounds to an integer with plain adds (floor
+  // or rint calls would not vectorise without SSE4.1).
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const int32_t exponent_bits = (static_cast<int32_t>(n) + 127) * (1 << 23);
+  float scale;
+  std::memcpy(&scale, &exponent_bits, sizeof(scale));
+  return p * scale;
+}
+
+// The logistic sigmoid. float32: from e = exp(−|z|) ∈ (0, 1], so no exp overflows and no value that
+// a vectorised loop computes for both sides of the select is a denormal (those cost a microcode
+// assist per vector: an earlier z / (1 + exp(−z)) with exp clamped at 88 spent most of its time
+// there). −|z| is a select, not std::fabs: <cmath>'s wrapper is compiled outside the no-trapping-math
+// region below and GCC will not inline it into these kernels. float64 is for exactness: libm's exp,
+// as PyTorch's silu.
+inline float sigmoid(float z) {
+  const float e = exp_of_nonpositive(z < 0.0f ? z : -z);
+  const float inverse = 1.0f / (1.0f + e);
+  return z >= 0.0f ? inverse : e * inverse;
+}
+inline double sigmoid(double z) { return 1.0 / (1.0 + std::exp(-z)); }
+
+// clamp(v, 0, 6) with NaN propagating, as PyTorch's clamp-based kernels do.
+template <typename T>
+inline T clamp_0_6(T v) {
+  v = v < T(0) ? T(0) : v;
+  return v > T(6) ? T(6) : v;
+}
+
+// Branch-free by construction: every value a selection picks from is computed unconditionally and
+// no comparison sits in a conditional arm. GCC keeps -ftrapping-math on by default and will not
+// speculate a floating-point operation (a multiply, or even a comparison) out of a ?: arm, so a
+// loop written `a ? b * c : (d < e ? …)` stays scalar ("control flow in loop").
+
+// The forward activations, as PyTorch computes them.
+template <Activation A, typename T>
+inline T activate(T z) {
+  if constexpr (A == Activation::kRelu) {
+    return z < T(0) ? T(0) : z;
+  } else if constexpr (A == Activation::kRelu6) {
+    return clamp_0_6(z);
+  } else if constexpr (A == Activation::kHswish) {
+    return z * clamp_0_6(z + T(3)) / T(6);
+  } else if constexpr (A == Activation::kSwish) {
+    return z * sigmoid(z);
+  } else {
+    return z;
+  }
+}
+
+// dy · activation'(z) with PyTorch's own backward conventions at the kinks: relu passes the gradient
+// where z > 0 (threshold_backward on the result); relu6 where 0 < z < 6 (hardtanh_backward);
+// hardswish is 0 below −3, z/3 + 1/2 up to 3 inclusive, 1 above; silu is s(1 + z(1 − s)).
+template <Activation A, typename T>
+inline T activation_grad(T z, T dy) {
+  if constexpr (A == Activation::kRelu) {
+    return z > T(0) ? dy : T(0);
+  } else if constexpr (A == Activation::kRelu6) {
+    const bool inside = (z > T(0)) & (z < T(6));  // `&`, not `&&`: both comparisons unconditional
+    return inside ? dy : T(0);
+  } else if constexpr (A == Activation::kHswish) {
+    const T slope = dy * (z / T(3) + T(0.5));
+    const bool below = z < T(-3), middle = z <= T(3);
+    const T above_or_middle = middle ? slope : dy;
+    return below ? T(0) : above_or_middle;
+  } else if constexpr (A == Activation::kSwish) {
+    const T s = sigmoid(z);
+    return dy * s * (T(1) + z * (T(1) - s));
+  } else {
+    return dy;
+  }
+}
+
+template <typename F>
+void with_activation(Activation a, const F& f) {
+  switch (a) {
+    case Activation::kNone: return f(std::integral_constant<Activation, Activation::kNone>{});
+    case Activation::kRelu: return f(std::integral_constant<Activation, Activation::kRelu>{});
+    case Activation::kRelu6: return f(std::integral_constant<Activation, Activation::kRelu6>{});
+    case Activation::kHswish: return f(std::integral_constant<Activation, Activation::kHswish>{});
+    case Activation::kSwish: return f(std::integral_constant<Activation, Activation::kSwish>{});
+  }
+}
+
+// ---- tasks --------------------------------------------------------------------------------------
+
+struct RowTask {
+  int64_t segment, begin, end;  // rows [begin, end) of one segment
+};
+
+// Target elements per task (256 KiB of float32: long enough to amortise a task's setup and its C-wide
+// partial sums, short enough to balance 2–16 threads on 10⁴-row inputs) and a cap on the task count
+// (so the per-task partial sums stay a few MB at P = 10⁶, C = 1200). Depends on the shapes only.
+constexpr int64_t kTaskElements = 1 << 16;
+constexpr int64_t kMaxTasks = 256;
+
+std::vector<RowTask> split_rows(at::IntArrayRef offsets, int64_t width) {
+  const int64_t total = offsets.back();
+  const int64_t per_task =
+      std::max<int64_t>({1, (kTaskElements + width - 1) / std::max<int64_t>(width, 1), (total + kMaxTasks - 1) / kMaxTasks});
+  std::vector<RowTask> tasks;
+  for (size_t i = 0; i + 1 < offsets.size(); ++i)
+    for (int64_t begin = offsets[i]; begin < offsets[i + 1]; begin += per_task)
+      tasks.push_back({static_cast<int64_t>(i), begin, std::min(begin + per_task, offsets[i + 1])});
+  return tasks;
+}
+
+// Runs task(i) for i in [0, count) on the intra-op threads, pulling indices from a shared counter.
+template <typename Task>
+void run_tasks(int64_t count, const Task& task) {
+  const int64_t workers = std::min<int64_t>(count, at::get_num_threads());
+  if (workers <= 1) {
+    for (int64_t i = 0; i < count; ++i) task(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) task(i);
+  });
+}
+
+// ---- row kernels (raw pointers; every inner loop runs over the contiguous channels) ---------------
+
+// sum[c] += Σ_rows (x − shift[c]), sum_sq[c] += Σ_rows (x − shift[c])², c < active.
+template <typename S>
+TOFA_FAST_ROW_KERNEL void accumulate_shifted_moments(const S* __restrict__ x, int64_t rows, int64_t width, int64_t active,
+                                const double* __restrict__ shift, double* __restrict__ sum,
+                                double* __restrict__ sum_sq) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const S* row = x + r * width;
+    for (int64_t c = 0; c < active; ++c) {
+      const double d = static_cast<double>(to_compute(row[c])) - shift[c];
+      sum[c] += d;
+      sum_sq[c] += d * d;
+    }
+  }
+}
+
+// y = act((x − mean) · scale + bias) on the active columns, 0 on the others.
+template <Activation A, typename S, typename T = compute_t<S>>
+TOFA_FAST_ROW_KERNEL void normalise_rows(const S* __restrict__ x, S* __restrict__ y, int64_t rows, int64_t width, int64_t active,
+                    const T* __restrict__ mean, const T* __restrict__ scale, const T* __restrict__ bias) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const S* in = x + r * width;
+    S* out = y + r * width;
+    for (int64_t c = 0; c < active; ++c)
+      store(out + c, activate<A>((to_compute(in[c]) - mean[c]) * scale[c] + bias[c]));
+    std::memset(out + active, 0, (width - active) * sizeof(S));
+  }
+}
+
+// sum_dz[c] += Σ dz, sum_dz_xhat[c] += Σ dz·x̂ with x̂ = (x − mean)·rstd, z = x̂·w + b, dz = dy·act'(z).
+template <Activation A, typename S, typename T = compute_t<S>>
+TOFA_FAST_ROW_KERNEL void accumulate_grad_sums(const S* __restrict__ x, const S* __restrict__ grad_y, int64_t rows, int64_t width,
+                          int64_t active, const T* __restrict__ mean, const T* __restrict__ rstd,
+                          const T* __restrict__ weight, const T* __restrict__ bias, double* __restrict__ sum_dz,
+                          double* __restrict__ sum_dz_xhat) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const S* in = x + r * width;
+    const S* dy = grad_y + r * width;
+    for (int64_t c = 0; c < active; ++c) {
+      const T xhat = (to_compute(in[c]) - mean[c]) * rstd[c];
+      const T dz = activation_grad<A>(xhat * weight[c] + bias[c], to_compute(dy[c]));
+      sum_dz[c] += static_cast<double>(dz);
+      sum_dz_xhat[c] += static_cast<double>(dz * xhat);
+    }
+  }
+}
+
+// grad_x = w·rstd · (dz − mean(dz) − x̂·mean(dz·x̂)) in training (the batch mean and variance depend
+// on x), w·rstd · dz in eval; 0 on the inactive columns. gain = w·rstd; mean_dz, mean_dz_xhat are per
+// segment (unused in eval).
+template <Activation A, bool kTraining, typename S, typename T = compute_t<S>>
+TOFA_FAST_ROW_KERNEL void grad_input_rows(const S* __restrict__ x, const S* __restrict__ grad_y, S* __restrict__ grad_x, int64_t rows,
+                     int64_t width, int64_t active, const T* __restrict__ mean, const T* __restrict__ rstd,
+                     const T* __restrict__ weight, const T* __restrict__ bias, const T* __restrict__ gain,
+                     const T* __restrict__ mean_dz, const T* __restrict__ mean_dz_xhat) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const S* in = x + r * width;
+    const S* dy = grad_y + r * width;
+    S* out = grad_x + r * width;
+    for (int64_t c = 0; c < active; ++c) {
+      const T xhat = (to_compute(in[c]) - mean[c]) * rstd[c];
+      const T dz = activation_grad<A>(xhat * weight[c] + bias[c], to_compute(dy[c]));
+      if constexpr (kTraining) {
+        store(out + c, gain[c] * (dz - mean_dz[c] - xhat * mean_dz_xhat[c]));
+      } else {
+        store(out + c, gain[c] * dz);
+      }
+    }
+    std::memset(out + active, 0, (width - active) * sizeof(S));
+  }
+}
+
+#undef TOFA_FAST_ROW_KERNEL
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
+
+// ---- argument checks ----------------------------------------------------------------------------
+// The Python op raises ValueError with the same rules first (check_packed_batch_norm_args); these
+// guard direct calls of the internal ops.
+
+int64_t check_layout(const at::Tensor& x, at::IntArrayRef offsets, at::IntArrayRef channels) {
+  TORCH_CHECK(x.dim() == 2, "x must be 2-D (rows, channels), got ", x.sizes());
+  TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor for the C++ kernel, got ", x.device());
+  const int64_t segments = static_cast<int64_t>(channels.size());
+  TORCH_CHECK(static_cast<int64_t>(offsets.size()) == segments + 1 && offsets.front() == 0 &&
+                  offsets.back() == x.size(0),
+              "offsets must have len(channels) + 1 = ", segments + 1, " entries from 0 to ", x.size(0), ", got ",
+              offsets);
+  for (int64_t i = 0; i < segments; ++i) {
+    TORCH_CHECK(offsets[i + 1] >= offsets[i], "offsets must be non-decreasing, got ", offsets);
+    TORCH_CHECK(channels[i] >= 0 && channels[i] <= x.size(1), "channels must be in [0, ", x.size(1), "], got ",
+                channels);
+  }
+  return segments;
+}
+
+void check_parameter(const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1), name, " must have shape (", x.size(1), ",), got ", t.sizes());
+  TORCH_CHECK(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device());
+  const bool mixed = x.scalar_type() == at::kBFloat16 && t.scalar_type() == at::kFloat;
+  TORCH_CHECK(t.scalar_type() == x.scalar_type() || mixed, name, " dtype ", t.scalar_type(),
+              " does not match x dtype ", x.scalar_type(), " (a float32 ", name,
+              " also serves bfloat16 x: mixed precision)");
+}
+
+at::ScalarType compute_dtype(const at::Tensor& x) {
+  const at::ScalarType dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16,
+              "the C++ packed batch norm serves float32, float64 and bfloat16 x, got ", dtype);
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+template <typename F>
+void with_storage(at::ScalarType dtype, const F& f) {
+  switch (dtype) {
+    case at::kFloat: return f(float{});
+    case at::kDouble: return f(double{});
+    case at::kBFloat16: return f(uint16_t{});
+    default: TORCH_CHECK(false, "unsupported dtype ", dtype);
+  }
+}
+
+template <typename S>
+S* storage_ptr(const at::Tensor& t) {
+  return static_cast<S*>(t.data_ptr());
+}
+
+// ---- forward ------------------------------------------------------------------------------------
+
+template <typename S>
+void forward_impl(const at::Tensor& x, at::IntArrayRef offsets, at::IntArrayRef channels, const at::Tensor& weight,
+                  const at::Tensor& bias, const std::optional<at::Tensor>& running_mean,
+                  const std::optional<at::Tensor>& running_var, bool training, at::ArrayRef<double> momentum_factors,
+                  double eps, Activation activation, at::IntArrayRef update_order, const at::Tensor& y,
+                  const at::Tensor& save_mean, const at::Tensor& save_rstd) {
+  using T = compute_t<S>;
+  const int64_t width = x.size(1), segments = static_cast<int64_t>(channels.size());
+  const S* xp = storage_ptr<S>(x);
+  S* yp = storage_ptr<S>(y);
+  T* mean = save_mean.data_ptr<T>();  // (S, C), zero-filled
+  T* rstd = save_rstd.data_ptr<T>();
+  const std::vector<RowTask> tasks = split_rows(offsets, width);
+  auto rows_of = [&](int64_t i) { return offsets[i + 1] - offsets[i]; };
+  auto active = [&](int64_t i) { return rows_of(i) > 0 ? channels[i] : int64_t(0); };
+
+  if (training) {
+    // Shifted sums: per task, then per segment in task order (deterministic).
+    std::vector<double> shift(segments * width, 0.0);
+    for (int64_t i = 0; i < segments; ++i)
+      for (int64_t c = 0; c < active(i); ++c)
+        shift[i * width + c] = static_cast<double>(to_compute(xp[offsets[i] * width + c]));
+    std::vector<double> partial(tasks.size() * 2 * width, 0.0);
+    run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t t) {
+      const RowTask& task = tasks[t];
+      double* sum = partial.data() + t * 2 * width;
+      accumulate_shifted_moments(xp + task.begin * width, task.end - task.begin, width, active(task.segment),
+                                 shift.data() + task.segment * width, sum, sum + width);
+    });
+    std::vector<double> sum(segments * width, 0.0), sum_sq(segments * width, 0.0);
+    for (size_t t = 0; t < tasks.size(); ++t) {
+      const int64_t i = tasks[t].segment;
+      for (int64_t c = 0; c < active(i); ++c) {
+        sum[i * width + c] += partial[t * 2 * width + c];
+        sum_sq[i * width + c] += partial[t * 2 * width + width + c];
+      }
+    }
+    // Batch mean and biased variance in double; the running statistics take them in double too
+    // (as ATen's CPU batch norm does), in update order, with the unbiased variance.
+    std::vector<double> batch_mean(segments * width, 0.0), batch_var(segments * width, 0.0);
+    for (int64_t i = 0; i < segments; ++i) {
+      const double n = static_cast<double>(rows_of(i));
+      for (int64_t c = 0; c < active(i); ++c) {
+        const int64_t k = i * width + c;
+        const double mean_shifted = sum[k] / n;
+        batch_mean[k] = shift[k] + mean_shifted;
+        batch_var[k] = std::max(0.0, sum_sq[k] / n - mean_shifted * mean_shifted);
+        mean[k] = static_cast<T>(batch_mean[k]);
+        rstd[k] = static_cast<T>(1.0 / std::sqrt(batch_var[k] + eps));
+      }
+    }
+    if (running_mean.has_value()) {
+      at::Tensor running_mean64 = running_mean->to(at::kDouble).contiguous();
+      at::Tensor running_var64 = running_var->to(at::kDouble).contiguous();
+      double* rm = running_mean64.data_ptr<double>();
+      double* rv = running_var64.data_ptr<double>();
+      for (int64_t i : update_order) {
+        const double factor = momentum_factors[i];
+        const int64_t n = rows_of(i);
+        if (factor == 0.0 || active(i) == 0) continue;
+        const double bessel = static_cast<double>(n) / static_cast<double>(n - 1);
+        for (int64_t c = 0; c < active(i); ++c) {
+          rm[c] = factor * batch_mean[i * width + c] + (1.0 - factor) * rm[c];
+          rv[c] = factor * batch_var[i * width + c] * bessel + (1.0 - factor) * rv[c];
+        }
+      }
+      running_mean->copy_(running_mean64);
+      running_var->copy_(running_var64);
+    }
+  } else {
+    at::Tensor running_mean64 = running_mean->to(at::kDouble).contiguous();
+    at::Tensor running_var64 = running_var->to(at::kDouble).contiguous();
+    const double* rm = running_mean64.data_ptr<double>();
+    const double* rv = running_var64.data_ptr<double>();
+    for (int64_t i = 0; i < segments; ++i)
+      for (int64_t c = 0; c < active(i); ++c) {
+        mean[i * width + c] = static_cast<T>(rm[c]);
+        rstd[i * width + c] = static_cast<T>(1.0 / std::sqrt(rv[c] + eps));
+      }
+  }
+
+  const T* w = weight.data_ptr<T>();
+  const T* b = bias.data_ptr<T>();
+  std::vector<T> scale(segments * width, T(0));
+  for (int64_t i = 0; i < segments; ++i)
+    for (int64_t c = 0; c < active(i); ++c) scale[i * width + c] = w[c] * rstd[i * width + c];
+  with_activation(activation, [&](auto act) {
+    run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t t) {
+      const RowTask& task = tasks[t];
+      const int64_t offset = task.segment * width;
+      normalise_rows<decltype(act)::value>(xp + task.begin * width, yp + task.begin * width, task.end - task.begin,
+                                           width, active(task.segment), mean + offset, scale.data() + offset, b);
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> packed_batch_norm_act_forward_cpu(
+    const at::Tensor& x_in, at::IntArrayRef offsets, at::IntArrayRef channels, const at::Tensor& weight,
+    const at::Tensor& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, bool training, at::ArrayRef<double> momentum_factors, double eps,
+    c10::string_view activation_name, at::IntArrayRef update_order) {
+  const int64_t segments = check_layout(x_in, offsets, channels);
+  const at::ScalarType compute = compute_dtype(x_in);
+  check_parameter("weight", weight, x_in);
+  check_parameter("bias", bias, x_in);
+  TORCH_CHECK(running_mean.has_value() == running_var.has_value(),
+              "running_mean and running_var must both be tensors or both be None");
+  if (running_mean.has_value()) {
+    check_parameter("running_mean", *running_mean, x_in);
+    check_parameter("running_var", *running_var, x_in);
+  }
+  TORCH_CHECK(training || running_mean.has_value(),
+              "eval mode normalises with running statistics: running_mean and running_var are required");
+  TORCH_CHECK(static_cast<int64_t>(momentum_factors.size()) == segments,
+              "momentum_factors must have one entry per segment (", segments, "), got ", momentum_factors.size());
+  std::vector<int64_t> order(update_order.begin(), update_order.end());
+  if (order.empty())
+    for (int64_t i = 0; i < segments; ++i) order.push_back(i);
+  std::vector<int64_t> sorted_order = order;
+  std::sort(sorted_order.begin(), sorted_order.end());
+  bool permutation = static_cast<int64_t>(sorted_order.size()) == segments;
+  for (int64_t i = 0; permutation && i < segments; ++i) permutation = sorted_order[i] == i;
+  TORCH_CHECK(permutation, "update_order must be a permutation of range(", segments, "), got ", update_order);
+  if (training)
+    for (int64_t i = 0; i < segments; ++i)
+      TORCH_CHECK(channels[i] == 0 || offsets[i + 1] - offsets[i] != 1,
+                  "training needs more than one row per active segment, segment ", i, " has one");
+  const Activation activation = parse_activation(activation_name);
+
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor w = weight.to(compute).contiguous();
+  const at::Tensor b = bias.to(compute).contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  at::Tensor save_mean = at::zeros({segments, x.size(1)}, x.options().dtype(compute));
+  at::Tensor save_rstd = at::zeros({segments, x.size(1)}, x.options().dtype(compute));
+  with_storage(x.scalar_type(), [&](auto storage) {
+    forward_impl<decltype(storage)>(x, offsets, channels, w, b, running_mean, running_var, training, momentum_factors,
+                                    eps, activation, order, y, save_mean, save_rstd);
+  });
+  return {y, save_mean, save_rstd};
+}
+
+// ---- backward -----------------------------------------------------------------------------------
+
+template <typename S>
+void backward_impl(const at::Tensor& grad_y, const at::Tensor& x, at::IntArrayRef offsets, at::IntArrayRef channels,
+                   const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& save_mean,
+                   const at::Tensor& save_rstd, bool training, Activation activation, bool need_x,
+                   bool need_sums, const at::Tensor& grad_x, std::vector<double>& grad_weight,
+                   std::vector<double>& grad_bias) {
+  using T = compute_t<S>;
+  const int64_t width = x.size(1), segments = static_cast<int64_t>(channels.size());
+  const S* xp = storage_ptr<S>(x);
+  const S* gyp = storage_ptr<S>(grad_y);
+  const T* mean = save_mean.data_ptr<T>();
+  const T* rstd = save_rstd.data_ptr<T>();
+  const T* w = weight.data_ptr<T>();
+  const T* b = bias.data_ptr<T>();
+  const std::vector<RowTask> tasks = split_rows(offsets, width);
+  auto rows_of = [&](int64_t i) { return offsets[i + 1] - offsets[i]; };
+  auto active = [&](int64_t i) { return rows_of(i) > 0 ? channels[i] : int64_t(0); };
+
+  std::vector<double> sum_dz(segments * width, 0.0), sum_dz_xhat(segments * width, 0.0);
+  if (need_sums) {
+    std::vector<double> partial(tasks.size() * 2 * width, 0.0);
+    with_activation(activation, [&](auto act) {
+      run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t t) {
+        const RowTask& task = tasks[t];
+        const int64_t offset = task.segment * width;
+        double* sums = partial.data() + t * 2 * width;
+        accumulate_grad_sums<decltype(act)::value>(xp + task.begin * width, gyp + task.begin * width,
+                                                   task.end - task.begin, width, active(task.segment),
+                                                   mean + offset, rstd + offset, w, b, sums, sums + width);
+      });
+    });
+    for (size_t t = 0; t < tasks.size(); ++t) {
+      const int64_t i = tasks[t].segment;
+      for (int64_t c = 0; c < active(i); ++c) {
+        sum_dz[i * width + c] += partial[t * 2 * width + c];
+        sum_dz_xhat[i * width + c] += partial[t * 2 * width + width + c];
+      }
+    }
+    // The parameter gradients: each segment's sums, added in segment order.
+    for (int64_t i = 0; i < segments; ++i)
+      for (int64_t c = 0; c < active(i); ++c) {
+        grad_bias[c] += sum_dz[i * width + c];
+        grad_weight[c] += sum_dz_xhat[i * width + c];
+      }
+  }
+  if (!need_x) return;
+
+  std::vector<T> gain(segments * width, T(0)), mean_dz(segments * width, T(0)), mean_dz_xhat(segments * width, T(0));
+  for (int64_t i = 0; i < segments; ++i) {
+    const double n = static_cast<double>(rows_of(i));
+    for (int64_t c = 0; c < active(i); ++c) {
+      const int64_t k = i * width + c;
+      gain[k] = w[c] * rstd[k];
+      mean_dz[k] = static_cast<T>(sum_dz[k] / n);
+      mean_dz_xhat[k] = static_cast<T>(sum_dz_xhat[k] / n);
+    }
+  }
+  S* gxp = storage_ptr<S>(grad_x);
+  with_activation(activation, [&](auto act) {
+    auto run = [&](auto training_constant) {
+      run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t t) {
+        const RowTask& task = tasks[t];
+        const int64_t offset = task.segment * width;
+        grad_input_rows<decltype(act)::value, decltype(training_constant)::value>(
+            xp + task.begin * width, gyp + task.begin * width, gxp + task.begin * width, task.end - task.begin,
+            width, active(task.segment), mean + offset, rstd + offset, w, b, gain.data() + offset,
+            mean_dz.data() + offset, mean_dz_xhat.data() + offset);
+      });
+    };
+    if (training) {
+      run(std::true_type{});
+    } else {
+      run(std::false_type{});
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> packed_batch_norm_act_backward_cpu(
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, at::IntArrayRef offsets, at::IntArrayRef channels,
+    const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& save_mean_in, const at::Tensor& save_rstd_in,
+    bool training, c10::string_view activation_name, std::array<bool, 3> output_mask) {
+  const int64_t segments = check_layout(x_in, offsets, channels);
+  const at::ScalarType compute = compute_dtype(x_in);
+  check_parameter("weight", weight, x_in);
+  check_parameter("bias", bias, x_in);
+  TORCH_CHECK(grad_y_in.sizes() == x_in.sizes(), "grad_y must have x's shape ", x_in.sizes(), ", got ",
+              grad_y_in.sizes());
+  for (const at::Tensor* t : {&save_mean_in, &save_rstd_in})
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == segments && t->size(1) == x_in.size(1),
+                "save_mean and save_rstd must have shape (segments, C) = (", segments, ", ", x_in.size(1), "), got ",
+                t->sizes());
+  const Activation activation = parse_activation(activation_name);
+  const auto [need_x, need_weight, need_bias] = output_mask;
+
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor grad_y = grad_y_in.to(x.scalar_type()).contiguous();
+  const at::Tensor save_mean = save_mean_in.to(compute).contiguous();
+  const at::Tensor save_rstd = save_rstd_in.to(compute).contiguous();
+  const at::Tensor w = weight.to(compute).contiguous();
+  const at::Tensor b = bias.to(compute).contiguous();
+  // grad_x needs the sums only in training (the mean and variance terms).
+  const bool need_sums = need_weight || need_bias || (need_x && training);
+  at::Tensor grad_x = need_x ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  std::vector<double> grad_weight(x.size(1), 0.0), grad_bias(x.size(1), 0.0);
+  with_storage(x.scalar_type(), [&](auto storage) {
+    backward_impl<decltype(storage)>(grad_y, x, offsets, channels, w, b, save_mean, save_rstd, training, activation,
+                                     need_x, need_sums, grad_x, grad_weight, grad_bias);
+  });
+  // Parameter gradients in the parameters' dtype (float32 for bfloat16 x with float32 weights).
+  auto parameter_grad = [&](bool needed, const std::vector<double>& values, const at::Tensor& like) {
+    if (!needed) return at::empty({0}, x.options());
+    at::Tensor out = at::empty({x.size(1)}, like.options().dtype(at::kDouble));
+    std::copy(values.begin(), values.end(), out.data_ptr<double>());
+    return out.to(like.scalar_type());
+  };
+  return {grad_x, parameter_grad(need_weight, grad_weight, weight), parameter_grad(need_bias, grad_bias, bias)};
+}
+
+}  // namespace
+}  // namespace tofa_fast
+
+TORCH_LIBRARY_IMPL(tofa_fast, CPU, m) {
+  m.impl("_packed_batch_norm_act_forward", &tofa_fast::packed_batch_norm_act_forward_cpu);
+  m.impl("_packed_batch_norm_act_backward", &tofa_fast::packed_batch_norm_act_backward_cpu);
+}
