@@ -11,10 +11,14 @@ from .elastic_dwconv_reference import (
     active_filter_reference,
     elastic_dwconv2d_reference,
 )
+from .packed_batch_norm import packed_batch_norm_act
+from .packed_batch_norm_reference import packed_batch_norm_act_reference
 
 __all__ = [
     "active_filter_backward_reference",
     "active_filter_reference",
     "elastic_dwconv2d",
     "elastic_dwconv2d_reference",
+    "packed_batch_norm_act",
+    "packed_batch_norm_act_reference",
 ]
