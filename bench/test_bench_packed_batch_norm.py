@@ -1,0 +1,151 @@
+"""CPU micro-benchmark of packed_batch_norm_act: the compiled op vs what it replaces.
+
+Case: one batch norm + hardswish layer of a fused sandwich step in training — 4 members of batch 64 at
+16×16 (4 segments of 16 384 rows), C = 96 with active widths (96, 48, 72, 96). Forward + backward
+(gradients of x, weight and bias from a fixed upstream gradient); the running statistics are updated
+each call, as in training. Two threads.
+
+Implementations:
+
+* ``tofa_fast`` — ``packed_batch_norm_act`` on the packed (P, C) rows (dispatch: the C++ kernel);
+* ``reference`` — ``packed_batch_norm_act_reference``: F.batch_norm + activation per segment on its
+  channel prefix, zero padding, concatenation (the op's oracle and its fallback);
+* ``per_member`` — what the sequential step runs: F.batch_norm + F.hardswish on each member's own
+  (64, c_i, 16, 16) NCHW tensor, nothing packed.
+
+``test_target`` asserts the compiled op beats the reference (ratio > 1) and records the ratios.
+
+Run: ``python -m pytest bench/test_bench_packed_batch_norm.py -p no:cacheprovider``
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tofa_fast.ops import packed_batch_norm_act, packed_batch_norm_act_reference
+from tofa_fast.ops import packed_batch_norm as op_module
+
+SUITE = "packed_batch_norm_cpu"
+MODE = "forward+backward"
+THREADS = 2
+BATCH, SIZE, WIDTH = 64, 16, 96
+CHANNELS = (96, 48, 72, 96)
+ACTIVATION = "hswish"
+MOMENTUM, EPS = 0.1, 1e-5
+CASE = f"4×({BATCH}×{SIZE}×{SIZE}) C{WIDTH} {CHANNELS} {ACTIVATION} training"
+IMPLS = ("tofa_fast", "reference", "per_member")
+TARGET_VS_REFERENCE = 1.0
+# Rounds: enough for about TIME_PER_BENCH seconds, within [MIN_ROUNDS, MAX_ROUNDS].
+TIME_PER_BENCH, MIN_ROUNDS, MAX_ROUNDS = 2.0, 5, 100
+
+pytestmark = pytest.mark.skipif(
+    bool(op_module.CPP.not_supported_reasons(op_module.PackedBatchNormProblem("cpu", torch.float32, torch.float32))),
+    reason="the C++ extension with the packed_batch_norm_act kernels is not loaded",
+)
+
+
+class Problem:
+    def __init__(self):
+        generator = torch.Generator().manual_seed(0)
+        rows = BATCH * SIZE * SIZE
+        self.offsets = [i * rows for i in range(len(CHANNELS) + 1)]
+        self.x = torch.randn(rows * len(CHANNELS), WIDTH, generator=generator)
+        for i, c in enumerate(CHANNELS):  # the packed invariant: exact zeros in the padding columns
+            self.x[self.offsets[i] : self.offsets[i + 1], c:] = 0
+        self.x.requires_grad_()
+        self.weight = (1 + 0.1 * torch.randn(WIDTH, generator=generator)).requires_grad_()
+        self.bias = (0.1 * torch.randn(WIDTH, generator=generator)).requires_grad_()
+        self.running_mean, self.running_var = torch.zeros(WIDTH), torch.ones(WIDTH)
+        self.grad_y = torch.randn(self.x.shape, generator=generator)
+        # The sequential step's tensors: each member's own NCHW image and upstream gradient.
+        self.members = [
+            self.x.detach()[self.offsets[i] : self.offsets[i + 1], :c]
+            .reshape(BATCH, SIZE, SIZE, c)
+            .permute(0, 3, 1, 2)
+            .contiguous()
+            .requires_grad_()
+            for i, c in enumerate(CHANNELS)
+        ]
+        self.member_grads = [
+            self.grad_y[self.offsets[i] : self.offsets[i + 1], :c].reshape(BATCH, SIZE, SIZE, c).permute(0, 3, 1, 2).contiguous()
+            for i, c in enumerate(CHANNELS)
+        ]
+
+    def runner(self, impl: str):
+        factors = [MOMENTUM] * len(CHANNELS)
+        leaves = (self.x, self.weight, self.bias)
+        if impl in ("tofa_fast", "reference"):
+            fn = packed_batch_norm_act if impl == "tofa_fast" else packed_batch_norm_act_reference
+
+            def packed():
+                y = fn(
+                    self.x, self.offsets, list(CHANNELS), self.weight, self.bias, self.running_mean,
+                    self.running_var, True, factors, EPS, ACTIVATION,
+                )  # fmt: skip
+                return torch.autograd.grad(y, leaves, self.grad_y)
+
+            return packed
+
+        def per_member():
+            outputs = [
+                F.hardswish(
+                    F.batch_norm(
+                        x, self.running_mean[:c], self.running_var[:c], self.weight[:c], self.bias[:c], True, MOMENTUM, EPS
+                    )
+                )
+                for x, c in zip(self.members, CHANNELS)
+            ]
+            return torch.autograd.grad(outputs, (*self.members, self.weight, self.bias), self.member_grads)
+
+        return per_member
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _two_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def problem() -> Problem:
+    return Problem()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_packed_batch_norm_cpu(benchmark, bench_registry, problem, impl):
+    for name in IMPLS:
+        bench_registry.expect(SUITE, CASE, MODE, name)
+    bench_registry.REGISTRY[SUITE]["meta"]["description"] = (
+        f"packed_batch_norm_act forward+backward on {CASE}, {THREADS} threads; tofa_fast (C++ kernel) vs "
+        "reference (F.batch_norm + activation per segment, pad, cat) vs per_member (F.batch_norm + F.hardswish "
+        "on each member's NCHW tensor). Run: python -m pytest bench/test_bench_packed_batch_norm.py -p no:cacheprovider"
+    )
+    fn = problem.runner(impl)
+    with op_module.use_backend("C++") if impl == "tofa_fast" else contextlib.nullcontext():
+        start = time.perf_counter()
+        fn()  # warm-up, and the calibration of the round count
+        once = time.perf_counter() - start
+        rounds = max(MIN_ROUNDS, min(MAX_ROUNDS, math.ceil(TIME_PER_BENCH / max(once, 1e-6))))
+        benchmark.group = f"{CASE} {MODE}"
+        benchmark.extra_info.update({"case": CASE, "mode": MODE, "impl": impl})
+        benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+    if benchmark.stats is not None:
+        bench_registry.record(SUITE, CASE, MODE, impl, benchmark.stats.stats.median)
+
+
+def test_target(bench_registry):
+    """Fails the run when the compiled op is not faster than the reference (needs the benchmark above)."""
+    if not bench_registry.complete(SUITE):
+        pytest.skip("the benchmark did not run completely (filtered, or --benchmark-disable)")
+    ratios = bench_registry.speedups(SUITE)[(CASE, MODE)]
+    bench_registry.REGISTRY[SUITE]["meta"]["speedups"] = ratios
+    print(f"\n{SUITE}: tofa_fast is {ratios['reference']:.2f}× the reference, {ratios['per_member']:.2f}× per_member")
+    assert ratios["reference"] > TARGET_VS_REFERENCE, f"{ratios['reference']:.2f}× ≤ {TARGET_VS_REFERENCE}× vs the reference"
