@@ -35,6 +35,18 @@ MOMENTUM_FACTORS = (0.1, 0.3, 0.2, 0.0, 0.5, 0.7, 0.25, 0.4)  # segment 3 (the 4
 UPDATE_ORDER = (3, 0, 6, 5, 1, 4, 2, 7)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread, except where a test asks for two: on a loaded 2-core machine every
+    parallel region (ATen's in the reference too) waits for its second thread to be scheduled, which
+    made this file 2× slower. The threaded kernels are checked, against one thread and the reference,
+    in test_long_segments_span_several_tasks_and_threads_do_not_change_results."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     expected = expected.double()
     return ((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
@@ -170,13 +182,9 @@ def test_long_segments_span_several_tasks_and_threads_do_not_change_results():
     # 12 000 rows × 13 channels: several row chunks per segment, their partial sums added in order.
     case = Case(((12000, 13), (7000, 6), (3, 13)), torch.float64, seed=5)
     with op_module.use_backend("C++"):
+        serial = case.run(packed_batch_norm_act, True, "swish")
+        torch.set_num_threads(2)  # the fixture restores the count
         ours = compare(case, True, "swish", RELATIVE_TOLERANCE[torch.float64])
-        threads = torch.get_num_threads()
-        try:
-            torch.set_num_threads(1)
-            serial = case.run(packed_batch_norm_act, True, "swish")
-        finally:
-            torch.set_num_threads(threads)
     for got, want in zip(serial, ours):
         assert torch.equal(got, want)  # fixed chunks, fixed order: bitwise the same
 
