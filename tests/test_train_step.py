@@ -61,18 +61,23 @@ def test_step_plan_validates_roles():
 def test_step_table_and_forward_members():
     net = tofa_fast.Supernet(SPACE, 10).eval()
     backend = choose_step_backend("auto", net, torch.device("cpu"))
-    assert backend is STEP_TABLE[0] and backend.name == "sequential"
-    assert choose_step_backend("sequential", net, torch.device("cpu")) is backend
+    assert backend is STEP_TABLE[0] and backend.name == "fused"  # measured faster on the CPU
+    # On CUDA auto keeps the sequential step until the fused one is measured faster there.
+    assert choose_step_backend("auto", net, torch.device("cuda")).name == "sequential"
+    sequential = choose_step_backend("sequential", net, torch.device("cpu"))
+    assert sequential.name == "sequential" and choose_step_backend("fused", net, torch.device("cpu")) is backend
     with pytest.raises(ValueError, match="step must be 'auto' or one of"):
         choose_step_backend("warp", net, torch.device("cpu"))
-    assert any(line.startswith("sequential") for line in describe_step_backends())
+    assert {line.split()[0] for line in describe_step_backends()} == {"fused", "sequential"}
     archs = [SPACE.max_arch(), SPACE.min_arch(), SPACE.sample(3)]
     images = [torch.randn(2 + i, 3, a.resolution, a.resolution) for i, a in enumerate(archs)]
     with torch.no_grad():
-        got = forward_members(net, archs, images)
+        got = forward_members(net, archs, images, sequential)
         for arch, x, logits in zip(archs, images, got):
             net.set_active(arch)
             assert torch.equal(net(x), logits)
+        fused = forward_members(net, archs, images)
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(fused, got))
     with pytest.raises(ValueError, match="same length"):
         forward_members(net, archs, images[:1])
 
@@ -163,3 +168,18 @@ def test_the_pseudo_label_pass_has_no_noise_and_updates_no_statistics():
     with torch.no_grad():
         net(x)
     assert not torch.equal(net.stem_bn.running_mean, buffers["stem_bn.running_mean"])  # members still update
+
+
+def test_resume_switches_step_mode(tmp_path):
+    """--step is how members are computed, not what is trained: a run written with one mode resumes
+    with another (the checkpoint's other settings still win)."""
+    splits = tiny_digits()
+    first = Trainer(tiny_config(tmp_path, step="sequential"), splits=splits)
+    assert first.step_backend.name == "sequential"
+    first.fit(max_epochs=1)
+    resumed = Trainer(replace(tiny_config(tmp_path, step="fused"), epochs=5), splits=splits, resume=True)
+    assert resumed.step_backend.name == "fused" and resumed.config.step == "fused"
+    assert resumed.config.epochs == 2 and resumed.step == first.step
+    resumed.fit()
+    assert resumed.epoch == 2
+    assert load_checkpoint(str(tmp_path / "checkpoint.pt"))["config"]["step"] == "fused"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -11,6 +11,7 @@ from torch import nn
 
 from .. import spaces
 from ..spaces import Arch, SearchSpace
+from . import packed
 from .activations import build_activation
 from .elastic_batchnorm import ElasticBatchNorm2d
 from .elastic_conv import ElasticConv2d, ElasticLinear
@@ -146,6 +147,22 @@ class Supernet(nn.Module):
             x = self.head_act(self.feature_mix_conv(x, arch.head))
         x = self.dropout(torch.flatten(x, 1))
         return self.classifier(x)
+
+    def forward_many(
+        self, inputs: Sequence[torch.Tensor], archs: Sequence[Arch | Mapping[str, Any]]
+    ) -> list[torch.Tensor]:
+        """Logits (N_i, num_classes) of ``archs[i]`` on ``inputs[i]`` (N_i, in_channels, H_i, W_i), all
+        members in one packed pass (:mod:`tofa_fast.nn.packed`): the same values, gradients and BN
+        running-statistics updates as ``set_active(archs[i])`` + ``forward(inputs[i])`` one member after
+        the other, in fewer, larger calls. Members may differ in every dimension, resolution included.
+        The active arch is left unchanged."""
+        if len(inputs) != len(archs):
+            raise ValueError(f"inputs and archs must have the same length, got {len(inputs)} and {len(archs)}")
+        if not inputs:
+            raise ValueError("forward_many needs at least one member")
+        for x in inputs:
+            _check_images(x, self.space.in_channels, self.stem_conv.weight)
+        return packed.forward_many(self, list(inputs), [self.space.check(a) for a in archs])
 
     # -- extraction and channel sorting -------------------------------------------------------
 

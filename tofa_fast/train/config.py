@@ -19,7 +19,7 @@ STRATEGY_LOSSES: dict[str, tuple[str, ...]] = {
     "single": ("sup", "sup+fm"),
 }
 PRECISIONS = ("auto", "fp32", "bf16")
-STEP_MODES = ("auto", "sequential")
+STEP_MODES = ("auto", "fused", "sequential")
 
 
 def check_device_name(device: str) -> None:

@@ -27,23 +27,29 @@ class PseudoLabels:
     mask: torch.Tensor  # m, (M,) float 0/1
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """Losses are computed in float32 from bf16/fp16 logits (mixed precision), in the logits' own
+    precision otherwise (a float64 network keeps float64 end to end: the exactness tests rely on it)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def supervised_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.1) -> torch.Tensor:
     return F.cross_entropy(logits, labels, label_smoothing=smoothing)
 
 
 def pseudo_labels(teacher_logits: torch.Tensor, threshold: float = 0.95) -> PseudoLabels:
-    probs = teacher_logits.detach().float().softmax(dim=1)
+    probs = at_least_fp32(teacher_logits.detach()).softmax(dim=1)
     confidence, labels = probs.max(dim=1)
-    return PseudoLabels(probs, labels, (confidence >= threshold).float())
+    return PseudoLabels(probs, labels, (confidence >= threshold).to(probs.dtype))
 
 
 def fixmatch_loss(strong_logits: torch.Tensor, pseudo: PseudoLabels) -> torch.Tensor:
-    per_sample = F.cross_entropy(strong_logits.float(), pseudo.labels, reduction="none")
+    per_sample = F.cross_entropy(at_least_fp32(strong_logits), pseudo.labels, reduction="none")
     return (per_sample * pseudo.mask).mean()
 
 
 def distillation_loss(student_logits: torch.Tensor, pseudo: PseudoLabels) -> torch.Tensor:
-    log_p = student_logits.float().log_softmax(dim=1)
+    log_p = at_least_fp32(student_logits).log_softmax(dim=1)
     return F.kl_div(log_p, pseudo.probs, reduction="batchmean")
 
 

@@ -114,15 +114,42 @@ class SequentialStep(StepBackend):
         return logits
 
 
+class FusedStep(StepBackend):
+    """All members of a step in one packed pass (``Supernet.forward_many``, :mod:`tofa_fast.nn.packed`),
+    one backward for all of them. ``auto`` takes it on the devices where it has been measured faster
+    than ``sequential`` (``bench/test_bench_fused_step.py``)."""
+
+    name = "fused"
+    supports = "every supernet: all members in one packed pass (Supernet.forward_many); auto on the CPU"
+    members_per_pass = None
+    #: device types where ``auto`` prefers this entry (measured); elsewhere it serves when asked by name
+    auto_device_types = ("cpu",)
+
+    def not_supported_reasons(self, net: Supernet, device: torch.device) -> list[str]:
+        return [] if isinstance(net, Supernet) else [f"{type(net).__name__} has no forward_many"]
+
+    def forward_members(
+        self, net: Supernet, archs: Sequence[Arch], images: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        return net.forward_many(images, archs)
+
+
 #: in order of preference for ``--step auto``
-STEP_TABLE: tuple[StepBackend, ...] = (SequentialStep(),)
+STEP_TABLE: tuple[StepBackend, ...] = (FusedStep(), SequentialStep())
+
+
+def _auto_serves(backend: StepBackend, net: Supernet, device: torch.device) -> bool:
+    preferred = getattr(backend, "auto_device_types", None)
+    if preferred is not None and device.type not in preferred:
+        return False
+    return not backend.not_supported_reasons(net, device)
 
 
 def choose_step_backend(name: str, net: Supernet, device: torch.device) -> StepBackend:
-    """The entry ``name`` names (``auto``: the first that serves ``net`` on ``device``); an entry
-    that cannot serve raises ``ValueError`` with its reasons."""
+    """The entry ``name`` names (``auto``: the first that serves ``net`` on ``device`` and is
+    preferred there); an entry that cannot serve raises ``ValueError`` with its reasons."""
     if name == "auto":
-        return next(b for b in STEP_TABLE if not b.not_supported_reasons(net, device))
+        return next(b for b in STEP_TABLE if _auto_serves(b, net, device))
     for backend in STEP_TABLE:
         if backend.name == name:
             reasons = backend.not_supported_reasons(net, device)
@@ -192,7 +219,7 @@ def train_step(
     def teacher_targets(images: torch.Tensor, resolution: int) -> losses.PseudoLabels:
         if resolution not in soft_targets:  # members of one step often share a resolution
             with torch.no_grad(), autocast:
-                logits_t = teacher(images[: batch.x.shape[0]]).float()
+                logits_t = losses.at_least_fp32(teacher(images[: batch.x.shape[0]]))
             soft_targets[resolution] = losses.pseudo_labels(logits_t, settings.threshold)
         return soft_targets[resolution]
 
@@ -214,7 +241,7 @@ def train_step(
             outputs = backend.forward_members(net, [m.arch for m in members], [images for images, _ in inputs])
         pass_terms = []
         for member, (images, sizes), logits in zip(members, inputs, outputs):
-            chunks = logits.float().split(sizes)
+            chunks = losses.at_least_fp32(logits).split(sizes)
             if member.sup:
                 pass_terms.append(add("sup", losses.supervised_loss(chunks[0], batch.y, settings.label_smoothing)))
             if member.fm:

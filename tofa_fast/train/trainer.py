@@ -56,7 +56,10 @@ class Trainer:
         saved = None
         if resume:
             saved = self._load_everywhere(self.checkpoint_path)
-            config = TrainConfig.from_dict({**saved["config"], "out": config.out, "device": config.device})
+            # How members are computed (--step) is this run's choice: the modes compute the same step.
+            config = TrainConfig.from_dict(
+                {**saved["config"], "out": config.out, "device": config.device, "step": config.step}
+            )
         chose_space = config.space is None and saved is None
         config = config.resolved()
         # Record the resolved numerics and layout, so that a resumed run computes as it did.
