@@ -132,6 +132,33 @@ def test_forward_many_on_the_ofa_preset_in_float64():
     compare_networks(sequential, packed, 1e-10)
 
 
+def test_a_deep_narrow_member_beside_a_shallow_wide_one():
+    """The blocks past the shallow member's depth serve only the narrow one: its residual output
+    is added to rows as wide as the widest member's."""
+    deep_narrow = DIGITS.max_arch().to_dict()
+    shallow_wide = DIGITS.max_arch().to_dict()
+    for stage in deep_narrow["stages"]:
+        stage["width"] = min(DIGITS.stages[deep_narrow["stages"].index(stage)].widths)
+    for stage in shallow_wide["stages"]:
+        stage.update(depth=1, kernel=stage["kernel"][:1], expand=stage["expand"][:1])
+    archs = [DIGITS.check(shallow_wide), DIGITS.check(deep_narrow)]
+    torch.manual_seed(0)
+    sequential = _randomised(tofa_fast.Supernet(DIGITS, 7).double(), 0).train()
+    sequential.set_regularization(dropout=0.0)
+    packed = copy.deepcopy(sequential)
+    images = [torch.randn(2, 3, 32, 32, dtype=torch.float64) for _ in archs]
+    expected = []
+    for arch, x in zip(archs, images):
+        sequential.set_active(arch)
+        expected.append(sequential(x))
+    sum(y.square().sum() for y in expected).backward()
+    got = packed.forward_many(images, archs)
+    sum(y.square().sum() for y in got).backward()
+    for y, e in zip(got, expected):
+        assert rel_err(y, e) <= 1e-10
+    compare_networks(sequential, packed, 1e-10)
+
+
 def test_forward_many_rejects_bad_calls():
     net = tofa_fast.Supernet(DIGITS, 10)
     x = torch.randn(2, 3, 32, 32)

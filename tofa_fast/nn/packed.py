@@ -224,7 +224,11 @@ def mbconv(layer: ElasticMBConv, packed: Packed, choices: Sequence[tuple[int, fl
     if layer.se is not None:
         y = y.replace(squeeze_excite(layer, y, mids))
     widths = [width for _, _, width in choices]
-    out = batch_norm_act(layer.project_bn, y, pointwise(layer.project_conv, y.data, max(widths)), widths, "none")
+    # A residual output is added to the input, which may be wider than these members (when they are
+    # the prefix of a stage's segments that a block serves): project to the input's columns; the
+    # extra ones come out of the batch norm as zeros.
+    columns = packed.data.shape[1] if layer.residual else max(widths)
+    out = batch_norm_act(layer.project_bn, y, pointwise(layer.project_conv, y.data, columns), widths, "none")
     if not layer.residual:
         return y.replace(out, channels=widths)
     if layer.training and layer.drop_connect_rate > 0:
