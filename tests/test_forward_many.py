@@ -159,6 +159,26 @@ def test_a_deep_narrow_member_beside_a_shallow_wide_one():
     compare_networks(sequential, packed, 1e-10)
 
 
+def test_forward_many_under_bf16_autocast_with_channels_last():
+    """The GPU path's numerics and layout on the CPU: packed rows in bf16, fp32 master weights."""
+    torch.manual_seed(0)
+    net = _randomised(tofa_fast.Supernet(DIGITS, 7), 0).train().to(memory_format=torch.channels_last)
+    net.set_regularization(dropout=0.0)
+    archs = _members(DIGITS, 2)
+    images = [torch.randn(4, 3, a.resolution, a.resolution).to(memory_format=torch.channels_last) for a in archs]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = []
+        for arch, x in zip(archs, images):
+            net.set_active(arch)
+            expected.append(net(x))
+        got = net.forward_many(images, archs)
+    assert all(y.dtype == torch.bfloat16 for y in got)
+    sum(y.float().square().sum() for y in got).backward()
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in net.parameters())
+    for y, e in zip(got, expected):
+        assert rel_err(y.float(), e.float()) <= 5e-2
+
+
 def test_forward_many_rejects_bad_calls():
     net = tofa_fast.Supernet(DIGITS, 10)
     x = torch.randn(2, 3, 32, 32)

@@ -60,12 +60,11 @@ def test_step_plan_validates_roles():
 
 def test_step_table_and_forward_members():
     net = tofa_fast.Supernet(SPACE, 10).eval()
-    backend = choose_step_backend("auto", net, torch.device("cpu"))
-    assert backend is STEP_TABLE[0] and backend.name == "fused"  # measured faster on the CPU
-    # On CUDA auto keeps the sequential step until the fused one is measured faster there.
-    assert choose_step_backend("auto", net, torch.device("cuda")).name == "sequential"
-    sequential = choose_step_backend("sequential", net, torch.device("cpu"))
-    assert sequential.name == "sequential" and choose_step_backend("fused", net, torch.device("cpu")) is backend
+    # auto takes the fused step only where it was measured faster: no device so far.
+    sequential = choose_step_backend("auto", net, torch.device("cpu"))
+    assert sequential.name == "sequential" and choose_step_backend("auto", net, torch.device("cuda")) is sequential
+    backend = choose_step_backend("fused", net, torch.device("cpu"))
+    assert backend is STEP_TABLE[0] and backend.name == "fused"
     with pytest.raises(ValueError, match="step must be 'auto' or one of"):
         choose_step_backend("warp", net, torch.device("cpu"))
     assert {line.split()[0] for line in describe_step_backends()} == {"fused", "sequential"}
@@ -76,7 +75,7 @@ def test_step_table_and_forward_members():
         for arch, x, logits in zip(archs, images, got):
             net.set_active(arch)
             assert torch.equal(net(x), logits)
-        fused = forward_members(net, archs, images)
+        fused = forward_members(net, archs, images, backend)
         assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(fused, got))
     with pytest.raises(ValueError, match="same length"):
         forward_members(net, archs, images[:1])

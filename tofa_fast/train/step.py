@@ -116,14 +116,18 @@ class SequentialStep(StepBackend):
 
 class FusedStep(StepBackend):
     """All members of a step in one packed pass (``Supernet.forward_many``, :mod:`tofa_fast.nn.packed`),
-    one backward for all of them. ``auto`` takes it on the devices where it has been measured faster
-    than ``sequential`` (``bench/test_bench_fused_step.py``)."""
+    one backward for all of them. ``auto`` takes it only on the device types where
+    ``bench/test_bench_fused_step.py`` measured it faster than ``sequential``: none yet. On the
+    2-core CPU the packed pass computes the narrower members at the widest member's width and
+    copies rows between layouts, which costs more than the per-op overhead it saves (0.89× the
+    sequential digits step on one thread; bench/results/fused_step_cpu.md), and holds every
+    member's activations at once (≈ 3× the memory); no GPU has measured it."""
 
     name = "fused"
-    supports = "every supernet: all members in one packed pass (Supernet.forward_many); auto on the CPU"
+    supports = "every supernet: all members in one packed pass (Supernet.forward_many); by name only (not faster yet)"
     members_per_pass = None
-    #: device types where ``auto`` prefers this entry (measured); elsewhere it serves when asked by name
-    auto_device_types = ("cpu",)
+    #: device types where ``auto`` prefers this entry (measured faster there); elsewhere it serves when asked by name
+    auto_device_types: tuple[str, ...] = ()
 
     def not_supported_reasons(self, net: Supernet, device: torch.device) -> list[str]:
         return [] if isinstance(net, Supernet) else [f"{type(net).__name__} has no forward_many"]
@@ -134,7 +138,7 @@ class FusedStep(StepBackend):
         return net.forward_many(images, archs)
 
 
-#: in order of preference for ``--step auto``
+#: in order of preference for ``--step auto`` (an entry with ``auto_device_types`` only where listed)
 STEP_TABLE: tuple[StepBackend, ...] = (FusedStep(), SequentialStep())
 
 
