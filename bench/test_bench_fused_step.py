@@ -1,0 +1,262 @@
+"""CPU benchmark of the fused multi-subnet step (``--step fused``) against the sequential one and OFA.
+
+Cases, each run back to back by every implementation on the same members and images, 2 threads:
+
+* ``digits TOFA step``: the default run's step — the pseudo-label pass of a_max, then a_max, a_min
+  and two random members (different resolutions) with CE + FixMatch (+ KD for the random ones) on a
+  labelled batch of 32 and an unlabelled batch of 32 (weak + strong views). Forward and backward.
+  ``tofa_fast`` is the fused step, ``sequential`` one member per pass.
+* ``ofa_mbv3 w1.2 128px``: a sandwich step of 4 members — max, min (ks 3, e 3, d 2) and two random
+  ones drawn by the ``ofa`` package's own sampler —, CE on a batch of 32 at 128 px, forward and
+  backward, on ``ofa_mbv3`` (the same network as OFA's ``OFAMobileNetV3(width_mult=1.2)``).
+  Baselines: our sequential step, the ``ofa`` package's own step on its own model (``ofa``), and
+  the same after ``tofa_fast.accelerate`` (``ofa+accelerate``).
+
+A round is a fixed cycle of steps (different random members each), the same cycle for everyone;
+medians are per step.
+
+Memory: the bytes of activations autograd holds for backward (saved tensors, parameters excluded)
+at the peak of a step — for ``sequential`` the largest single member's pass, for ``fused`` all
+members at once — reported in the results' ``meta``.
+
+Targets (``test_targets``; the run fails when one is missed): fused ≥ 1.8× sequential on the digits
+step; on ofa_mbv3 fused ≥ 1.5× sequential and ≤ 0.4× the ``ofa`` step's time; fused peak activation
+memory ≤ 1.5× sequential's.
+
+Run: ``python -m pytest bench/test_bench_fused_step.py -p no:cacheprovider``
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+
+import pytest
+import torch
+
+import tofa_fast
+from tofa_fast.train import Member, StepPlan, TrainConfig
+from tofa_fast.train.loaders import resize
+from tofa_fast.train.step import ComputeFormat, LossSettings, StepBatch, choose_step_backend, train_step
+from tofa_fast.train.strategies import build_strategy
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ofa_step import make_ofa_mbv3, ofa_sandwich_archs, ofa_sandwich_step  # noqa: E402
+
+SUITE = "fused_step_cpu"
+THREADS = int(os.environ.get("TOFA_BENCH_THREADS", "2"))  # 1: robust against a busy second core
+# Steps per round, each with other random members. The ofa package's step takes about a minute on
+# two cores (its depthwise backward), so that case runs one step per round.
+CYCLES = {"digits": 3, "ofa": 1}
+TARGET_DIGITS = 1.8
+TARGET_OFA_SEQUENTIAL = 1.5
+TARGET_OFA_PACKAGE = 0.4  # fused time / ofa time
+TARGET_MEMORY = 1.5
+TIME_PER_BENCH, MIN_ROUNDS, MAX_ROUNDS = 6.0, 3, 20
+
+DIGITS_CASE = "digits TOFA step, 32 labelled + 32 unlabelled"
+OFA_CASE = "ofa_mbv3 w1.2 128px, batch 32, 4 members"
+CASES = {DIGITS_CASE: ("tofa_fast", "sequential"), OFA_CASE: ("tofa_fast", "sequential", "ofa", "ofa+accelerate")}
+MODE = "step (fwd+bwd)"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _two_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(previous)
+
+
+class DigitsProblem:
+    def __init__(self):
+        torch.manual_seed(0)
+        space = tofa_fast.spaces.get("digits")
+        self.net = tofa_fast.Supernet(space, 10).train()
+        config = TrainConfig(strategy="tofa", space="digits").resolved()
+        strategy = build_strategy("tofa", space, 10, 10, config)
+        rng = random.Random(0)
+        self.plans = [strategy.plan(rng) for _ in range(CYCLES["digits"])]
+        x, u_weak, u_strong = (torch.randn(32, 3, 32, 32) for _ in range(3))
+        self.batch = StepBatch(x, torch.randint(0, 10, (32,)), u_weak, u_strong)
+        self.settings = LossSettings(config.label_smoothing, config.threshold)
+
+    def runner(self, impl: str):
+        backend = choose_step_backend("fused" if impl == "tofa_fast" else impl, self.net, torch.device("cpu"))
+        fmt = ComputeFormat("fp32", False)
+
+        def cycle():
+            for plan in self.plans:
+                self.net.zero_grad(set_to_none=True)
+                train_step(self.net, plan, self.batch, self.settings, fmt, backend)
+
+        return cycle
+
+    def passes(self, impl: str):
+        """Each pass of one step's members, as (archs, images), for the memory measurement."""
+        plan = self.plans[0]
+        images = [torch.cat([self.batch.x, self.batch.u_strong] + ([self.batch.u_weak] if m.kd else [])) for m in plan.members]
+        images = [resize(x, m.arch.resolution) for x, m in zip(images, plan.members)]
+        return _passes(impl, plan.archs, images)
+
+
+class OfaProblem:
+    def __init__(self):
+        from tofa_fast.transfer import from_ofa, ofa_arch
+
+        self.ofa = make_ofa_mbv3(1.2)
+        self.accelerated = None
+        if hasattr(tofa_fast, "accelerate"):
+            self.accelerated = make_ofa_mbv3(1.2)
+            tofa_fast.accelerate(self.accelerated)
+        self.net = from_ofa(self.ofa).train()
+        rng = random.Random(0)
+        self.settings = [ofa_sandwich_archs(self.ofa, rng) for _ in range(CYCLES["ofa"])]
+        self.plans = [
+            StepPlan(tuple(Member(ofa_arch(self.net.space, resolution=128, **s)) for s in settings))
+            for settings in self.settings
+        ]
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randn(32, 3, 128, 128, generator=g)
+        self.labels = torch.randint(0, 1000, (32,), generator=g)
+
+    def runner(self, impl: str):
+        if impl in ("ofa", "ofa+accelerate"):
+            model = self.ofa if impl == "ofa" else self.accelerated
+
+            def cycle():
+                for settings in self.settings:
+                    model.zero_grad(set_to_none=True)
+                    ofa_sandwich_step(model, self.images, settings, self.labels)
+
+            return cycle
+        backend = choose_step_backend("fused" if impl == "tofa_fast" else impl, self.net, torch.device("cpu"))
+        batch = StepBatch(self.images, self.labels)
+        settings, fmt = LossSettings(0.0, 0.95), ComputeFormat("fp32", False)
+
+        def cycle():
+            for plan in self.plans:
+                self.net.zero_grad(set_to_none=True)
+                train_step(self.net, plan, batch, settings, fmt, backend)
+
+        return cycle
+
+    def passes(self, impl: str):
+        plan = self.plans[0]
+        return _passes(impl, plan.archs, [self.images] * len(plan.archs))
+
+    @property
+    def net_for_memory(self):
+        return self.net
+
+
+def _passes(impl, archs, images):
+    if impl == "tofa_fast":
+        return [(list(archs), list(images))]
+    return [([a], [x]) for a, x in zip(archs, images)]
+
+
+def saved_activation_bytes(net: tofa_fast.Supernet, archs, images) -> int:
+    """Bytes of the distinct tensors autograd saves for backward in one forward of ``archs`` on
+    ``images`` (parameters excluded): the activation memory a pass holds until its backward."""
+    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = net.forward_many(images, archs) if len(archs) > 1 else [_single(net, archs[0], images[0])]
+    del logits
+    return sum(storages.values())
+
+
+def _single(net, arch, x):
+    net.set_active(arch)
+    return net(x)
+
+
+_PROBLEMS: dict[str, object] = {}
+
+
+def _problem(case: str):
+    if case not in _PROBLEMS:
+        _PROBLEMS[case] = DigitsProblem() if case == DIGITS_CASE else OfaProblem()
+    return _PROBLEMS[case]
+
+
+def _expect_all(registry) -> None:
+    for case, impls in CASES.items():
+        for impl in impls:
+            registry.expect(SUITE, case, MODE, impl)
+    registry.REGISTRY[SUITE]["meta"]["description"] = (
+        f"One training step (forward + backward of every member), {THREADS} threads, rounds of {CYCLES} steps "
+        "with different random members (medians per step): tofa_fast = --step fused (Supernet.forward_many), sequential = "
+        "--step sequential, ofa = the ofa package's sandwich step on OFAMobileNetV3(width_mult=1.2), "
+        "ofa+accelerate = the same after tofa_fast.accelerate. Run: python -m pytest "
+        "bench/test_bench_fused_step.py -p no:cacheprovider"
+    )
+
+
+@pytest.mark.parametrize(
+    "case,impl", [(case, impl) for case, impls in CASES.items() for impl in impls], ids=lambda v: v.split(",")[0]
+)
+def test_fused_step(benchmark, bench_registry, case, impl):
+    _expect_all(bench_registry)
+    problem = _problem(case)
+    if impl == "ofa+accelerate" and problem.accelerated is None:
+        pytest.skip("tofa_fast.accelerate is not available")
+    fn = problem.runner(impl)
+    start = time.perf_counter()
+    fn()  # warm-up, and the calibration of the round count
+    once = time.perf_counter() - start
+    rounds = max(MIN_ROUNDS, min(MAX_ROUNDS, math.ceil(TIME_PER_BENCH / max(once, 1e-6))))
+    benchmark.group = case
+    steps = len(problem.plans)
+    benchmark.extra_info.update({"case": case, "impl": impl, "steps_per_round": steps})
+    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
+    if benchmark.stats is not None:
+        bench_registry.record(SUITE, case, MODE, impl, benchmark.stats.stats.median / steps)
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=lambda v: v.split(",")[0])
+def test_peak_activation_memory(bench_registry, case):
+    problem = _problem(case)
+    peaks = {}
+    for impl in ("tofa_fast", "sequential"):
+        peaks[impl] = max(saved_activation_bytes(problem.net, archs, images) for archs, images in problem.passes(impl))
+        problem.net.zero_grad(set_to_none=True)
+    ratio = peaks["tofa_fast"] / peaks["sequential"]
+    bench_registry.REGISTRY[SUITE]["meta"].setdefault("peak_activation_memory", {})[case] = {
+        "fused_MiB": peaks["tofa_fast"] / 2**20,
+        "sequential_MiB": peaks["sequential"] / 2**20,
+        "fused/sequential": ratio,
+    }
+
+
+def test_targets(bench_registry):
+    """Fails the run when the fused step misses a target (needs the full benchmark above)."""
+    if not bench_registry.complete(SUITE):
+        pytest.skip("the benchmark did not run completely (filtered, or --benchmark-disable)")
+    speedups = bench_registry.speedups(SUITE)
+    medians = bench_registry.REGISTRY[SUITE]["medians"]
+    misses = []
+    digits = speedups[(DIGITS_CASE, MODE)]["sequential"]
+    if digits < TARGET_DIGITS:
+        misses.append(f"digits: fused {digits:.2f}× sequential < {TARGET_DIGITS}×")
+    ofa = speedups[(OFA_CASE, MODE)]
+    if ofa["sequential"] < TARGET_OFA_SEQUENTIAL:
+        misses.append(f"ofa_mbv3: fused {ofa['sequential']:.2f}× sequential < {TARGET_OFA_SEQUENTIAL}×")
+    share = medians[(OFA_CASE, MODE)]["tofa_fast"] / medians[(OFA_CASE, MODE)]["ofa"]
+    if share > TARGET_OFA_PACKAGE:
+        misses.append(f"ofa_mbv3: fused takes {share:.2f}× the ofa package's step > {TARGET_OFA_PACKAGE}×")
+    for case, memory in bench_registry.REGISTRY[SUITE]["meta"].get("peak_activation_memory", {}).items():
+        if memory["fused/sequential"] > TARGET_MEMORY:
+            misses.append(f"{case}: peak activation memory {memory['fused/sequential']:.2f}× sequential > {TARGET_MEMORY}×")
+    assert not misses, "; ".join(misses)
