@@ -18,6 +18,7 @@ def test_info_lists_every_backend(capsys):
     for backend in ("C++", "CUDA", "Triton"):
         assert backend in out
     assert "training step (--step" in out and "sequential" in out  # train/step.py's table
+    assert "packed_batch_norm_act dispatch" in out and "cpu, float32: served by" in out
 
 
 def test_python_dash_m_is_the_same_program():

@@ -7,6 +7,7 @@ import platform
 import torch
 
 from . import __version__, backends
+from .ops import packed_batch_norm
 from .ops.elastic_dwconv_dispatch import describe_dispatch
 
 
@@ -23,8 +24,10 @@ def info_text() -> str:
     lines.append(f"estimator (FLOPs / params / latency table sums): {estimator.detail}")
     lines.append("elastic_dwconv2d dispatch (per device, the first backend without a reason to refuse serves):")
     lines.extend(f"  {line}" for line in describe_dispatch())
+    lines.append("packed_batch_norm_act dispatch (the fused step's batch norm):")
+    lines.extend(f"  {line}" for line in packed_batch_norm.describe_dispatch())
     from .train.step import describe_step_backends  # the training layer: imported only here
 
-    lines.append("training step (--step; auto takes the first entry that serves):")
+    lines.append("training step (--step; auto takes the first entry that serves where it is measured faster):")
     lines.extend(f"  {line}" for line in describe_step_backends())
     return "\n".join(lines)
