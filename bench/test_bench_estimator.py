@@ -15,7 +15,9 @@ counters apply). Implementations, each timed on the archs it can take in reasona
 
 Times are per arch (the table's "ms" column holds ms per 1 000 archs, i.e. µs per arch); throughputs
 in archs/s are in the saved JSON (``meta``). ``test_target`` asserts the C++ estimator scores at
-least 10 M ``tofa`` archs/s on one core (median over rounds).
+least 10 M ``tofa`` archs/s on one core (median over rounds). ``meta`` also records which C++ kernel
+ran (``estimator_kernel``: the AVX2 row kernel, or the portable one with ``TOFA_FAST_CPU_ISA=baseline``
+or without AVX2) and the CPU's SIMD flags.
 
 Run: ``python -m pytest bench/test_bench_estimator.py -p no:cacheprovider``
 """
@@ -156,6 +158,21 @@ def _runner(case: str, impl: str, estimators, batches):
     raise ValueError(impl)
 
 
+def _estimator_kernel() -> str:
+    ops = torch.ops.tofa_fast
+    return ops._estimator_sum_isa() if hasattr(ops, "_estimator_sum_isa") else "baseline"
+
+
+def _simd_flags() -> list[str]:
+    """The x86 SIMD flags of this CPU (/proc/cpuinfo), e.g. ["avx", "avx2", "fma", …]; [] elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return sorted({flag for flag in flags if flag.startswith(("avx", "fma", "sse4"))})
+
+
 @pytest.mark.parametrize(("case", "impl"), PARAMS, ids=[f"{c}-{i}" for c, i in PARAMS])
 def test_flops_throughput(benchmark, bench_registry, estimators, batches, case, impl):
     for c, i in PARAMS:
@@ -171,6 +188,8 @@ def test_flops_throughput(benchmark, bench_registry, estimators, batches, case, 
     meta.setdefault("archs_per_s_one_thread", {}).setdefault(case, {})[impl] = 1.0 / per_arch
     meta.setdefault("batch", BATCH)
     meta["torch_threads_while_timing"] = torch.get_num_threads()
+    meta["estimator_kernel"] = _estimator_kernel()
+    meta["cpu_simd_flags"] = _simd_flags()
     benchmark.extra_info["archs_per_s"] = 1.0 / per_arch
 
 

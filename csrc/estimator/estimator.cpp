@@ -11,8 +11,17 @@
 // Returns (n,) of the table's dtype: FLOPs / parameters (int64, exact) or latency (float64).
 //
 // Every row is validated while it is summed (ranges, -1 beyond the active depth, one kernel/expand
-// per stage in stage-granularity spaces): codes of another space or corrupted codes raise a
-// ValueError naming the first bad row and field, never read outside the table.
+// per stage in stage-granularity spaces, expands allowed at their layer): codes of another space or
+// corrupted codes raise a ValueError naming the first bad row and field, never read outside the table.
+//
+// Two kernels compute the same sums and reject the same rows: on CPUs with AVX2 the plan is compiled
+// into a row program without data-dependent branches (compile_plan; estimator_kernels.h,
+// estimator_avx2.cpp); elsewhere, with TOFA_FAST_CPU_ISA=baseline, or for a plan beyond the
+// program's limits (more than 8 stages, 31 choices of a field or 8 layers in a stage, codes shorter
+// than 8), the scalar sum_row below runs. Both add float entries in the same order, so even latency
+// sums are identical bit for bit (tests/test_estimator_kernels.py).
+#include "estimator_kernels.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -21,8 +30,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace tofa_fast {
@@ -43,6 +56,9 @@ struct StagePlan {
   int64_t code_offset, max_depth, n_w, n_in, n_d, n_k, n_e, table_offset, layer0_block;
   const int64_t* depth_values;  // n_d depth values
   const int64_t* expand_masks;  // max_depth bit masks of allowed expand indices
+  // stage_expands[di]: the expand indices every active layer allows at depth index di (AND of the
+  // first depth_values[di] masks): with stage granularity all active layers take layer 0's expand.
+  std::vector<int64_t> stage_expands;
   // inactive[di * max_depth + j] = -1 (all bits) when layer j is beyond depth_values[di], else 0:
   // lets the per-layer checks run as branch-free OR-reductions the compiler vectorises.
   std::vector<int32_t> inactive;
@@ -125,8 +141,10 @@ Plan read_plan(const at::Tensor& header, const at::Tensor& plan, const at::Tenso
                   "estimator_sum: stage ", s, " block outside the table");
     }
     st.inactive.assign(st.n_d * st.max_depth, 0);
+    st.stage_expands.assign(st.n_d, -1);
     for (int64_t d = 0; d < st.n_d; ++d) {
       for (int64_t j = st.depth_values[d]; j < st.max_depth; ++j) st.inactive[d * st.max_depth + j] = -1;
+      for (int64_t j = 0; j < st.depth_values[d]; ++j) st.stage_expands[d] &= st.expand_masks[j];
     }
     previous_widths = st.n_w;
     p.stages.push_back(std::move(st));
@@ -154,7 +172,7 @@ inline bool sum_row(const int32_t* c, const Plan& p, const scalar_t* table, scal
     const int32_t k0 = ks[0], e0 = es[0];
     bool bad = out_of_range(k0, st.n_k) | out_of_range(e0, st.n_e);
     if (bad) return false;
-    bad |= !((st.expand_masks[0] >> e0) & 1);
+    bad |= !(((kStageGranularity ? st.stage_expands[di] : st.expand_masks[0]) >> e0) & 1);
     const int64_t base = (r * st.n_in + prev) * st.n_w + w;
     const int32_t* inactive = st.inactive.data() + di * st.max_depth;
     if constexpr (kStageGranularity) {
@@ -240,6 +258,211 @@ std::string describe_bad_row(const int32_t* c, int64_t row, const Plan& p) {
   return msg.str();
 }
 
+// ---- the row program of the AVX2 kernel (estimator_kernels.h) --------------------------------
+
+// The plan compiled for the vectorised kernel; `program` points into the vectors.
+struct CompiledPlan {
+  CompiledPlan() = default;
+  CompiledPlan(CompiledPlan&&) = default;  // moving keeps the vectors' buffers, so `program` stays valid
+  CompiledPlan(const CompiledPlan&) = delete;
+  CompiledPlan& operator=(const CompiledPlan&) = delete;
+  bool usable = false;  // false: the plan is outside the program's limits, sum_row runs instead
+  RowProgram program{};
+  std::vector<StageProgram> stages;
+  std::vector<uint32_t> allowed;
+  std::vector<int32_t> index_lanes;  // RowProgram::lanes
+  std::vector<int32_t> stage_lanes;  // RowProgram::stage_lanes
+  int64_t later_size = 1;            // elements of the padded later table
+};
+
+// Bits (v + 1) for v in [0, n): the values a field with n choices may hold.
+inline uint32_t choice_bits(int64_t n) { return ((uint32_t{1} << n) - 1) << 1; }
+
+// Where later layer (r, w, k, e) of stage `st` lands in the padded later table, minus the
+// (k + 1, e + 1) padding shift that kLaterBase folds in.
+struct LaterBlock {
+  int64_t base, r_stride, w_stride, k_stride;
+};
+
+LaterBlock later_block(const StagePlan& st, int64_t base) {
+  const int64_t k_stride = st.n_e + 1, w_stride = (st.n_k + 1) * k_stride;
+  return {base, st.n_w * w_stride, w_stride, k_stride};
+}
+
+CompiledPlan compile_plan(const Plan& p) {
+  CompiledPlan out;
+  const int64_t length = p.code_length;
+  const int64_t n_stages = static_cast<int64_t>(p.stages.size());
+  const int64_t limit = 31;  // choice_bits and vpsrlvd work on 32-bit lanes
+  if (length < kLanes || n_stages > kMaxStages || p.n_res > limit || p.n_stem > limit || p.n_head > limit) return out;
+  // Lookup indices are computed in int32 lanes.
+  if (p.table_size > std::numeric_limits<int32_t>::max()) return out;
+  std::vector<uint32_t> allowed(length, 0);
+  std::vector<int> covered(length, 0);
+  allowed[0] = choice_bits(p.n_res);
+  allowed[1] = choice_bits(p.n_stem);
+  allowed[2] = choice_bits(p.n_head);
+  covered[0] = covered[1] = covered[2] = 1;
+  int64_t read_extent = length;
+  for (const StagePlan& st : p.stages) {
+    if (st.max_depth > kLanes || st.n_w > limit || st.n_d > limit || st.n_k > limit || st.n_e > limit) return out;
+    const int64_t o = st.code_offset;
+    allowed[o] = choice_bits(st.n_w);
+    allowed[o + 1] = choice_bits(st.n_d);
+    for (int64_t j = 0; j < st.max_depth; ++j) {
+      const uint32_t minus_one = j > 0 ? 1u : 0u;  // layer 0 is always active
+      allowed[o + 2 + j] = choice_bits(st.n_k) | minus_one;
+      const uint32_t expands = static_cast<uint32_t>(st.expand_masks[j]) & (choice_bits(st.n_e) >> 1);
+      allowed[o + 2 + st.max_depth + j] = (expands << 1) | minus_one;
+    }
+    for (int64_t q = o; q < o + 2 + 2 * st.max_depth; ++q) ++covered[q];
+    read_extent = std::max(read_extent, o + 2 + st.max_depth + kLanes);
+  }
+  // The static check must see every position exactly once as the field the plan says it is.
+  if (std::any_of(covered.begin(), covered.end(), [](int c) { return c != 1; })) return out;
+
+  const int64_t n_static = (length + kLanes - 1) / kLanes;
+  if (n_static > kMaxStatic) return out;
+  out.allowed.resize(n_static * kLanes);
+  for (int64_t v = 0; v < n_static; ++v) {
+    const int64_t start = v + 1 < n_static ? v * kLanes : length - kLanes;
+    std::copy(allowed.begin() + start, allowed.begin() + start + kLanes, out.allowed.begin() + v * kLanes);
+  }
+  out.index_lanes.assign(kIndexLanes * kLanes, 0);
+  out.stage_lanes.assign(n_stages * kStageRows * kLanes, 0);
+  auto lane = [&](IndexLane row, int64_t s) -> int32_t& { return out.index_lanes[row * kLanes + s]; };
+  int64_t later_size = 1;  // slot 0: never used, keeps the table non-empty
+  for (int64_t s = 0; s < n_stages; ++s) {
+    const StagePlan& st = p.stages[s];
+    const int64_t k_stride = st.n_e;
+    const int64_t d_stride = p.stage_granularity ? st.n_k * st.n_e : 0;
+    const int64_t w_stride = p.stage_granularity ? st.n_d * d_stride : st.n_k * st.n_e;
+    lane(kBase, s) = static_cast<int32_t>(st.table_offset);
+    lane(kKStride, s) = static_cast<int32_t>(k_stride);
+    lane(kWStride, s) = static_cast<int32_t>(w_stride);
+    lane(kInStride, s) = static_cast<int32_t>(st.n_w * w_stride);
+    lane(kRStride, s) = static_cast<int32_t>(st.n_in * st.n_w * w_stride);
+    StageProgram sp{};
+    sp.code_offset = st.code_offset;
+    sp.expand_offset = st.code_offset + 2 + st.max_depth;
+    sp.max_depth = st.max_depth;
+    if (!p.stage_granularity && st.max_depth > 1) {
+      const LaterBlock b = later_block(st, later_size);
+      sp.later_k_stride = b.k_stride;
+      lane(kLaterBase, s) = static_cast<int32_t>(b.base + b.k_stride + 1);
+      lane(kLaterRStride, s) = static_cast<int32_t>(b.r_stride);
+      lane(kLaterWStride, s) = static_cast<int32_t>(b.w_stride);
+      later_size += p.n_res * b.r_stride;
+      if (later_size > std::numeric_limits<int32_t>::max()) return out;
+    }
+    int32_t* rows = out.stage_lanes.data() + s * kStageRows * kLanes;
+    for (int64_t d = 0; d < st.n_d; ++d) {
+      for (int64_t j = st.depth_values[d]; j < st.max_depth; ++j) rows[(kInactive + d) * kLanes + j] = -1;
+      rows[(kDepthOffset + d) * kLanes + s] = static_cast<int32_t>(d * d_stride);
+    }
+    const int32_t care = p.stage_granularity ? -1 : std::numeric_limits<int32_t>::min();
+    for (int64_t j = 0; j < st.max_depth; ++j) rows[kCare * kLanes + j] = care;
+    out.stages.push_back(sp);
+  }
+  out.later_size = later_size;
+  RowProgram& rp = out.program;
+  rp.code_length = length;
+  rp.n_stages = n_stages;
+  rp.stage_granularity = p.stage_granularity;
+  rp.stem_offset = p.stem_offset;
+  rp.n_stem = p.n_stem;
+  rp.head_offset = p.head_offset;
+  rp.n_last = p.n_last;
+  rp.n_head = p.n_head;
+  rp.last_width_offset = p.stages.back().code_offset;
+  rp.n_static = n_static;
+  rp.allowed = out.allowed.data();
+  rp.stages = out.stages.data();
+  rp.stage_lanes = out.stage_lanes.data();
+  rp.lanes = out.index_lanes.data();
+  rp.read_extent = read_extent;
+  out.usable = true;
+  return out;
+}
+
+// The later-layer blocks of a layer-granularity table, padded to (k + 1, e + 1) with the additive
+// identity in the k = -1 / e = -1 slots (-0.0 for floats: x + -0.0 == x for every x, -0.0 included).
+template <typename scalar_t>
+std::vector<scalar_t> padded_later_table(const Plan& p, const CompiledPlan& cp, const scalar_t* table) {
+  const scalar_t identity = std::is_floating_point_v<scalar_t> ? -scalar_t(0) : scalar_t(0);
+  std::vector<scalar_t> later(cp.later_size, identity);
+  for (size_t s = 0; s < p.stages.size(); ++s) {
+    const StagePlan& st = p.stages[s];
+    if (p.stage_granularity || st.max_depth <= 1) continue;
+    const int32_t shifted_base = cp.index_lanes[kLaterBase * kLanes + s];
+    const LaterBlock b = later_block(st, shifted_base - (st.n_e + 1) - 1);
+    const scalar_t* block = table + st.table_offset + st.layer0_block;
+    for (int64_t r = 0; r < p.n_res; ++r) {
+      for (int64_t w = 0; w < st.n_w; ++w) {
+        for (int64_t k = 0; k < st.n_k; ++k) {
+          for (int64_t e = 0; e < st.n_e; ++e) {
+            later[b.base + r * b.r_stride + w * b.w_stride + (k + 1) * b.k_stride + e + 1] =
+                block[((r * st.n_w + w) * st.n_k + k) * st.n_e + e];
+          }
+        }
+      }
+    }
+  }
+  return later;
+}
+
+// Whether this CPU runs the AVX2 kernel (TOFA_FAST_CPU_ISA=baseline turns it off), decided once.
+bool use_avx2() {
+#if TOFA_FAST_ESTIMATOR_AVX2
+  static const bool use = [] {
+    const char* env = std::getenv("TOFA_FAST_CPU_ISA");
+    if (env != nullptr && std::strcmp(env, "baseline") == 0) return false;
+    return static_cast<bool>(__builtin_cpu_supports("avx2"));
+  }();
+  return use;
+#else
+  return false;
+#endif
+}
+
+// Which kernel estimator_sum runs for plans within the row program's limits (tests and benchmarks ask).
+std::string kernel_description() { return use_avx2() ? "AVX2" : "baseline"; }
+
+template <typename scalar_t>
+int64_t sum_rows_avx2(const int32_t* codes, int64_t begin, int64_t end, int64_t safe_end, const RowProgram& program,
+                      const scalar_t* table, const scalar_t* later, scalar_t* out, int32_t* scratch) {
+#if TOFA_FAST_ESTIMATOR_AVX2
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    return isa_avx2::sum_rows_f64(codes, begin, end, safe_end, program, table, later, out, scratch);
+  } else {
+    return isa_avx2::sum_rows_i64(codes, begin, end, safe_end, program, table, later, out, scratch);
+  }
+#else
+  TORCH_CHECK(false, "estimator_sum: built without the AVX2 kernel");
+  return begin;
+#endif
+}
+
+template <typename scalar_t>
+void sum_rows_program(const int32_t* codes, int64_t n, const Plan& p, const CompiledPlan& cp, const scalar_t* table,
+                      scalar_t* out, std::atomic<int64_t>& first_bad) {
+  const std::vector<scalar_t> later = padded_later_table(p, cp, table);
+  const RowProgram& program = cp.program;
+  // Rows whose over-reads (up to read_extent int32 from their start) would leave the buffer.
+  const int64_t tail_rows = (program.read_extent - program.code_length + program.code_length - 1) / program.code_length;
+  const int64_t safe_end = std::max<int64_t>(0, n - tail_rows);
+  at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> scratch(end > safe_end ? program.read_extent : 0, 0);
+    const int64_t bad =
+        sum_rows_avx2(codes, begin, end, safe_end, program, table, later.data(), out, scratch.data());
+    if (bad < end) {
+      int64_t seen = first_bad.load();
+      while (bad < seen && !first_bad.compare_exchange_weak(seen, bad)) {
+      }
+    }
+  });
+}
+
 template <typename scalar_t, bool kStageGranularity>
 void sum_rows(const int32_t* codes, int64_t n, const Plan& p, const scalar_t* table, scalar_t* out,
               std::atomic<int64_t>& first_bad) {
@@ -275,9 +498,12 @@ at::Tensor estimator_sum(const at::Tensor& codes, const at::Tensor& header, cons
   if (n == 0) return out;
   std::atomic<int64_t> first_bad{n};
   const int32_t* code_ptr = c.data_ptr<int32_t>();
+  const CompiledPlan compiled = use_avx2() ? compile_plan(p) : CompiledPlan{};
   auto run = [&](auto tag) {
     using scalar_t = decltype(tag);
-    if (p.stage_granularity) {
+    if (compiled.usable) {
+      sum_rows_program<scalar_t>(code_ptr, n, p, compiled, t.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), first_bad);
+    } else if (p.stage_granularity) {
       sum_rows<scalar_t, true>(code_ptr, n, p, t.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), first_bad);
     } else {
       sum_rows<scalar_t, false>(code_ptr, n, p, t.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), first_bad);
@@ -302,6 +528,7 @@ TORCH_LIBRARY_FRAGMENT(tofa_fast, m) {
   m.def(
       "estimator_sum(Tensor codes, Tensor header, Tensor plan, Tensor depths, Tensor expand_masks, Tensor table) "
       "-> Tensor");
+  m.def("_estimator_sum_isa() -> str", &tofa_fast::estimator::kernel_description);
 }
 
 TORCH_LIBRARY_IMPL(tofa_fast, CPU, m) {

@@ -6,7 +6,8 @@ latency tables (:class:`LatencyTable`) it reads. Where things live:
 
 * :mod:`.layers` — the stem / MBConv / head configurations and their exact fvcore FLOPs and params;
 * :mod:`.layout` — the flat lookup-table layout and the pure-Python reference of the C++ kernel
-  (``csrc/estimator/estimator.cpp``);
+  (``csrc/estimator/estimator.cpp``; on CPUs with AVX2 it runs ``estimator_avx2.cpp``, selected at
+  run time, ``TOFA_FAST_CPU_ISA=baseline`` keeps the portable loop);
 * :mod:`.sampler` — uniform sampling in a FLOPs band by exact counting;
 * :mod:`.latency`, :mod:`.profile` — latency tables: format, measurement, validation.
 """
