@@ -1,8 +1,12 @@
 """Several subnets of one supernet in one pass: the packed forward behind ``Supernet.forward_many`` (SPEC §5).
 
 A sandwich step trains 4 members (max, min, 2 random) of the same weights. Computed one after the
-other, every layer runs 4 times on small tensors: on a CPU the step is bound by per-op overhead and
-memory passes, not arithmetic. Here the members share each call instead.
+other, every layer runs 4 times on small tensors. Here the members share each call instead.
+
+Measured, this does not pay yet (``bench/test_bench_fused_step.py``): on the 2-core CPU the step is
+bound by memory passes more than by per-op overhead, and the packing adds passes — the narrower
+members computed at the widest member's width, rows copied between layouts — while every member's
+activations are held at once. ``--step auto`` therefore keeps the sequential step (train/step.py).
 
 Layout (flash-attention's "varlen" idea). The activations of all members live in one 2-D tensor of
 shape (P, C): rows are pixels — each member's (N_i, C, H_i, W_i) channels-last image flattened to
