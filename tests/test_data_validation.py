@@ -423,3 +423,45 @@ def test_default_space_follows_the_data(tmp_path):
     for bad in (0, -3, 2.5, True, "28"):
         with pytest.raises(ValueError, match="native_size must be a positive number of pixels"):
             default_space_for_size(bad)
+
+
+def test_flowers102_trains_on_train_plus_val_as_tofa_does(monkeypatch, tmp_path):
+    """TOFA's Table 2 trains Flowers102 on 2,040 images: the train *and* val splits (1,020 each)."""
+    import torchvision.datasets as tvd
+
+    opened = []
+
+    class FakeFlowers:
+        sizes = {"train": 6, "val": 4, "test": 3}
+
+        def __init__(self, root, split, download=False):
+            opened.append(split)
+            self.split, self.classes = split, ["a", "b"]
+
+        def __len__(self) -> int:
+            return self.sizes[self.split]
+
+        def __getitem__(self, index: int):
+            offset = {"train": 0, "val": 100, "test": 200}[self.split]
+            return torch.full((3, 8, 8), offset + index, dtype=torch.uint8), index % 2
+
+    monkeypatch.setattr(tvd, "Flowers102", FakeFlowers)
+    splits = data_module.load_torchvision("flowers102", str(tmp_path), 8, None, 0, False)
+    assert sorted(opened) == ["test", "train", "val"]
+    pool = [int(img[0, 0, 0]) for img, _ in splits.labelled]
+    assert pool == [0, 1, 2, 3, 4, 5, 100, 101, 102, 103]  # train, then val
+    assert splits.labelled.labels.tolist() == [0, 1, 0, 1, 0, 1, 0, 1, 0, 1]
+    assert [int(img[0, 0, 0]) for img, _ in splits.test] == [200, 201, 202]
+    assert splits.classes == ["a", "b"]
+
+
+def test_image_sets_concatenate_in_order_and_refuse_mixed_parts(tmp_path):
+    a = ImageSet(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]), 4)
+    b = ImageSet(torch.ones(1, 3, 4, 4, dtype=torch.uint8), torch.tensor([2]), 4)
+    both = ImageSet.concatenate([a, b])
+    assert both.labels.tolist() == [0, 1, 2] and both.source[2].eq(1).all()
+    files = ImageSet([_save(tmp_path / "x.png")], torch.tensor([0]), 4)
+    with pytest.raises(ValueError, match="one storage"):
+        ImageSet.concatenate([a, files])
+    with pytest.raises(ValueError, match="at least one"):
+        ImageSet.concatenate([])

@@ -130,6 +130,28 @@ class ImageSet(Dataset):
         labels = self.labels[indices] if self.labels is not None else None
         return ImageSet(source, labels, self.size)
 
+    @staticmethod
+    def concatenate(parts: Sequence[ImageSet]) -> ImageSet:
+        """One set holding ``parts``' images in order (all in memory and labelled, or all file-backed
+        and all labelled or none), e.g. a data set's train and val splits as one training pool."""
+        if not parts:
+            raise ValueError("parts must hold at least one ImageSet")
+        if len(parts) == 1:
+            return parts[0]
+        sizes = {p.size for p in parts}
+        in_memory = {isinstance(p.source, torch.Tensor) for p in parts}
+        labelled = {p.labels is not None for p in parts}
+        if len(sizes) > 1 or len(in_memory) > 1 or len(labelled) > 1:
+            raise ValueError(
+                "parts must share one image size and one storage (memory or files), and all have labels or none"
+            )
+        if in_memory.pop():
+            source: torch.Tensor | list[str] = torch.cat([p.source for p in parts])
+        else:
+            source = [path for p in parts for path in p.source]
+        labels = torch.cat([p.labels for p in parts]) if labelled.pop() else None
+        return ImageSet(source, labels, sizes.pop())
+
 
 @dataclass
 class DataSplits:
@@ -470,29 +492,36 @@ def load_torchvision(
 
     key = name.lower()
     to_tensor = v2.Compose([v2.ToImage(), v2.Resize(size, antialias=True), v2.CenterCrop(size)])
-    # data set -> (class, keyword arguments of the training split, of the test split)
-    table = {
-        "cifar10": (tvd.CIFAR10, {"train": True}, {"train": False}),
-        "cifar100": (tvd.CIFAR100, {"train": True}, {"train": False}),
-        "flowers102": (tvd.Flowers102, {"split": "train"}, {"split": "test"}),
-        "oxfordiiitpet": (tvd.OxfordIIITPet, {"split": "trainval"}, {"split": "test"}),
-        "stanfordcars": (tvd.StanfordCars, {"split": "train"}, {"split": "test"}),
-        "fgvcaircraft": (tvd.FGVCAircraft, {"split": "trainval"}, {"split": "test"}),
+    # data set -> (class, the splits training draws from, the test split), each split the keyword
+    # arguments of one torchvision instance. The training pools are the TOFA paper's (Table 2):
+    # Aircraft 6,667 = trainval, Cars 8,144 = train, Pets 3,680 = trainval, Flowers 2,040 = train +
+    # val (Flowers102's "train" alone holds 1,020).
+    table: dict[str, tuple[Any, tuple[dict[str, Any], ...], dict[str, Any]]] = {
+        "cifar10": (tvd.CIFAR10, ({"train": True},), {"train": False}),
+        "cifar100": (tvd.CIFAR100, ({"train": True},), {"train": False}),
+        "flowers102": (tvd.Flowers102, ({"split": "train"}, {"split": "val"}), {"split": "test"}),
+        "oxfordiiitpet": (tvd.OxfordIIITPet, ({"split": "trainval"},), {"split": "test"}),
+        "stanfordcars": (tvd.StanfordCars, ({"split": "train"},), {"split": "test"}),
+        "fgvcaircraft": (tvd.FGVCAircraft, ({"split": "trainval"},), {"split": "test"}),
     }
     if key not in table:
         raise ValueError(f"unknown torchvision data set {name!r}; available: {list(TORCHVISION_SETS)}")
-    cls, train_kw, test_kw = table[key]
+    cls, train_kws, test_kw = table[key]
     try:
-        train, test = cls(root, download=download, **train_kw), cls(root, download=download, **test_kw)
+        trains = [cls(root, download=download, **kw) for kw in train_kws]
+        test = cls(root, download=download, **test_kw)
     except RuntimeError as exc:
         raise ValueError(f"{name} not found under {root!r} ({exc}); pass --download to fetch it") from exc
 
-    train_set, test_set = (
-        _materialise(ds, to_tensor, size, f"{name} {split} split under {root}", skip_bad_images)
-        for ds, split in ((train, "train"), (test, "test"))
+    def where(kw: dict[str, Any]) -> str:
+        return f"{name} {kw.get('split', 'train' if kw.get('train') else 'test')} split under {root}"
+
+    train_set = ImageSet.concatenate(
+        [_materialise(ds, to_tensor, size, where(kw), skip_bad_images) for ds, kw in zip(trains, train_kws)]
     )
+    test_set = _materialise(test, to_tensor, size, where(test_kw), skip_bad_images)
     train_set, val = carve_validation(train_set, val_per_class, seed)
-    classes = [str(c) for c in getattr(train, "classes", range(int(train_set.labels.max()) + 1))]
+    classes = [str(c) for c in getattr(trains[0], "classes", range(int(train_set.labels.max()) + 1))]
     unlabelled = None
     if labels_per_class is not None:
         lab_idx, unl_idx = split_labels_per_class(train_set.labels, labels_per_class, seed)
