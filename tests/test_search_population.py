@@ -1,4 +1,6 @@
-"""Population evaluation (RSS protocol): bands, statistics, plot (SPEC §7)."""
+"""Population evaluation by both protocols (SPEC §7): bands, the RSS paper's protocol on a trained
+run, statistics, plot. (The RSS protocol's sampling alone:
+tests/test_search_rss_protocol.py.)"""
 
 from __future__ import annotations
 
@@ -13,6 +15,9 @@ from tofa_fast.search import (
     plot_population,
     population_evaluation,
     population_targets,
+    rss_population_evaluation,
+    rss_targets_mflops,
+    rss_tolerance_mflops,
 )
 
 
@@ -99,3 +104,38 @@ def test_empty_bands_and_bad_arguments_are_explained(record, estimator):
         population_evaluation(evaluator, estimator, targets=0)
     with pytest.raises(ValueError, match="estimator must score the evaluator's search space"):
         population_evaluation(evaluator, Estimator("rss", num_classes=10))
+
+
+def test_rss_protocol_measures_draws_in_range_with_the_extremes_width_locked(record, estimator):
+    evaluator = SubnetEvaluator.from_run(record, ("test",))
+    low, high = (v / 1e6 for v in estimator.flops_range())
+    targets, tolerance = rss_targets_mflops(estimator), rss_tolerance_mflops(estimator)
+    results = rss_population_evaluation(evaluator, estimator, per_target=2, seed=5)
+    assert [r.target_mflops for r in results] == pytest.approx(targets)
+    for r, t in zip(results, targets):
+        assert r.n == 2 and all(abs(f - t) <= tolerance + 1e-9 for f in r.mflops)
+        assert (r.low_mflops, r.high_mflops) == pytest.approx((max(low, t - tolerance), min(high, t + tolerance)))
+    space = record.space
+    expands = [
+        [(e, st) for s in r.archs for sa, st in zip(space.arch_from_string(s).stages, space.stages) for e in sa.expand]
+        for r in results
+    ]
+    assert all(e == min(st.expands) for e, st in expands[0])
+    assert all(e == max(st.expands) for e, st in expands[-1])
+    again = rss_population_evaluation(evaluator, estimator, per_target=2, seed=5)
+    assert [(r.archs, r.accuracy) for r in again] == [(r.archs, r.accuracy) for r in results]
+
+    mine = rss_population_evaluation(
+        evaluator, estimator, targets_mflops=[5.0, 2.0], tolerance_mflops=0.3, per_target=1, lock_extremes=False
+    )
+    assert [r.target_mflops for r in mine] == [2.0, 5.0] and all(
+        abs(r.mflops[0] - r.target_mflops) <= 0.3 for r in mine
+    )
+    with pytest.raises(ValueError, match=r"target 40 MFLOPs ± 0.5 \(tolerance_mflops\) lies outside the FLOPs range"):
+        rss_population_evaluation(evaluator, estimator, targets_mflops=[2, 40], tolerance_mflops=0.5)
+    with pytest.raises(ValueError, match="targets_mflops lists a target twice"):
+        rss_population_evaluation(evaluator, estimator, targets_mflops=[2, 2])
+    with pytest.raises(ValueError, match="tolerance_mflops must be a positive number"):
+        rss_population_evaluation(evaluator, estimator, tolerance_mflops=0)
+    with pytest.raises(ValueError, match="per_target must be a positive integer"):
+        rss_population_evaluation(evaluator, estimator, per_target=0)

@@ -1,13 +1,25 @@
-"""Population evaluation (the RSS paper's protocol, SPEC §7): how good is a *random* subnet of a size?
+"""Population evaluation (SPEC §7): how good is a *random* subnet of a given size?
 
 A palette reports one chosen subnet per budget; a supernet's training scheme is better judged by the
-whole population it leaves behind. For evenly spaced FLOPs targets t_1…t_K across the space's exact
-range, ``per_target`` subnets are drawn uniformly among those with FLOPs in the narrow band
-[t(1 − band), t(1 + band)] (:meth:`Estimator.sample`, exactly uniform), each is BN recalibrated and
-tested, and the per-target mean / min / max / std describe the population at that size.
+whole population it leaves behind. Two protocols measure that population; both BN-recalibrate and
+test every drawn subnet (:class:`SubnetEvaluator`) and report per-target mean / min / max / std in
+:class:`PopulationTarget` records, so :func:`plot_population` and the reports take either.
 
-Draws are independent, so a narrow band holding few subnets (near the smallest subnet, typically)
-yields repeats; the statistics are over draws, as in the protocol, and ``unique`` says how many
+* ``band`` (this module, :func:`population_evaluation`; the default everywhere): evenly spaced FLOPs
+  targets t_1…t_K across the space's exact range, ``per_target`` subnets drawn *uniformly among the
+  subnets* with FLOPs in the relative band [t(1 − band), t(1 + band)] (:meth:`Estimator.sample`,
+  exact counting). Every subnet of a size counts equally, whatever its choices; targets reach the
+  range's ends; works on any space. Use it to describe a population.
+* ``rss`` (:mod:`.rss_protocol`, :func:`~.rss_protocol.rss_population_evaluation`): the RSS paper's
+  §6.1 protocol as written — fixed MFLOPs targets {4, 6, 8, 10, 12, 14} on the ``rss`` space, every
+  setting drawn uniformly *layer by layer* until the subnet lands within a tolerance of the target
+  (rejection sampling), with the width (expand ratio) locked at its minimum for the lowest target and
+  at its maximum for the highest. The draw weighs subnets by how likely the per-layer draw makes
+  them (shallow stages are over-represented against uniform-over-subnets), and the extreme targets
+  see only extreme widths. Use it to reproduce the paper's Fig. 3 protocol for protocol.
+
+Draws are independent, so a target holding few subnets (near the smallest subnet, typically)
+yields repeats; the statistics are over draws, as in the paper, and ``unique`` says how many
 distinct subnets they were.
 """
 
@@ -121,7 +133,8 @@ def population_evaluation(
     split: str = "test",
     progress: bool = False,
 ) -> list[PopulationTarget]:
-    """Measure ``per_target`` uniformly drawn subnets around each of ``targets`` FLOPs targets.
+    """Measure ``per_target`` uniformly drawn subnets around each of ``targets`` FLOPs targets (the
+    ``band`` protocol; the RSS paper's own is :func:`~.rss_protocol.rss_population_evaluation`).
 
     Args:
         source: a :class:`~tofa_fast.train.Run` (an evaluator is built on it) or a
@@ -141,11 +154,7 @@ def population_evaluation(
         raise ValueError(f"per_target must be a positive integer, got {per_target!r}")
     if isinstance(band, bool) or not isinstance(band, (int, float)) or not math.isfinite(band) or not 0 < band < 1:
         raise ValueError(f"band must be a relative half-width in (0, 1), got {band!r}")
-    evaluator = source if isinstance(source, SubnetEvaluator) else SubnetEvaluator.from_run(source, (split,))
-    if estimator is None:
-        estimator = Estimator(evaluator.space, num_classes=evaluator.net.num_classes)
-    if estimator.space != evaluator.space:
-        raise ValueError("estimator must score the evaluator's search space")
+    evaluator, estimator = evaluator_and_estimator(source, estimator, split)
     low, high = (float(v) for v in estimator.flops_range())
     rng = np.random.default_rng(seed)
     results = []
@@ -162,20 +171,45 @@ def population_evaluation(
                 f"no subnet has FLOPs in the band [{lo / 1e6:.3f}, {hi / 1e6:.3f}] MFLOPs around the target "
                 f"{target / 1e6:.3f} MFLOPs (band={band}); widen band or use fewer targets"
             ) from None
-        archs = estimator.space.decode(codes)
-        accuracy = evaluator.accuracy(archs, split)
-        flops = estimator.flops(codes)
-        results.append(
-            PopulationTarget(
-                target / 1e6,
-                lo / 1e6,
-                hi / 1e6,
-                [float(f) / 1e6 for f in flops],
-                [float(a) for a in accuracy],
-                [str(a) for a in archs],
-            )
-        )
+        results.append(measure_target(evaluator, estimator, codes, target, lo, hi, split))
     return results
+
+
+def evaluator_and_estimator(
+    source: Run | SubnetEvaluator, estimator: Estimator | None, split: str
+) -> tuple[SubnetEvaluator, Estimator]:
+    """The evaluator of ``source`` (built on a run for ``split``) and an estimator of its space (the
+    one given, checked, or a new one for the supernet's classes)."""
+    evaluator = source if isinstance(source, SubnetEvaluator) else SubnetEvaluator.from_run(source, (split,))
+    if estimator is None:
+        estimator = Estimator(evaluator.space, num_classes=evaluator.net.num_classes)
+    if estimator.space != evaluator.space:
+        raise ValueError("estimator must score the evaluator's search space")
+    return evaluator, estimator
+
+
+def measure_target(
+    evaluator: SubnetEvaluator,
+    estimator: Estimator,
+    codes: np.ndarray,
+    target: float,
+    low: float,
+    high: float,
+    split: str,
+) -> PopulationTarget:
+    """Accuracy on ``split`` and FLOPs of the draws ``codes`` (int32 (n, code_length)) made around
+    ``target`` in ``[low, high]`` (all three in FLOPs), as one :class:`PopulationTarget`."""
+    archs = estimator.space.decode(codes)
+    accuracy = evaluator.accuracy(archs, split)
+    flops = estimator.flops(codes)
+    return PopulationTarget(
+        target / 1e6,
+        low / 1e6,
+        high / 1e6,
+        [float(f) / 1e6 for f in flops],
+        [float(a) for a in accuracy],
+        [str(a) for a in archs],
+    )
 
 
 def plot_population(

@@ -1,8 +1,8 @@
 """Entry points on a run folder: validation-based search and population evaluation.
 
 ``search_run`` backs ``tofa-fast search RUN`` and writes ``search.json`` / ``search.md``;
-``population_run`` backs ``tofa-fast evaluate RUN --population N`` and writes ``population.json`` /
-``population.md`` / ``population.png``. Both open the run with :meth:`Run.open` (data loaded for
+``population_run`` backs ``tofa-fast evaluate RUN --population N [--protocol band|rss]`` and writes
+``population.json`` / ``population.md`` / ``population.png``. Both open the run with :meth:`Run.open` (data loaded for
 BN recalibration) and leave the checkpoint untouched.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -18,7 +19,9 @@ from .compare import METRIC_UNITS, SEARCH_METHODS, BudgetComparison, compare_sel
 from .evaluator import SubnetEvaluator
 from .population import PopulationTarget, population_evaluation
 from .report import write_population, write_search
+from .rss_protocol import rss_population_evaluation, rss_tolerance_mflops
 
+POPULATION_PROTOCOLS = ("band", "rss")
 SEARCH_RUN_METHODS = {"all": SEARCH_METHODS, "evolution": ("evolution",), "random": ("random",), "zero-cost": ()}
 
 
@@ -104,49 +107,73 @@ def search_run(
 def population_run(
     run: str,
     *,
-    targets: int = 10,
     per_target: int = 20,
-    band: float = 0.05,
+    protocol: str = "band",
+    targets: int | None = None,
+    band: float | None = None,
+    targets_mflops: Sequence[float] | None = None,
+    tolerance_mflops: float | None = None,
     seed: int = 0,
     split: str = "test",
     device: str | None = None,
     progress: bool = True,
 ) -> list[PopulationTarget]:
-    """Population evaluation (RSS protocol) of a run folder's supernet.
+    """Population evaluation of a run folder's supernet, by either protocol (:mod:`.population`).
 
-    ``targets`` evenly spaced MFLOPs targets over the space's range, ``per_target`` subnets drawn
-    uniformly in the band ``[t(1 − band), t(1 + band)]`` around each, BN recalibrated, measured on
-    ``split``. Writes ``population.json``, ``population.md`` and ``population.png`` into ``run`` and
-    returns the per-target results (see :func:`population_evaluation` for errors).
+    ``protocol="band"``: ``targets`` (default 10) evenly spaced MFLOPs targets over the space's
+    range, ``per_target`` subnets drawn uniformly in the band ``[t(1 − band), t(1 + band)]``
+    (default ``band`` 0.05) around each (:func:`population_evaluation`). ``protocol="rss"``: the RSS
+    paper's §6.1 protocol, ``per_target`` per-layer uniform draws within ``tolerance_mflops`` of each
+    of ``targets_mflops`` (defaults: the paper's {4, …, 14} ± 0.5 on the ``rss`` space; see
+    :func:`rss_population_evaluation`). Options of the other protocol are refused (``ValueError``).
+
+    Subnets are BN recalibrated and measured on ``split``. Writes ``population.json``,
+    ``population.md`` and ``population.png`` into ``run`` and returns the per-target results.
     """
     from ..estimator import Estimator
 
+    if protocol not in POPULATION_PROTOCOLS:
+        raise ValueError(f"protocol must be one of {list(POPULATION_PROTOCOLS)}, got {protocol!r}")
+    foreign = {
+        "band": {"targets_mflops": targets_mflops, "tolerance_mflops": tolerance_mflops},
+        "rss": {"targets": targets, "band": band},
+    }[protocol]
+    given = [name for name, value in foreign.items() if value is not None]
+    if given:
+        verb = "does" if len(given) == 1 else "do"
+        raise ValueError(f"{' and '.join(given)} {verb} not apply to protocol {protocol!r}")
     start = time.perf_counter()
     record = Run.open(run, device=device)
     estimator = Estimator(record.space, num_classes=record.num_classes)
     evaluator = SubnetEvaluator.from_run(record, (split,))
-    results = population_evaluation(
-        evaluator,
-        estimator,
-        targets=targets,
-        per_target=per_target,
-        band=band,
-        seed=seed,
-        split=split,
-        progress=progress,
-    )
     c = record.config
-    label = f"{c.strategy} ({c.loss})"
-    meta = {
-        **record.meta(),
-        "title": f"{c.data} — population, {split} split",
-        "targets": targets,
+    meta = {**record.meta(), "title": f"{c.data} — population ({protocol} protocol), {split} split"}
+    common: dict[str, Any] = {"per_target": per_target, "seed": seed, "split": split, "progress": progress}
+    if protocol == "band":
+        targets, band = 10 if targets is None else targets, 0.05 if band is None else band
+        results = population_evaluation(evaluator, estimator, targets=targets, band=band, **common)
+        meta |= {
+            "protocol": "band: uniform among the subnets in a band around each target",
+            "targets": targets,
+            "band": f"±{band:.0%}",
+        }
+    else:
+        tolerance = rss_tolerance_mflops(estimator) if tolerance_mflops is None else tolerance_mflops
+        results = rss_population_evaluation(
+            evaluator, estimator, targets_mflops=targets_mflops, tolerance_mflops=tolerance, **common
+        )
+        meta |= {
+            "protocol": "rss: per-layer uniform draws rejected until within the tolerance of the target; "
+            "expand ratios at their minimum for the lowest target, at their maximum for the highest",
+            "targets (MFLOPs)": ", ".join(f"{r.target_mflops:g}" for r in results),
+            "tolerance": f"±{tolerance:g} MFLOPs",
+        }
+    meta |= {
         "subnets per target": per_target,
-        "band": f"±{band:.0%}",
         "split": split,
         "sample seed": seed,
         "torch threads": torch.get_num_threads(),
         "wall time (s)": round(time.perf_counter() - start, 1),
     }
-    write_population(run, {label: results}, meta)
+    write_population(run, {f"{c.strategy} ({c.loss})": results}, meta)
     return results
