@@ -33,6 +33,7 @@ from conftest import TOLERANCES
 from ofa.imagenet_classification.elastic_nn.modules.dynamic_op import DynamicSeparableConv2d
 from ofa.imagenet_classification.elastic_nn.networks import OFAMobileNetV3
 from ofa.utils import MyConv2d
+from test_transfer_ofa import make_ofa
 
 import tofa_fast
 from tofa_fast.accelerate import AccelerateSummary, FastDynamicSeparableConv2d
@@ -46,31 +47,11 @@ FLOOR = 1e-3  # of the largest gradient: the scale for gradients that are zero i
 FP32_TRAIN_GRAD_SLACK = 3.0  # × ofa's own float32 error (vs float64) in train mode
 
 
-def make_ofa(seed: int = 0) -> OFAMobileNetV3:
-    """OFAMobileNetV3 w1.2 with non-trivial BN statistics/affines, biases and transform matrices."""
-    torch.manual_seed(seed)
-    ofa = OFAMobileNetV3(
-        n_classes=N_CLASSES,
-        dropout_rate=0.0,  # the same masks in float32 and float64 would need care; not the op's business
-        width_mult=1.2,
-        ks_list=[3, 5, 7],
-        expand_ratio_list=[3, 4, 6],
-        depth_list=[2, 3, 4],
-    )
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in ofa.named_parameters():
-            if name.endswith("_matrix"):
-                p.copy_(torch.eye(p.shape[0]) + 0.1 * torch.randn(p.shape, generator=g))
-            elif name.endswith(".bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-        for m in ofa.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
-                m.running_var.copy_(0.5 + 1.5 * torch.rand(n, generator=g))
-                m.weight.copy_(0.5 + torch.rand(n, generator=g))
-    return ofa
+def make_model(seed: int = 0) -> OFAMobileNetV3:
+    """test_transfer_ofa's OFAMobileNetV3 (non-trivial BN statistics/affines, biases and transform
+    matrices), w1.2, without dropout: the same masks in float32 and float64 would need care; not the
+    op's business. Each test sets the mode it runs in."""
+    return make_ofa(1.2, seed, n_classes=N_CLASSES, dropout_rate=0.0)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -86,7 +67,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def models():
     """{(patched, dtype): model}, all four from one OFA model; the patched ones through accelerate."""
-    base = make_ofa()
+    base = make_model()
     out = {}
     for dtype in (torch.float32, torch.float64):
         ofa = copy.deepcopy(base).to(dtype)
@@ -179,7 +160,7 @@ def test_patched_computes_what_ofa_computes(models, subnet, train, op_calls):
 
 
 def test_parameters_state_dict_and_ofa_api_unchanged():
-    ofa = make_ofa(1)
+    ofa = make_model(1)
     params = dict(ofa.named_parameters())
     keys = list(ofa.state_dict())
     depthwise = [m for m in ofa.modules() if isinstance(m, DynamicSeparableConv2d)]
@@ -193,7 +174,7 @@ def test_parameters_state_dict_and_ofa_api_unchanged():
     assert "7to5_matrix" in dict(depthwise[0].named_parameters()) and depthwise[0].active_kernel_size == 7
 
     # an old checkpoint loads strictly; ofa's API runs and gives what the unpatched model gives
-    reference = make_ofa(1)
+    reference = make_model(1)
     ofa.load_state_dict(reference.state_dict(), strict=True)
     ofa.set_active_subnet(ks=5, e=4, d=3)
     reference.set_active_subnet(ks=5, e=4, d=3)
@@ -227,7 +208,7 @@ def test_parameters_state_dict_and_ofa_api_unchanged():
 
 
 def test_idempotent_and_no_op_cases():
-    ofa = make_ofa(2)
+    ofa = make_model(2)
     tofa_fast.accelerate(ofa)
     _, again = tofa_fast.accelerate(ofa)
     assert again.num_patched == 0 and len(again.already_accelerated) == NUM_DEPTHWISE and not again.skipped

@@ -1,28 +1,35 @@
 """Which backend computes ``elastic_dwconv2d`` for a call, and why the others do not (xformers-style).
 
-Every backend declares what it supports through :meth:`ElasticDwconvBackend.not_supported_reasons`;
-:data:`DISPATCH_TABLE` lists, per device type, the backends in order of preference; the first one
-with no reason to refuse serves the call. The reference (slice + transform + ``F.conv2d``) accepts
-everything, so it ends every list and serves devices the table does not name. Why a compiled
-backend is missing here (no extension, a build without CUDA, no triton, no device) is worded once in
-:mod:`tofa_fast.backends`; the backends add what they refuse per call (dtype, kernel size, stride).
-``tofa-fast info`` prints :func:`describe_dispatch`, so what it says is what the op does.
+A call is described by a :class:`DwconvProblem` (device, dtype, kernel sizes, stride, chain length:
+no tensor data). Every backend declares what it supports through
+:meth:`ElasticDwconvBackend.not_supported_reasons`; :data:`DISPATCH_TABLE` lists, per device type,
+the backends in order of preference; the first one with no reason to refuse serves the call. The
+reference (slice + transform + ``F.conv2d``) accepts everything, so it ends every list and serves
+devices the table does not name. Why a compiled backend is missing here (no extension, a build
+without CUDA, no triton, no device) is worded once in :mod:`tofa_fast.backends`; the backends add
+what they refuse per call (dtype, kernel size, stride). ``tofa-fast info`` prints
+:func:`describe_dispatch`, so what it says is what the op does.
 
-Tests and benchmarks pin a backend with :func:`use_backend` (the Triton kernels under
-``TRITON_INTERPRET=1`` are reachable on CPU tensors only that way).
+The mechanics of the table — the pin, the selection, the refusal messages — are the same for every
+op (``packed_batch_norm_act`` too) and live in :mod:`.dispatch_table`; this module declares only
+the problem, the backends and the rows, and exposes :data:`BACKEND_TABLE`'s functions under the
+names the op, ``tofa-fast info`` and the tests use (:func:`select_backend_for`, :func:`explain`).
+
+Tests and benchmarks pin a backend with :func:`use_backend` (``"C++"``, ``"CUDA"``, ``"Triton"``,
+``"reference"``); a pinned backend that refuses a call raises instead of falling back. The Triton
+kernels under ``TRITON_INTERPRET=1`` are reachable on CPU tensors only that way.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import importlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .. import backends
+from .dispatch_table import Backend, BackendTable
 from .elastic_dwconv_reference import (
     MIXED_PRECISION_DTYPES,
     active_filter_backward_reference,
@@ -52,14 +59,8 @@ class DwconvProblem:
         return cls(x.device.type, x.dtype, kernel_size, weight.shape[-1], stride, len(transforms))
 
 
-class ElasticDwconvBackend:
+class ElasticDwconvBackend(Backend[DwconvProblem]):
     """One implementation of the op: forward and backward, plus the reasons it refuses a problem."""
-
-    name = "abstract"
-    supports = ""  # one line for `tofa-fast info`
-
-    def not_supported_reasons(self, problem: DwconvProblem) -> list[str]:
-        raise NotImplementedError
 
     def forward(
         self, x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int, transforms: list[torch.Tensor]
@@ -225,7 +226,6 @@ REFERENCE = ReferenceBackend()
 CPP = CppBackend()
 CUDA = CudaBackend()
 TRITON = TritonBackend()
-BACKENDS: dict[str, ElasticDwconvBackend] = {b.name: b for b in (CPP, CUDA, TRITON, REFERENCE)}
 
 # Device type → backends in order of preference. CUDA before Triton: no JIT warm-up, and it takes
 # every dtype and kernel size. Devices not listed get the reference.
@@ -235,48 +235,17 @@ DISPATCH_TABLE: dict[str, tuple[ElasticDwconvBackend, ...]] = {
 }
 FALLBACK: tuple[ElasticDwconvBackend, ...] = (REFERENCE,)
 
-_FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("tofa_fast_elastic_dwconv_backend", default=None)
-
-
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[ElasticDwconvBackend]:
-    """Pin the backend (``"C++"``, ``"CUDA"``, ``"Triton"``, ``"reference"``) inside the block.
-
-    A pinned backend that refuses a call raises instead of falling back, so a test cannot pass on
-    the reference by accident.
-    """
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}")
-    token = _FORCED.set(name)
-    try:
-        yield BACKENDS[name]
-    finally:
-        _FORCED.reset(token)
-
-
-def pinned_backend() -> str | None:
-    """The backend :func:`use_backend` pins in this context, or None."""
-    return _FORCED.get()
-
-
-def candidates(device_type: str) -> tuple[ElasticDwconvBackend, ...]:
-    return DISPATCH_TABLE.get(device_type, FALLBACK)
-
-
-def select_backend_for(problem: DwconvProblem) -> ElasticDwconvBackend:
-    forced = _FORCED.get()
-    if forced is not None:
-        backend = BACKENDS[forced]
-        reasons = backend.not_supported_reasons(problem)
-        if reasons:
-            raise RuntimeError(
-                f"elastic_dwconv2d: pinned backend {forced} cannot serve {problem}: {'; '.join(reasons)}"
-            )
-        return backend
-    for backend in candidates(problem.device_type):
-        if not backend.not_supported_reasons(problem):
-            return backend
-    raise AssertionError("the reference backend accepts every problem")
+BACKEND_TABLE: BackendTable[DwconvProblem, ElasticDwconvBackend] = BackendTable(
+    "elastic_dwconv2d", DISPATCH_TABLE, FALLBACK
+)
+BACKENDS = BACKEND_TABLE.backends  # name → backend: every one the table can reach, and so pin
+# The table's functions under this module's names: the op selects through them, tests and
+# benchmarks pin through them.
+use_backend = BACKEND_TABLE.use_backend
+pinned_backend = BACKEND_TABLE.pinned_backend
+candidates = BACKEND_TABLE.candidates
+select_backend_for = BACKEND_TABLE.select_backend_for
+explain = BACKEND_TABLE.explain
 
 
 def select_backend(
@@ -284,11 +253,6 @@ def select_backend(
 ) -> ElasticDwconvBackend:
     """The backend that serves this call."""
     return select_backend_for(DwconvProblem.of(x, weight, kernel_size, stride, transforms))
-
-
-def explain(problem: DwconvProblem) -> list[tuple[str, list[str]]]:
-    """(backend name, reasons it refuses) for every candidate of the problem's device, in order."""
-    return [(b.name, b.not_supported_reasons(problem)) for b in candidates(problem.device_type)]
 
 
 def describe_dispatch() -> list[str]:

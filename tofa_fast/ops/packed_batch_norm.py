@@ -8,10 +8,11 @@ a chain of small ops per layer, on the hot path of every training step. The comp
 
 Like ``elastic_dwconv2d`` it is a ``torch.library`` custom op (``torch.compile`` and
 ``torch.library.opcheck`` see one opaque op) whose backward is a second custom op, and which backend
-computes a call is decided by a small table (:data:`DISPATCH_TABLE`): every backend lists the reasons
-it refuses a problem, the first one with none serves it, the reference ends every list. Today that is
-the C++ kernel for CPU tensors when the extension is built, the reference everywhere else (CUDA
-tensors, no extension, float16). :func:`describe_dispatch` words the choice for ``tofa-fast info``.
+computes a call is decided by a small table (:data:`DISPATCH_TABLE`, run by the same
+:class:`.dispatch_table.BackendTable`): every backend lists the reasons it refuses a problem, the
+first one with none serves it, the reference ends every list. Today that is the C++ kernel for
+CPU tensors when the extension is built, the reference everywhere else (CUDA tensors, no
+extension, float16). :func:`describe_dispatch` words the choice for ``tofa-fast info``.
 
 The op returns, like ``aten::native_batch_norm``, the output and the statistics that normalised it —
 per segment (S, C) mean and 1/sqrt(var + eps), in float32 (float64 for float64 x): the batch
@@ -31,13 +32,13 @@ parameter gradients in float32.
 from __future__ import annotations
 
 import contextlib
-import contextvars
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .. import backends
+from .dispatch_table import Backend, BackendTable
 from .packed_batch_norm_reference import check_packed_batch_norm_args, packed_batch_norm_act_reference
 
 __all__ = ["describe_dispatch", "packed_batch_norm_act", "select_backend", "use_backend"]
@@ -95,14 +96,8 @@ class PackedBatchNormProblem:
         return cls(x.device.type, x.dtype, weight.dtype)
 
 
-class PackedBatchNormBackend:
+class PackedBatchNormBackend(Backend[PackedBatchNormProblem]):
     """One implementation of the op: forward and backward, plus the reasons it refuses a problem."""
-
-    name = "abstract"
-    supports = ""  # one line for `tofa-fast info`
-
-    def not_supported_reasons(self, problem: PackedBatchNormProblem) -> list[str]:
-        raise NotImplementedError
 
     def forward(
         self, x, offsets, channels, weight, bias, running_mean, running_var, training, factors, eps, activation, order
@@ -228,61 +223,27 @@ class CppBackend(PackedBatchNormBackend):
 
 REFERENCE = ReferenceBackend()
 CPP = CppBackend()
-BACKENDS: dict[str, PackedBatchNormBackend] = {b.name: b for b in (CPP, REFERENCE)}
 
 # Device type → backends in order of preference; devices not listed get the reference. (No CUDA or
 # Triton kernel yet: CUDA tensors take the reference.)
 DISPATCH_TABLE: dict[str, tuple[PackedBatchNormBackend, ...]] = {"cpu": (CPP, REFERENCE)}
 FALLBACK: tuple[PackedBatchNormBackend, ...] = (REFERENCE,)
 
-_FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("tofa_fast_packed_batch_norm_backend", default=None)
-
-
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[PackedBatchNormBackend]:
-    """Pin the backend (``"C++"`` or ``"reference"``) inside the block; a pinned backend that refuses
-    a call raises instead of falling back, so a test cannot pass on the reference by accident."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}")
-    token = _FORCED.set(name)
-    try:
-        yield BACKENDS[name]
-    finally:
-        _FORCED.reset(token)
-
-
-def pinned_backend() -> str | None:
-    """The backend :func:`use_backend` pins in this context, or None."""
-    return _FORCED.get()
-
-
-def candidates(device_type: str) -> tuple[PackedBatchNormBackend, ...]:
-    return DISPATCH_TABLE.get(device_type, FALLBACK)
-
-
-def select_backend_for(problem: PackedBatchNormProblem) -> PackedBatchNormBackend:
-    forced = _FORCED.get()
-    if forced is not None:
-        backend = BACKENDS[forced]
-        if reasons := backend.not_supported_reasons(problem):
-            raise RuntimeError(
-                f"packed_batch_norm_act: pinned backend {forced} cannot serve {problem}: {'; '.join(reasons)}"
-            )
-        return backend
-    for backend in candidates(problem.device_type):
-        if not backend.not_supported_reasons(problem):
-            return backend
-    raise AssertionError("the reference backend accepts every problem")
+# The pin, the selection and the refusal messages are shared with elastic_dwconv2d (.dispatch_table).
+BACKEND_TABLE: BackendTable[PackedBatchNormProblem, PackedBatchNormBackend] = BackendTable(
+    "packed_batch_norm_act", DISPATCH_TABLE, FALLBACK
+)
+BACKENDS = BACKEND_TABLE.backends
+use_backend = BACKEND_TABLE.use_backend  # "C++" or "reference"
+pinned_backend = BACKEND_TABLE.pinned_backend
+candidates = BACKEND_TABLE.candidates
+select_backend_for = BACKEND_TABLE.select_backend_for
+explain = BACKEND_TABLE.explain
 
 
 def select_backend(x: torch.Tensor, weight: torch.Tensor) -> PackedBatchNormBackend:
     """The backend that serves this call."""
     return select_backend_for(PackedBatchNormProblem.of(x, weight))
-
-
-def explain(problem: PackedBatchNormProblem) -> list[tuple[str, list[str]]]:
-    """(backend name, reasons it refuses) for every candidate of the problem's device, in order."""
-    return [(b.name, b.not_supported_reasons(problem)) for b in candidates(problem.device_type)]
 
 
 def describe_dispatch() -> list[str]:
