@@ -114,7 +114,9 @@ def test_progressive_shrinking_phases_sample_their_subspaces():
 
 def test_progressive_shrinking_schedule_teacher_and_resume(tmp_path):
     splits = tiny_digits()
-    straight = Trainer(_config(tmp_path / "a", "ps", 6), splits=splits)
+    # epochs of passes over the 40 unlabelled images: 5 steps, enough for each phase's cosine to decay
+    unit = "unlabelled"
+    straight = Trainer(_config(tmp_path / "a", "ps", 6, epoch_unit=unit), splits=splits)
     # per-phase schedule: a fresh cosine per phase, scaled by OFA's LR ratios
     spe = straight.steps_per_epoch
     factors = [straight.strategy.lr_factor(s) for s in range(6 * spe)]
@@ -137,9 +139,9 @@ def test_progressive_shrinking_schedule_teacher_and_resume(tmp_path):
     assert "teacher" in state["strategy"]
     teacher_at_end = straight.strategy.teacher().state_dict()
     # resume across phase boundaries (teacher copy, channel re-sort, optimizer reset) is exact
-    first = Trainer(_config(tmp_path / "b", "ps", 6), splits=splits)
+    first = Trainer(_config(tmp_path / "b", "ps", 6, epoch_unit=unit), splits=splits)
     first.fit(max_epochs=4)  # stops after depth-2, right before the first channel re-sort
-    resumed = Trainer(_config(tmp_path / "b", "ps", 6), splits=splits, resume=True)
+    resumed = Trainer(_config(tmp_path / "b", "ps", 6, epoch_unit=unit), splits=splits, resume=True)
     resumed.fit()
     for key, value in straight.net.state_dict().items():
         assert torch.equal(value, resumed.net.state_dict()[key]), key

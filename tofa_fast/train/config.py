@@ -20,6 +20,100 @@ STRATEGY_LOSSES: dict[str, tuple[str, ...]] = {
 }
 PRECISIONS = ("auto", "fp32", "bf16")
 STEP_MODES = ("auto", "fused", "sequential")
+#: What one epoch is: a pass over the unlabelled pool (when the run has one, else over the labelled
+#: images: FixMatch's epoch), or a pass over the labelled images (a supervised paper's epoch).
+EPOCH_UNITS = ("unlabelled", "labelled")
+LR_SCHEDULES = ("cosine", "constant")
+#: The RSS paper's ablations (Figs. 5–7), options of strategy ``rss`` (strategies.RssStrategy).
+RSS_EVERY = ("epoch", "batch")
+RSS_SCHEMES = ("random", "smallest", "middle", "largest", "max-then-min", "min-then-max", "alternating")
+
+#: The knobs whose paper value differs per strategy. A ``None`` field of :class:`TrainConfig` takes
+#: its strategy's value from here (:meth:`TrainConfig.resolved`); an explicit value always wins. The
+#: README's "Strategies" table is :func:`strategy_defaults_table` of this data (a test keeps them equal).
+STRATEGY_DEFAULTS: dict[str, dict[str, Any]] = {
+    # TOFA §4.2 names each knob, but our copy of the paper lost its numbers: these are SPEC §7's
+    # values (mini-batch 32 labelled + 32 unlabelled is legible in §4.2). An epoch is a pass over
+    # the unlabelled pool, as FixMatch counts it.
+    "tofa": {
+        "lr": 0.05,
+        "batch_size": 32,
+        "momentum": 0.9,
+        "nesterov": True,
+        "weight_decay": 5e-4,
+        "warmup_epochs": 1,
+        "label_smoothing": 0.1,
+        "dropout": 0.1,
+        "drop_connect": 0.05,
+        "epoch_unit": "unlabelled",
+    },
+    # RSS §6.1: "initial learning rate of 0.01 using cosine learning rate decay; batch size of 64;
+    # momentum of 0.9; [...] cross-entropy loss" (no label smoothing, no warm-up); an epoch is a pass
+    # over the (labelled) training set, each with its own subnet (§4.2). The weight-decay value is lost
+    # from our copy of §6.1; RSS derives its subnets with OFA's code (§6.1), so weight decay, Nesterov,
+    # dropout and drop-connect are OFA's MobileNetV3 settings (train_ofa_net.py; see "ps").
+    "rss": {
+        "lr": 0.01,
+        "batch_size": 64,
+        "momentum": 0.9,
+        "nesterov": True,
+        "weight_decay": 3e-5,
+        "warmup_epochs": 0,
+        "label_smoothing": 0.0,
+        "dropout": 0.1,
+        "drop_connect": 0.0,
+        "epoch_unit": "labelled",
+    },
+    # OFA's train_ofa_net.py (mit-han-lab/once-for-all): base_lr 3e-2 of the kernel phase (the phase
+    # ratios are strategies.PS_PHASES) for base_batch_size 64 per GPU (init_lr = base_lr x GPUs: one
+    # GPU here), momentum 0.9, no_nesterov False, weight_decay 3e-5 (not on BN and biases, as here),
+    # label_smoothing 0.1, dropout 0.1, no drop-connect (OFAMobileNetV3 has none); an epoch is a pass
+    # over its labelled training set. Its 5-epoch warm-ups belong to the kernel, depth-2 and expand-2
+    # phases (strategies.PS_WARMUP_SHARE); the full net's training is not in that script (it downloads
+    # the trained full net), so the full phase keeps tofa's one warm-up epoch.
+    "ps": {
+        "lr": 0.03,
+        "batch_size": 64,
+        "momentum": 0.9,
+        "nesterov": True,
+        "weight_decay": 3e-5,
+        "warmup_epochs": 1,
+        "label_smoothing": 0.1,
+        "dropout": 0.1,
+        "drop_connect": 0.0,
+        "epoch_unit": "labelled",
+    },
+}
+# The baseline trains as the product does, so that the price of weight sharing is all that differs.
+STRATEGY_DEFAULTS["single"] = dict(STRATEGY_DEFAULTS["tofa"])
+#: Where each strategy's defaults come from, one line each (the README table's last row).
+STRATEGY_DEFAULT_SOURCES: dict[str, str] = {
+    "tofa": "TOFA §4.2 (values: SPEC §7)",
+    "rss": "RSS §6.1; wd, Nesterov, dropout, drop-connect: OFA's",
+    "ps": "OFA `train_ofa_net.py`",
+    "single": "as `tofa`",
+}
+#: The CLI flag of each per-strategy knob, in the table's order.
+STRATEGY_KNOB_FLAGS: dict[str, str] = {name: "--" + name.replace("_", "-") for name in STRATEGY_DEFAULTS["tofa"]}
+
+
+def strategy_defaults_table() -> str:
+    """The per-strategy defaults as a Markdown table (knob × strategy, sources in the last row)."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    names = list(STRATEGY_DEFAULTS)
+    lines = [
+        "| knob | " + " | ".join(f"`{s}`" for s in names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for knob, flag in STRATEGY_KNOB_FLAGS.items():
+        lines.append(f"| `{flag}` | " + " | ".join(cell(STRATEGY_DEFAULTS[s][knob]) for s in names) + " |")
+    lines.append("| source | " + " | ".join(STRATEGY_DEFAULT_SOURCES[s] for s in names) + " |")
+    return "\n".join(lines)
 
 
 def check_device_name(device: str) -> None:
@@ -34,9 +128,10 @@ def check_device_name(device: str) -> None:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that determines a training run (SPEC §7 defaults; paper §4.2).
+    """Everything that determines a training run (SPEC §7).
 
-    ``None`` fields are filled per data set by :meth:`resolved`.
+    ``None`` fields are filled by :meth:`resolved`: the knobs of :data:`STRATEGY_DEFAULTS` with the
+    strategy's paper values, the others per data set.
     """
 
     data: str = "digits"
@@ -54,17 +149,25 @@ class TrainConfig:
     data_root: str = "data"
     download: bool = False
     image_size: int | None = None  # base resolution images are stored at (≥ the largest resolution)
-    batch_size: int = 32
+    # The knobs the papers turn; None: the strategy's value (STRATEGY_DEFAULTS).
+    batch_size: int | None = None
     mu: int = 1  # unlabelled batch = mu × batch_size
-    lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    warmup_epochs: int = 1
-    label_smoothing: float = 0.1
+    lr: float | None = None
+    momentum: float | None = None
+    nesterov: bool | None = None
+    weight_decay: float | None = None
+    warmup_epochs: int | None = None
+    label_smoothing: float | None = None
     threshold: float = 0.95
-    dropout: float = 0.1
-    drop_connect: float = 0.05
+    dropout: float | None = None
+    drop_connect: float | None = None
+    epoch_unit: str | None = None  # one of EPOCH_UNITS
+    lr_schedule: str = "cosine"  # after the warm-up: cosine decay to 0, or constant (RSS Fig. 7)
+    # The RSS paper's ablations (strategy "rss" only): a draw per epoch or per batch, subnets per
+    # draw (their gradients summed into one step), and which subnets (Figs. 5–7; strategies.py).
+    rss_every: str = "epoch"
+    rss_subnets: int = 1
+    rss_scheme: str = "random"
     palette_size: int = 6
     calibration_images: int = 500
     num_workers: int = 0
@@ -86,6 +189,8 @@ class TrainConfig:
         c = self
         if c.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {c.strategy!r}")
+        paper = STRATEGY_DEFAULTS[c.strategy]
+        c = replace(c, **{name: value for name, value in paper.items() if getattr(c, name) is None})
         if c.space is None:  # a space near the images' own size (data.default_space_for_size)
             from .data import default_space_for_size, native_image_size
 
@@ -106,9 +211,18 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {c.precision!r}")
         if c.step not in STEP_MODES:
             raise ValueError(f"step must be one of {list(STEP_MODES)}, got {c.step!r}")
+        for name, choices in (
+            ("epoch_unit", EPOCH_UNITS),
+            ("lr_schedule", LR_SCHEDULES),
+            ("rss_every", RSS_EVERY),
+            ("rss_scheme", RSS_SCHEMES),
+        ):
+            if getattr(c, name) not in choices:
+                raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(c, name)!r}")
+        _check_rss_options(c)
         if c.arch is not None and c.strategy != "single":
             raise ValueError(f"arch fixes the subnet of strategy 'single'; strategy {c.strategy!r} samples its own")
-        for name in ("epochs", "batch_size", "mu", "palette_size", "calibration_images", "log_every"):
+        for name in ("epochs", "batch_size", "mu", "palette_size", "calibration_images", "log_every", "rss_subnets"):
             value = getattr(c, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -129,6 +243,10 @@ class TrainConfig:
             value = getattr(c, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        if not isinstance(c.nesterov, bool):
+            raise ValueError(f"nesterov must be True or False, got {c.nesterov!r}")
+        if c.nesterov and c.momentum == 0:  # torch.optim.SGD refuses it, naming neither flag
+            raise ValueError("nesterov needs momentum > 0; give a momentum or turn nesterov off (--no-nesterov)")
         if isinstance(c.warmup_epochs, bool) or not isinstance(c.warmup_epochs, int) or c.warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be a non-negative integer, got {c.warmup_epochs!r}")
         if isinstance(c.seed, bool) or not isinstance(c.seed, int) or not 0 <= c.seed < 2**63:
@@ -144,8 +262,32 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """The config ``to_dict`` wrote. A field missing from ``d`` (a checkpoint written before it
+        existed) takes the value every run had then (:data:`FIELDS_BEFORE_THEY_EXISTED`), else
+        its default."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown training-config field(s) {unknown}")
-        return cls(**d)
+        return cls(**{**FIELDS_BEFORE_THEY_EXISTED, **d})
+
+
+#: Fields added after checkpoints were written whose per-strategy default differs from what those
+#: runs did: such a checkpoint resumes as it trained (before ``epoch_unit``, every strategy counted
+#: an epoch as a pass over the unlabelled pool).
+FIELDS_BEFORE_THEY_EXISTED: dict[str, Any] = {"epoch_unit": "unlabelled"}
+
+
+def _check_rss_options(c: TrainConfig) -> None:
+    """The RSS ablations are options of strategy ``rss`` and combine only where they mean something."""
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.name.startswith("rss_")}
+    changed = [name for name, default in defaults.items() if getattr(c, name) != default]
+    if changed and c.strategy != "rss":
+        raise ValueError(f"{changed[0]} is an option of strategy 'rss', not of strategy {c.strategy!r}")
+    if c.rss_scheme == "random":
+        return
+    # The other schemes fix each epoch's subnet (RSS Figs. 6 and 7): one at a time, epoch by epoch.
+    if c.rss_subnets != 1:
+        raise ValueError(f"rss_subnets > 1 needs rss_scheme 'random'; scheme {c.rss_scheme!r} trains one subnet")
+    if c.rss_every != "epoch":
+        raise ValueError(f"rss_every 'batch' needs rss_scheme 'random'; scheme {c.rss_scheme!r} is fixed per epoch")

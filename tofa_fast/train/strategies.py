@@ -4,7 +4,10 @@
 ``tofa``   sandwich rule: a_max, a_min and two uniform random subnets every step, TOFA loss
            (labelled CE + FixMatch + distillation from a_max on unlabelled images).
 ``rss``    the RSS paper: *one* uniformly random subnet per epoch, trained with CE on the
-           labelled images (no weight-sharing tricks, no unlabelled data).
+           labelled images (no weight-sharing tricks, no unlabelled data). Its ablations are
+           options (``TrainConfig.rss_*``, :class:`RssStrategy`): a draw per batch, several
+           subnets per draw, fixed smallest / middle / largest subnets, Max→Min, Min→Max and
+           alternating orders; ``lr_schedule="constant"`` is its Fig. 7 schedule.
 ``ps``     OFA progressive shrinking: full net → elastic kernel → elastic depth (2 phases) →
            elastic expand (2 phases), 1/2/4 subnets per step, CE + distillation from a frozen copy
            of the full net, middle channels re-sorted by importance before each expand phase.
@@ -12,6 +15,8 @@
            palette of separately trained networks would be made of. CE, plus FixMatch when
            unlabelled data is given (``sup+fm``, the default then).
 =========  ==================================================================================
+
+Each strategy's optimizer settings default to its paper's (``config.STRATEGY_DEFAULTS``).
 
 A strategy turns the step's RNG into a :class:`~.plan.StepPlan` (members and their roles) and acts on
 the network and optimizer only through :meth:`Strategy.on_epoch_start`, which receives them. It is
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -60,9 +66,10 @@ class Strategy:
         raise NotImplementedError
 
     def lr_factor(self, step: int) -> float:
-        """Learning-rate multiplier at optimizer step ``step`` (0-based): warm-up, then cosine."""
+        """Learning-rate multiplier at optimizer step ``step`` (0-based): warm-up, then
+        ``config.lr_schedule``."""
         warmup = self.config.warmup_epochs * self.steps_per_epoch
-        return warmup_cosine(step, warmup, self.epochs * self.steps_per_epoch)
+        return warmup_schedule(step, warmup, self.epochs * self.steps_per_epoch, self.config.lr_schedule)
 
     def teacher(self) -> torch.nn.Module | None:
         """A frozen network whose soft labels the students distil on the labelled batch (``ps``)."""
@@ -89,18 +96,53 @@ class TofaStrategy(Strategy):
 
 
 class RssStrategy(Strategy):
-    """One uniformly random subnet per *epoch* (RSS paper): the epoch's draw is the first use of the
-    epoch's RNG, so it depends only on (seed, epoch)."""
+    """Random Subnet Sampling (RSS §4.2): one uniformly random subnet per *epoch*. The epoch's draw
+    is the first use of the epoch's RNG, so it depends only on (seed, epoch).
+
+    The paper's ablations, as options of the config:
+
+    * ``rss_every="batch"`` (Fig. 5): a fresh draw every step, from the epoch's RNG after the
+      previous step's draw, so it depends only on (seed, epoch, step);
+    * ``rss_subnets=n`` (Fig. 5): n uniform subnets per draw, their gradients summed into one
+      optimizer step;
+    * ``rss_scheme`` (Figs. 6 and 7), one subnet a whole epoch: ``smallest`` / ``largest`` (the min /
+      max arch), ``middle`` (:func:`middle_arch`); ``max-then-min`` (the max arch in the epochs
+      e < E/2, then the min arch), ``min-then-max``, ``alternating`` (max in even epochs, min in odd
+      ones). The paper trains Fig. 7's schemes with ``lr_schedule="constant"``.
+    """
 
     name = "rss"
+
+    def __init__(self, space: SearchSpace, epochs: int, steps_per_epoch: int, config: TrainConfig):
+        super().__init__(space, epochs, steps_per_epoch, config)
+        self.archs: tuple[Arch, ...] | None = None  # the epoch's subnets; None: each step draws
 
     def on_epoch_start(
         self, epoch: int, rng: random.Random, net: Supernet, optimizer: torch.optim.Optimizer, resumed: bool = False
     ) -> None:
-        self.arch = self.space.sample(rng)
+        c = self.config
+        if c.rss_scheme == "random":
+            self.archs = self._draw(rng) if c.rss_every == "epoch" else None
+            return
+        if c.rss_scheme == "middle":
+            self.archs = (middle_arch(self.space),)
+            return
+        first_half = 2 * epoch < self.epochs
+        largest = {
+            "largest": True,
+            "smallest": False,
+            "max-then-min": first_half,
+            "min-then-max": not first_half,
+            "alternating": epoch % 2 == 0,
+        }[c.rss_scheme]
+        self.archs = (self.space.max_arch() if largest else self.space.min_arch(),)
+
+    def _draw(self, rng: random.Random) -> tuple[Arch, ...]:
+        return tuple(self.space.sample(rng) for _ in range(self.config.rss_subnets))
 
     def plan(self, rng: random.Random) -> StepPlan:
-        return StepPlan((Member(self.arch),))
+        archs = self.archs if self.archs is not None else self._draw(rng)
+        return StepPlan(tuple(Member(a) for a in archs))
 
 
 class SingleStrategy(Strategy):
@@ -184,32 +226,47 @@ def _top(values: tuple, k: int | None) -> tuple:
     return tuple(values) if k is None else tuple(sorted(values)[-k:])
 
 
-def restrict(space: SearchSpace, phase: Phase) -> SearchSpace:
-    """The sub-space a phase samples from: each dimension limited to its ``k`` largest choices."""
+def _narrow(space: SearchSpace, choose: Callable[[str, tuple], tuple]) -> SearchSpace:
+    """``space`` with each choice list replaced by ``choose(dimension, choices)``; ``dimension`` is
+    one of ``resolutions``, ``widths``, ``depths``, ``kernels``, ``expands`` (per layer where the
+    space lists expand choices per layer)."""
     stages = []
     for st in space.stages:
         layer_expands = None
-        expands = _top(st.expands, phase.expands)
+        expands = choose("expands", st.expands)
         if st.layer_expands is not None:
-            layer_expands = tuple(_top(choices, phase.expands) for choices in st.layer_expands)
+            layer_expands = tuple(choose("expands", choices) for choices in st.layer_expands)
             expands = tuple(sorted({e for choices in layer_expands for e in choices}))
         stages.append(
             replace(
                 st,
-                widths=_top(st.widths, phase.widths),
-                depths=_top(st.depths, phase.depths),
-                kernels=_top(st.kernels, phase.kernels),
+                widths=choose("widths", st.widths),
+                depths=choose("depths", st.depths),
+                kernels=choose("kernels", st.kernels),
                 expands=expands,
                 layer_expands=layer_expands,
             )
         )
     return replace(
         space,
-        resolutions=_top(space.resolutions, phase.resolutions),
-        stem=replace(space.stem, widths=_top(space.stem.widths, phase.widths)),
+        resolutions=choose("resolutions", space.resolutions),
+        stem=replace(space.stem, widths=choose("widths", space.stem.widths)),
         stages=tuple(stages),
-        head=replace(space.head, widths=_top(space.head.widths, phase.widths)),
+        head=replace(space.head, widths=choose("widths", space.head.widths)),
     )
+
+
+def restrict(space: SearchSpace, phase: Phase) -> SearchSpace:
+    """The sub-space a phase samples from: each dimension limited to its ``k`` largest choices."""
+    return _narrow(space, lambda dimension, choices: _top(choices, getattr(phase, dimension)))
+
+
+def middle_arch(space: SearchSpace) -> Arch:
+    """RSS Fig. 6's "middle" subnet: every choice at index ``len // 2`` of its sorted choice list.
+    On OFA's MobileNetV3 space that is the paper's kernel 5, expand 4, depth 3; the rule extends to
+    the dimensions the paper's space lacks (widths, resolution) and to per-layer expand lists."""
+    middle = _narrow(space, lambda dimension, choices: (sorted(choices)[len(choices) // 2],))
+    return space.arch_from_dict(middle.max_arch().to_dict())
 
 
 class ProgressiveShrinking(Strategy):
@@ -255,8 +312,8 @@ class ProgressiveShrinking(Strategy):
     def lr_factor(self, step: int) -> float:
         """A fresh schedule per phase (OFA runs each phase separately): a linear warm-up where OFA
         has one (``config.warmup_epochs`` in the full phase; OFA's 5/120 of the phase, at least one
-        step, in the kernel, depth-2 and expand-2 phases), cosine decay to zero within every phase,
-        scaled by the phase's LR ratio."""
+        step, in the kernel, depth-2 and expand-2 phases), then ``config.lr_schedule`` within every
+        phase (cosine decay to zero, OFA's; or constant), scaled by the phase's LR ratio."""
         epoch = min(step // self.steps_per_epoch, self.epochs - 1)
         phase = self.phases[self.phase_at(epoch)]
         local = step - phase.start * self.steps_per_epoch
@@ -267,7 +324,7 @@ class ProgressiveShrinking(Strategy):
             warmup = self.config.warmup_epochs * self.steps_per_epoch
         else:
             warmup = max(1, round(PS_WARMUP_SHARE * steps))
-        return phase.lr_scale * warmup_cosine(local, warmup, steps)
+        return phase.lr_scale * warmup_schedule(local, warmup, steps, self.config.lr_schedule)
 
     def teacher(self) -> torch.nn.Module | None:
         return self._teacher
@@ -318,9 +375,12 @@ def build_strategy(name: str, space: SearchSpace, epochs: int, steps_per_epoch: 
     return STRATEGY_CLASSES[name](space, epochs, steps_per_epoch, config)
 
 
-def warmup_cosine(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+def warmup_schedule(step: int, warmup: int, total: int, schedule: str = "cosine") -> float:
+    """Linear warm-up over ``warmup`` steps, then ``schedule``: ``cosine`` decay to 0 at ``total``,
+    or ``constant`` 1 (RSS Fig. 7)."""
     if step < warmup:
         return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))

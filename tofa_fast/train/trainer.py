@@ -140,10 +140,12 @@ class Trainer:
         return Supernet(self.space, self.splits.num_classes)
 
     def _steps_per_epoch(self) -> int:
-        """One epoch is a pass over the unlabelled pool when there is one, whatever the loss, so
-        that loss variants compared on the same data get the same number of steps (FixMatch)."""
+        """``config.epoch_unit``: ``labelled``, one pass over the labelled images (the supervised
+        papers' epoch: RSS, OFA); ``unlabelled``, one pass over the unlabelled pool when there is
+        one, whatever the loss, so that loss variants compared on the same data get the same number
+        of steps (FixMatch), else over the labelled images."""
         c = self.config
-        if self.splits.unlabelled is not None:
+        if c.epoch_unit == "unlabelled" and self.splits.unlabelled is not None:
             return max(1, len(self.splits.unlabelled) // (c.mu * c.batch_size))
         return max(1, len(self.splits.labelled) // c.batch_size)
 
