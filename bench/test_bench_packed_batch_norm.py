@@ -28,8 +28,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tofa_fast.ops import packed_batch_norm_act, packed_batch_norm_act_reference
 from tofa_fast.ops import packed_batch_norm as op_module
+from tofa_fast.ops import packed_batch_norm_act, packed_batch_norm_act_reference
 
 SUITE = "packed_batch_norm_cpu"
 MODE = "forward+backward"

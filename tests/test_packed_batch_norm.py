@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tofa_fast.ops import packed_batch_norm_act, packed_batch_norm_act_reference
 from tofa_fast.ops import packed_batch_norm as op_module
+from tofa_fast.ops import packed_batch_norm_act, packed_batch_norm_act_reference
 from tofa_fast.ops.packed_batch_norm_reference import PACKED_ACTIVATIONS
 
 needs_cpp = pytest.mark.skipif(
@@ -90,8 +90,18 @@ class Case:
         bias = self.bias.detach().clone().requires_grad_()
         running_mean, running_var = self.running_mean.clone(), self.running_var.clone()
         y = fn(
-            x, self.offsets, self.channels, weight, bias, running_mean, running_var, training, self.factors, EPS,
-            activation, self.order if order is None else order,
+            x,
+            self.offsets,
+            self.channels,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            training,
+            self.factors,
+            EPS,
+            activation,
+            self.order if order is None else order,
         )
         grads = torch.autograd.grad(y, (x, weight, bias), self.grad_y)
         return (y.detach(), *grads, running_mean, running_var)
@@ -139,9 +149,7 @@ def test_update_order_matters_and_is_followed():
     with op_module.use_backend("C++"):
         in_order = case.run(packed_batch_norm_act, True, "relu", order=list(range(len(case.channels))))
         default = case.run(packed_batch_norm_act, True, "relu", order=None)  # Case.run's UPDATE_ORDER
-        none_given = case.run(
-            lambda *args: packed_batch_norm_act(*args[:-1], update_order=None), True, "relu"
-        )
+        none_given = case.run(lambda *args: packed_batch_norm_act(*args[:-1], update_order=None), True, "relu")
     assert not torch.allclose(in_order[4], default[4])  # the order shows in the running mean
     torch.testing.assert_close(none_given[4], in_order[4], rtol=0, atol=0)  # None: segment order
 
@@ -154,7 +162,9 @@ def test_zero_factors_and_no_running_stats_update_nothing():
         *_, running_mean, running_var = case.run(packed_batch_norm_act, True, "hswish")
         assert torch.equal(running_mean, case.running_mean) and torch.equal(running_var, case.running_var)
         x = case.x.clone()
-        y = packed_batch_norm_act(x, case.offsets, case.channels, case.weight, case.bias, None, None, True, case.factors, EPS)
+        y = packed_batch_norm_act(
+            x, case.offsets, case.channels, case.weight, case.bias, None, None, True, case.factors, EPS
+        )
     expected = packed_batch_norm_act_reference(
         x, case.offsets, case.channels, case.weight, case.bias, None, None, True, case.factors, EPS
     )

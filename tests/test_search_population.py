@@ -1,13 +1,16 @@
 """Population evaluation by both protocols (SPEC §7): bands, the RSS paper's protocol on a trained
-run, statistics, plot. (The RSS protocol's sampling alone:
+run and through the CLI, statistics, plot. (The RSS protocol's sampling alone:
 tests/test_search_rss_protocol.py.)"""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 from search_fixtures import one_thread, tiny_run
 
+from tofa_fast.cli import main
 from tofa_fast.estimator import Estimator
 from tofa_fast.search import (
     PopulationTarget,
@@ -139,3 +142,21 @@ def test_rss_protocol_measures_draws_in_range_with_the_extremes_width_locked(rec
         rss_population_evaluation(evaluator, estimator, tolerance_mflops=0)
     with pytest.raises(ValueError, match="per_target must be a positive integer"):
         rss_population_evaluation(evaluator, estimator, per_target=0)
+
+
+def test_cli_evaluates_the_population_by_the_rss_protocol(record, capsys):
+    run = record.config.out
+    argv = ["evaluate", run, "--population", "1", "--protocol", "rss", "--targets-mflops", "4", "2"]
+    assert main([*argv, "--tolerance-mflops", "0.4"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    saved = json.loads(open(f"{run}/population.json").read())
+    assert saved["meta"]["protocol"].startswith("rss:") and saved["meta"]["tolerance"] == "±0.4 MFLOPs"
+    (points,) = saved["runs"].values()
+    assert [p["target_mflops"] for p in points] == [2.0, 4.0] and all(p["n"] == 1 for p in points)
+    assert "(rss protocol)" in open(f"{run}/population.md").read()
+    assert main([*argv, "--band", "0.1"]) == 2
+    assert "band does not apply to protocol 'rss'" in capsys.readouterr().err
+    assert main(["evaluate", run, "--population", "1", "--tolerance-mflops", "0.4"]) == 2
+    assert "tolerance_mflops does not apply to protocol 'band'" in capsys.readouterr().err
+    assert main(["evaluate", run, "--protocol", "rss"]) == 2
+    assert "--protocol needs --population N" in capsys.readouterr().err

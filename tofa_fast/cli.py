@@ -11,7 +11,17 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from .train.config import PRECISIONS, STEP_MODES, STRATEGIES, TrainConfig
+from .train.config import (
+    EPOCH_UNITS,
+    LR_SCHEDULES,
+    PRECISIONS,
+    RSS_EVERY,
+    RSS_SCHEMES,
+    STEP_MODES,
+    STRATEGIES,
+    TrainConfig,
+    strategy_defaults_table,
+)
 from .train.losses import LOSS_VARIANTS
 
 
@@ -72,7 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tofa-fast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = sub.add_parser("train", help="train a supernet and write its run folder")
+    train = sub.add_parser(
+        "train",
+        help="train a supernet and write its run folder",
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps the table's lines
+        epilog="Per-strategy defaults (each paper's; an explicit flag wins):\n\n" + strategy_defaults_table(),
+    )
     train.add_argument(
         "--data",
         default="digits",
@@ -128,25 +143,70 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--download", action="store_true", help="download a torchvision data set if missing (needs network)"
     )
+    # The knobs the papers turn; TrainConfig validates them. None: the strategy's paper value
+    # (config.STRATEGY_DEFAULTS, the table under `train --help` and in the README).
+    strategy_default = "default: the strategy's (see README)"
     train.add_argument(
-        "--batch-size", type=_positive_int, default=32, help="global batch (split over torchrun processes)"
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help=f"global batch, split over torchrun processes ({strategy_default})",
     )
-    train.add_argument("--lr", type=float, default=0.05, help="peak learning rate (default: %(default)s)")
-    # The knobs the papers turn (SPEC §7 defaults, TOFA §4.2); TrainConfig validates them.
+    train.add_argument("--lr", type=float, default=None, help=f"peak learning rate ({strategy_default})")
+    train.add_argument(
+        "--label-smoothing", type=float, default=None, metavar="EPS", help=f"CE label smoothing ({strategy_default})"
+    )
     knobs = TrainConfig()
-    train.add_argument("--label-smoothing", type=float, default=knobs.label_smoothing, metavar="EPS")
     train.add_argument(
         "--threshold", type=float, default=knobs.threshold, metavar="TAU", help="FixMatch confidence threshold"
     )
     train.add_argument("--mu", type=_positive_int, default=knobs.mu, help="unlabelled batch = MU x the labelled batch")
-    train.add_argument("--weight-decay", type=float, default=knobs.weight_decay, metavar="WD")
-    train.add_argument("--momentum", type=float, default=knobs.momentum)
+    train.add_argument("--weight-decay", type=float, default=None, metavar="WD", help=strategy_default)
+    train.add_argument("--momentum", type=float, default=None, help=f"SGD momentum ({strategy_default})")
     train.add_argument(
-        "--nesterov", action=argparse.BooleanOptionalAction, default=knobs.nesterov, help="Nesterov momentum"
+        "--nesterov",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"Nesterov momentum; --no-nesterov: plain SGD momentum ({strategy_default})",
     )
-    train.add_argument("--dropout", type=float, default=knobs.dropout, help="classifier dropout")
-    train.add_argument("--drop-connect", type=float, default=knobs.drop_connect, help="residual drop-connect")
-    train.add_argument("--warmup-epochs", type=int, default=knobs.warmup_epochs, metavar="N")
+    train.add_argument("--dropout", type=float, default=None, help=f"classifier dropout ({strategy_default})")
+    train.add_argument("--drop-connect", type=float, default=None, help=f"residual drop-connect ({strategy_default})")
+    train.add_argument("--warmup-epochs", type=int, default=None, metavar="N", help=strategy_default)
+    train.add_argument(
+        "--epoch-unit",
+        choices=EPOCH_UNITS,
+        default=None,
+        help=f"one epoch = a pass over the unlabelled pool (when there is one) or over the labelled images "
+        f"({strategy_default})",
+    )
+    train.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default=knobs.lr_schedule,
+        help="after the warm-up: cosine decay to 0 or a constant learning rate (default: %(default)s)",
+    )
+    # The RSS paper's ablations (its Figs. 5-7), options of --strategy rss.
+    train.add_argument(
+        "--rss-every",
+        choices=RSS_EVERY,
+        default=knobs.rss_every,
+        help="rss: draw the subnet(s) once per epoch or every batch (default: %(default)s)",
+    )
+    train.add_argument(
+        "--rss-subnets",
+        type=_positive_int,
+        default=knobs.rss_subnets,
+        metavar="N",
+        help="rss: subnets per draw, their gradients summed into one step (default: %(default)s)",
+    )
+    train.add_argument(
+        "--rss-scheme",
+        choices=RSS_SCHEMES,
+        default=knobs.rss_scheme,
+        help="rss: which subnet(s): uniform random, one fixed subnet (smallest / middle / largest), or max and "
+        "min in turn (max-then-min, min-then-max: half the epochs each; alternating: by epoch) "
+        "(default: %(default)s)",
+    )
     train.add_argument(
         "--freeze-bn", action="store_true", help="keep batch norm in inference mode (fine-tuning with tiny batches)"
     )
@@ -205,10 +265,39 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         metavar="N",
-        help="RSS protocol: N random subnets per FLOPs target instead of the palette (writes population.json/.md/.png)",
+        help="population evaluation: N random subnets per FLOPs target instead of the palette "
+        "(writes population.json/.md/.png)",
     )
-    evaluate.add_argument("--targets", type=_positive_int, default=10, help="FLOPs targets (default: %(default)s)")
-    evaluate.add_argument("--band", type=float, default=0.05, help="relative band around each target (default: 5%%)")
+    evaluate.add_argument(
+        "--protocol",
+        choices=("band", "rss"),
+        default="band",
+        help="with --population: 'band' draws uniformly among the subnets in a band around evenly spaced "
+        "targets; 'rss' is the RSS paper's §6.1 protocol (fixed targets, per-layer uniform draws until in "
+        "range, width locked at the extreme targets) (default: %(default)s)",
+    )
+    evaluate.add_argument(
+        "--targets", type=_positive_int, default=None, help="band: number of FLOPs targets (default: 10)"
+    )
+    evaluate.add_argument(
+        "--band", type=float, default=None, help="band: relative band around each target (default: 0.05)"
+    )
+    evaluate.add_argument(
+        "--targets-mflops",
+        type=_positive_number,
+        nargs="+",
+        default=None,
+        metavar="T",
+        help="rss: the MFLOPs targets (default: 4 6 8 10 12 14 on the rss space, else 6 spread over the range)",
+    )
+    evaluate.add_argument(
+        "--tolerance-mflops",
+        type=_positive_number,
+        default=None,
+        metavar="TOL",
+        help="rss: keep draws within ±TOL MFLOPs of the target (default: 0.5 on the rss space, else the "
+        "FLOPs range / 24)",
+    )
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the population draws")
 
     search = sub.add_parser(
@@ -329,6 +418,11 @@ def _run(args: argparse.Namespace) -> int:
             dropout=args.dropout,
             drop_connect=args.drop_connect,
             warmup_epochs=args.warmup_epochs,
+            epoch_unit=args.epoch_unit,
+            lr_schedule=args.lr_schedule,
+            rss_every=args.rss_every,
+            rss_subnets=args.rss_subnets,
+            rss_scheme=args.rss_scheme,
             freeze_bn=args.freeze_bn,
             arch=args.arch,
             num_workers=args.workers,
@@ -359,7 +453,14 @@ def _run(args: argparse.Namespace) -> int:
         from .search import population_run
 
         for t in population_run(
-            args.run, targets=args.targets, per_target=args.population, band=args.band, seed=args.seed
+            args.run,
+            per_target=args.population,
+            protocol=args.protocol,
+            targets=args.targets,
+            band=args.band,
+            targets_mflops=args.targets_mflops,
+            tolerance_mflops=args.tolerance_mflops,
+            seed=args.seed,
         ):
             print(
                 f"{t.target_mflops:8.2f} MFLOPs  mean {t.mean:.2%}  min {t.min:.2%}  max {t.max:.2%}  ({t.n} subnets)"
@@ -382,6 +483,16 @@ def _run(args: argparse.Namespace) -> int:
         print(open(f"{args.run}/search.md").read())
         return 0
     if args.command == "evaluate":
+        population_options = {
+            "--protocol": args.protocol != "band",
+            "--targets": args.targets is not None,
+            "--band": args.band is not None,
+            "--targets-mflops": args.targets_mflops is not None,
+            "--tolerance-mflops": args.tolerance_mflops is not None,
+        }
+        given = [flag for flag, present in population_options.items() if present]
+        if given:  # the palette evaluation would silently ignore them
+            raise ValueError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --population N")
         for entry in run.evaluate(args.run):
             print(f"{entry['flops'] / 1e6:8.2f} MFLOPs  accuracy {entry['accuracy']:.2%}  {json.dumps(entry['arch'])}")
         return 0

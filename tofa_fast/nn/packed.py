@@ -168,7 +168,9 @@ def pointwise(conv: ElasticConv2d, x: torch.Tensor, out_channels: int) -> torch.
     return F.linear(x, weight, bias)
 
 
-def batch_norm_act(bn: ElasticBatchNorm2d, packed: Packed, x: torch.Tensor, channels: Sequence[int], act: str) -> torch.Tensor:
+def batch_norm_act(
+    bn: ElasticBatchNorm2d, packed: Packed, x: torch.Tensor, channels: Sequence[int], act: str
+) -> torch.Tensor:
     """``bn`` + activation of packed rows ``x`` (P, C), segment i on its first ``channels[i]``
     columns, zeros elsewhere. Updates the running statistics and ``num_batches_tracked`` once per
     member, in member order, as the members' own passes would."""

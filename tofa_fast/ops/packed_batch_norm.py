@@ -138,7 +138,9 @@ class ReferenceBackend(PackedBatchNormBackend):
     def not_supported_reasons(self, problem: PackedBatchNormProblem) -> list[str]:
         return []
 
-    def forward(self, x, offsets, channels, weight, bias, running_mean, running_var, training, factors, eps, activation, order):
+    def forward(
+        self, x, offsets, channels, weight, bias, running_mean, running_var, training, factors, eps, activation, order
+    ):
         compute = compute_dtype(x.dtype)
         save_mean = x.new_zeros((len(channels), x.shape[1]), dtype=compute)
         save_rstd = torch.zeros_like(save_mean)
@@ -159,7 +161,9 @@ class ReferenceBackend(PackedBatchNormBackend):
             )
         return y.contiguous(), save_mean, save_rstd
 
-    def backward(self, grad_y, x, offsets, channels, weight, bias, save_mean, save_rstd, training, activation, output_mask):
+    def backward(
+        self, grad_y, x, offsets, channels, weight, bias, save_mean, save_rstd, training, activation, output_mask
+    ):
         # Custom-op implementations run below autograd, so the batch-norm backward is written out:
         # dz = dy·act'(z); grad_w = Σ dz·x̂, grad_b = Σ dz; grad_x = w·rstd·(dz − mean(dz) − x̂·mean(dz·x̂))
         # in training (the batch statistics depend on x), w·rstd·dz in eval.
@@ -210,12 +214,16 @@ class CppBackend(PackedBatchNormBackend):
             reasons.append(f"dtype {problem.dtype} is not compiled (float32, float64, bfloat16)")
         return reasons
 
-    def forward(self, x, offsets, channels, weight, bias, running_mean, running_var, training, factors, eps, activation, order):
+    def forward(
+        self, x, offsets, channels, weight, bias, running_mean, running_var, training, factors, eps, activation, order
+    ):
         return torch.ops.tofa_fast._packed_batch_norm_act_forward(
             x, offsets, channels, weight, bias, running_mean, running_var, training, factors, eps, activation, order
         )
 
-    def backward(self, grad_y, x, offsets, channels, weight, bias, save_mean, save_rstd, training, activation, output_mask):
+    def backward(
+        self, grad_y, x, offsets, channels, weight, bias, save_mean, save_rstd, training, activation, output_mask
+    ):
         return torch.ops.tofa_fast._packed_batch_norm_act_backward(
             grad_y, x, offsets, channels, weight, bias, save_mean, save_rstd, training, activation, output_mask
         )
@@ -288,7 +296,20 @@ def _packed_batch_norm_act_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, save_mean, save_rstd, new_running_mean, new_running_var): see the module docstring. The
     running statistics come back updated in new tensors ((0,) when None); the inputs are not touched."""
-    _check(x, offsets, channels, weight, bias, running_mean, running_var, training, momentum_factors, eps, activation, update_order)
+    _check(
+        x,
+        offsets,
+        channels,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        training,
+        momentum_factors,
+        eps,
+        activation,
+        update_order,
+    )
     new_mean = running_mean.clone() if running_mean is not None else None
     new_var = running_var.clone() if running_var is not None else None
     y, save_mean, save_rstd = select_backend(x, weight).forward(
@@ -300,8 +321,34 @@ def _packed_batch_norm_act_op(
 
 
 @_packed_batch_norm_act_op.register_fake
-def _(x, offsets, channels, weight, bias, running_mean, running_var, training, momentum_factors, eps, activation, update_order):
-    _check(x, offsets, channels, weight, bias, running_mean, running_var, training, momentum_factors, eps, activation, update_order)
+def _(
+    x,
+    offsets,
+    channels,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    training,
+    momentum_factors,
+    eps,
+    activation,
+    update_order,
+):
+    _check(
+        x,
+        offsets,
+        channels,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        training,
+        momentum_factors,
+        eps,
+        activation,
+        update_order,
+    )
     stats = x.new_empty((len(channels), x.shape[1]), dtype=compute_dtype(x.dtype))
     new_mean = torch.empty_like(running_mean) if running_mean is not None else _empty(x)
     new_var = torch.empty_like(running_var) if running_var is not None else _empty(x)
@@ -408,7 +455,18 @@ def packed_batch_norm_act(
     offsets, channels = [int(o) for o in offsets], [int(c) for c in channels]
     _check(x, offsets, channels, weight, bias, running_mean, running_var, training, factors, eps, activation, order)
     y, _, _, new_mean, new_var = _packed_batch_norm_act_op(
-        x, offsets, channels, weight, bias, running_mean, running_var, bool(training), factors, float(eps), activation, order
+        x,
+        offsets,
+        channels,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        bool(training),
+        factors,
+        float(eps),
+        activation,
+        order,
     )
     if training and running_mean is not None and any(factors):
         with torch.no_grad():  # buffers: the write-back is not part of the graph

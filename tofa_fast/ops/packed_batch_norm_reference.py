@@ -55,7 +55,9 @@ def check_packed_batch_norm_args(
     rows, width = x.shape
     segments = len(channels)
     if len(offsets) != segments + 1 or offsets[0] != 0 or offsets[-1] != rows:
-        raise ValueError(f"offsets must have len(channels) + 1 = {segments + 1} entries from 0 to {rows}, got {list(offsets)}")
+        raise ValueError(
+            f"offsets must have len(channels) + 1 = {segments + 1} entries from 0 to {rows}, got {list(offsets)}"
+        )
     if any(b < a for a, b in zip(offsets[:-1], offsets[1:])):
         raise ValueError(f"offsets must be non-decreasing, got {list(offsets)}")
     if any(not 0 <= c <= width for c in channels):
@@ -101,7 +103,17 @@ def packed_batch_norm_act_reference(
     ``activation``, zeros in its padding columns (module docstring). Differentiable with autograd;
     updates the running statistics in place in training."""
     check_packed_batch_norm_args(
-        x, offsets, channels, weight, bias, running_mean, running_var, training, momentum_factors, activation, update_order
+        x,
+        offsets,
+        channels,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        training,
+        momentum_factors,
+        activation,
+        update_order,
     )
     act = _ACTIVATIONS[activation]
     width = x.shape[1]
