@@ -67,10 +67,12 @@ def test_extracted_weights_do_not_alias_the_supernet(supernet):
 
 
 def test_extracted_subnets_export_to_onnx_and_torch_export(supernet, tmp_path):
+    """The max arch holds every block type of its space (a smaller arch only has smaller or fewer of
+    the same static layers), so it alone is exported: each export costs seconds."""
     import onnxruntime as ort
 
     space = supernet.space
-    for arch in (space.max_arch(), space.min_arch()):
+    for arch in (space.max_arch(),):
         sub = supernet.extract(arch).eval()
         x = torch.randn(1, 3, arch.resolution, arch.resolution)
         expected = sub(x)
