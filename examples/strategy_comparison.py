@@ -9,6 +9,10 @@ Train the runs first, on the same split (same data, seed and validation hold-out
     python examples/strategy_comparison.py runs/strategies/{tofa,rss,ps} --single runs/strategies/single \
         --out bench/results/strategy_comparison_digits
 
+Runs of the same strategy and loss trained with different ``--seed`` are grouped: each cell is then
+the mean ± sd over seeds of the population's mean accuracy at that target (``scripts/strategy_seeds.sh``
+trains and compares the README's multi-seed table).
+
 ``--protocol band`` (default) draws each target's subnets uniformly among those in a relative band
 around evenly spaced targets; ``--protocol rss`` is the RSS paper's own §6.1 protocol (fixed MFLOPs
 targets, per-layer uniform draws until within ``--tolerance-mflops``, width locked at the extreme
@@ -25,7 +29,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
+from collections import defaultdict
 
 import numpy as np
 import torch
@@ -39,10 +45,27 @@ def _label(record) -> str:
     return f"{record.config.strategy} ({record.config.loss})"
 
 
+def _wall_minutes(run: str) -> float:
+    """The run's training wall time, from the ``report.md`` line the trainer writes."""
+    match = re.search(r"wall time ([0-9.]+) min", open(os.path.join(run, "report.md")).read())
+    return float(match.group(1)) if match else float("nan")
+
+
+def _mean_sd(values: list[float], percent: bool = True) -> str:
+    """``mean ± sd`` over seeds (sample sd), or the value alone for one seed."""
+    scale = 100 if percent else 1
+    mean = scale * float(np.mean(values))
+    if len(values) == 1:
+        return f"{mean:.1f}"
+    return f"{mean:.1f} ± {scale * float(np.std(values, ddof=1)):.1f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run folders trained on the same data split")
-    parser.add_argument("--single", default=None, help="a run of strategy 'single' (one point, for reference)")
+    parser.add_argument(
+        "--single", nargs="+", default=(), help="runs of strategy 'single' (one point each, for reference)"
+    )
     parser.add_argument("--protocol", choices=("band", "rss"), default="band", help="population protocol")
     parser.add_argument("--targets", type=int, default=8, help="band: number of targets")
     parser.add_argument("--per-target", type=int, default=10)
@@ -56,14 +79,19 @@ def main() -> None:
     args = parser.parse_args()
 
     start = time.perf_counter()
-    results, palettes, spaces_seen = {}, {}, set()
+    # label -> one entry per run (seed)
+    results: dict[str, list] = defaultdict(list)
+    palettes: dict[str, list] = defaultdict(list)
+    minutes: dict[str, list[float]] = defaultdict(list)
+    seeds: dict[str, list[int]] = defaultdict(list)
+    spaces_seen = set()
     for run in args.runs:
         record = open_run(run)
         spaces_seen.add(record.space.to_json())
         label = _label(record)
         estimator = _estimator(record)
         if args.protocol == "band":
-            results[label] = population_evaluation(
+            population = population_evaluation(
                 record,
                 estimator,
                 targets=args.targets,
@@ -74,7 +102,7 @@ def main() -> None:
             )
         else:
             tolerance = rss_tolerance_mflops(estimator) if args.tolerance_mflops is None else args.tolerance_mflops
-            results[label] = rss_population_evaluation(
+            population = rss_population_evaluation(
                 record,
                 estimator,
                 targets_mflops=args.targets_mflops,
@@ -83,17 +111,20 @@ def main() -> None:
                 seed=args.seed,
                 progress=True,
             )
-        palettes[label] = json.load(open(os.path.join(run, "palette.json")))
-        print(f"{label}: mean over targets {np.mean([r.mean for r in results[label]]):.2%}", flush=True)
+        results[label].append(population)
+        palettes[label].append(json.load(open(os.path.join(run, "palette.json"))))
+        minutes[label].append(_wall_minutes(run))
+        seeds[label].append(record.config.seed)
+        print(f"{label} seed {record.config.seed}: mean over targets {np.mean([r.mean for r in population]):.2%}")
     if len(spaces_seen) != 1:
         raise SystemExit("the runs use different search spaces: their populations are not comparable")
-    single = None
-    if args.single:
-        single_palette = json.load(open(os.path.join(args.single, "palette.json")))
-        single = (f"single ({open_run(args.single).config.loss})", single_palette[0])
+    single_label, single_accuracy = None, []
+    for run in args.single:
+        single_label = f"single ({open_run(run).config.loss})"
+        single_accuracy.append(json.load(open(os.path.join(run, "palette.json")))[0]["accuracy"])
 
     labels = list(results)
-    targets = results[labels[0]]
+    targets = results[labels[0]][0]
     if args.protocol == "band":
         options = f"--targets {args.targets} --band {args.band}"
         drawn = (
@@ -114,38 +145,66 @@ def main() -> None:
         f"# Population evaluation of training strategies ({args.protocol} protocol)",
         "",
         f"- command: `python examples/strategy_comparison.py {' '.join(args.runs)}"
-        + (f" --single {args.single}" if args.single else "")
+        + (f" --single {' '.join(args.single)}" if args.single else "")
         + f" --protocol {args.protocol} {options} --per-target {args.per_target} --seed {args.seed}`",
         f"- {drawn}; the same subnets for every run; BN recalibrated per subnet; test split",
+        "- seeds: " + "; ".join(f"{k}: {', '.join(map(str, seeds[k]))}" for k in labels),
         f"- torch {torch.__version__}, {torch.get_num_threads()} threads, wall time "
         f"{time.perf_counter() - start:.0f} s; written {time.strftime('%Y-%m-%d %H:%M')}",
         "",
-        "Mean test accuracy (min – max) per FLOPs target:",
+        "Test accuracy (%) of the population at each FLOPs target: the mean over its subnets, then mean ± sd "
+        "over seeds; *worst* is the lowest single subnet over all seeds:",
         "",
         "| target MFLOPs | " + " | ".join(labels) + " |",
         "|---:|" + "---:|" * len(labels),
     ]
     for i, t in enumerate(targets):
-        cells = [f"{results[k][i].mean:.1%} ({results[k][i].min:.1%} – {results[k][i].max:.1%})" for k in labels]
+        cells = [
+            f"{_mean_sd([run[i].mean for run in results[k]])} (worst {100 * min(run[i].min for run in results[k]):.1f})"
+            for k in labels
+        ]
         lines.append(f"| {t.target_mflops:.2f} | " + " | ".join(cells) + " |")
     lines.append(
-        "| **mean** | " + " | ".join(f"**{np.mean([r.mean for r in results[k]]):.1%}**" for k in labels) + " |"
+        "| **mean over targets** | "
+        + " | ".join(f"**{_mean_sd([np.mean([r.mean for r in run]) for run in results[k]])}**" for k in labels)
+        + " |"
     )
-    lines.append("| **worst subnet** | " + " | ".join(f"{min(r.min for r in results[k]):.1%}" for k in labels) + " |")
+    lines.append(
+        "| zero-cost palette, largest budget | "
+        + " | ".join(_mean_sd([palette[-1]["accuracy"] for palette in palettes[k]]) for k in labels)
+        + " |"
+    )
+    lines.append(
+        "| zero-cost palette, smallest budget | "
+        + " | ".join(_mean_sd([palette[0]["accuracy"] for palette in palettes[k]]) for k in labels)
+        + " |"
+    )
+    lines.append("| training wall time, min | " + " | ".join(_mean_sd(minutes[k], False) for k in labels) + " |")
+    if single_label:
+        lines += ["", f"{single_label}, the max arch trained alone: {_mean_sd(single_accuracy)}% test accuracy."]
     lines += ["", "Zero-cost palettes of the same runs (`palette.json`: MFLOPs → test accuracy):", ""]
     for k in labels:
-        lines.append(f"- {k}: " + ", ".join(f"{e['flops'] / 1e6:.2f} → {e['accuracy']:.1%}" for e in palettes[k]))
-    if single:
-        lines.append(
-            f"- {single[0]} (one arch, trained alone): {single[1]['flops'] / 1e6:.2f} → {single[1]['accuracy']:.1%}"
-        )
+        for seed, palette in zip(seeds[k], palettes[k]):
+            lines.append(
+                f"- {k}, seed {seed}: " + ", ".join(f"{e['flops'] / 1e6:.2f} → {e['accuracy']:.1%}" for e in palette)
+            )
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     write_text_atomic("\n".join(lines) + "\n", args.out + ".md")
     write_text_atomic(
-        json.dumps({k: [r.to_dict() for r in v] for k, v in results.items()}, indent=1) + "\n", args.out + ".json"
+        json.dumps(
+            {
+                k: [{"seed": seed, "targets": [r.to_dict() for r in run]} for seed, run in zip(seeds[k], v)]
+                for k, v in results.items()
+            },
+            indent=1,
+        )
+        + "\n",
+        args.out + ".json",
     )
     plot_population(
-        results, args.out + ".png", title=f"{record.config.data}: population by training strategy ({args.protocol})"
+        {k: v[0] for k, v in results.items()},
+        args.out + ".png",
+        title=f"{record.config.data}: population by training strategy ({args.protocol}, seed {seeds[labels[0]][0]})",
     )
     print("\n".join(lines))
 

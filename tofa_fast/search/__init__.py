@@ -1,5 +1,5 @@
 """Subnet search on a trained supernet (SPEC §7): validation-based selection (TOFA eq. 5) and
-population evaluation (the RSS protocol).
+population evaluation (the RSS paper's question, by two protocols).
 
 Where things live:
 

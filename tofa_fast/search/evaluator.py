@@ -1,7 +1,7 @@
 """Fast accuracy of many subnets of one trained supernet, BN recalibrated per candidate (SPEC §7).
 
-Validation-based selection (TOFA eq. 5) and population evaluation (RSS protocol) measure hundreds of
-subnets. The straightforward way — ``run.calibrated_subnet(arch)`` then ``run.evaluate`` —
+Validation-based selection (TOFA eq. 5) and population evaluation (the RSS paper's question) measure
+hundreds of subnets. The straightforward way — ``run.calibrated_subnet(arch)`` then ``run.evaluate`` —
 re-transforms and re-resizes every image, and builds a standalone subnet per candidate (``extract``
 spends much of its time constructing layers). :class:`SubnetEvaluator` computes the same numbers:
 

@@ -134,7 +134,8 @@ def population_json(results_by_label: Mapping[str, Sequence[PopulationTarget]], 
 
 def population_markdown(results_by_label: Mapping[str, Sequence[PopulationTarget]], meta: Mapping[str, Any]) -> str:
     """Per label, one row per target: band, draws (distinct), mean / min / max / std accuracy (%)."""
-    lines = ["# Population evaluation (RSS protocol)", ""]
+    protocol = str(meta.get("protocol", "band")).split(":")[0]
+    lines = [f"# Population evaluation ({protocol} protocol)", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items()]
     for label, results in results_by_label.items():
         lines += [
