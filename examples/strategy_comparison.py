@@ -11,7 +11,9 @@ Train the runs first, on the same split (same data, seed and validation hold-out
 
 Runs of the same strategy and loss trained with different ``--seed`` are grouped: each cell is then
 the mean ± sd over seeds of the population's mean accuracy at that target (``scripts/strategy_seeds.sh``
-trains and compares the README's multi-seed table).
+trains and compares the README's multi-seed table). Each run's measured population is kept in the run
+folder (``population-<protocol>-<hash of the settings>.json``, tied to its checkpoint), so adding a
+seed to a comparison measures only the new runs.
 
 ``--protocol band`` (default) draws each target's subnets uniformly among those in a relative band
 around evenly spaced targets; ``--protocol rss`` is the RSS paper's own §6.1 protocol (fixed MFLOPs
@@ -27,6 +29,7 @@ tested on the test split. Writes
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -36,7 +39,13 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from tofa_fast.search import plot_population, population_evaluation, rss_population_evaluation, rss_tolerance_mflops
+from tofa_fast.search import (
+    PopulationTarget,
+    plot_population,
+    population_evaluation,
+    rss_population_evaluation,
+    rss_tolerance_mflops,
+)
 from tofa_fast.train.checkpoint import write_text_atomic
 from tofa_fast.train.run import _estimator, open_run
 
@@ -49,6 +58,46 @@ def _wall_minutes(run: str) -> float:
     """The run's training wall time, from the ``report.md`` line the trainer writes."""
     match = re.search(r"wall time ([0-9.]+) min", open(os.path.join(run, "report.md")).read())
     return float(match.group(1)) if match else float("nan")
+
+
+def _measure(record, estimator, args: argparse.Namespace, tolerance: float) -> list[PopulationTarget]:
+    if args.protocol == "band":
+        return population_evaluation(
+            record,
+            estimator,
+            targets=args.targets,
+            per_target=args.per_target,
+            band=args.band,
+            seed=args.seed,
+            progress=True,
+        )
+    return rss_population_evaluation(
+        record,
+        estimator,
+        targets_mflops=args.targets_mflops,
+        tolerance_mflops=tolerance,
+        per_target=args.per_target,
+        seed=args.seed,
+        progress=True,
+    )
+
+
+def _cache_path(run: str, settings: dict) -> str:
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(run, f"population-{settings['protocol']}-{digest}.json")
+
+
+def _cached_population(run: str, settings: dict) -> list[PopulationTarget] | None:
+    """A run's population measured earlier with the same settings (and the same checkpoint), so that
+    adding a seed to a comparison measures only the new runs."""
+    path = _cache_path(run, settings)
+    if not os.path.exists(path):
+        return None
+    return [PopulationTarget.from_dict(d) for d in json.load(open(path))]
+
+
+def _cache_population(run: str, settings: dict, population: list[PopulationTarget]) -> None:
+    write_text_atomic(json.dumps([r.to_dict() for r in population]) + "\n", _cache_path(run, settings))
 
 
 def _mean_sd(values: list[float], percent: bool = True) -> str:
@@ -90,27 +139,22 @@ def main() -> None:
         spaces_seen.add(record.space.to_json())
         label = _label(record)
         estimator = _estimator(record)
-        if args.protocol == "band":
-            population = population_evaluation(
-                record,
-                estimator,
-                targets=args.targets,
-                per_target=args.per_target,
-                band=args.band,
-                seed=args.seed,
-                progress=True,
-            )
-        else:
-            tolerance = rss_tolerance_mflops(estimator) if args.tolerance_mflops is None else args.tolerance_mflops
-            population = rss_population_evaluation(
-                record,
-                estimator,
-                targets_mflops=args.targets_mflops,
-                tolerance_mflops=tolerance,
-                per_target=args.per_target,
-                seed=args.seed,
-                progress=True,
-            )
+        tolerance = rss_tolerance_mflops(estimator) if args.tolerance_mflops is None else args.tolerance_mflops
+        settings = {
+            "protocol": args.protocol,
+            "per_target": args.per_target,
+            "seed": args.seed,
+            "checkpoint_mtime_ns": os.stat(os.path.join(run, "checkpoint.pt")).st_mtime_ns,
+            **(
+                {"targets": args.targets, "band": args.band}
+                if args.protocol == "band"
+                else {"targets_mflops": args.targets_mflops, "tolerance_mflops": tolerance}
+            ),
+        }
+        population = _cached_population(run, settings)
+        if population is None:
+            population = _measure(record, estimator, args, tolerance)
+            _cache_population(run, settings, population)
         results[label].append(population)
         palettes[label].append(json.load(open(os.path.join(run, "palette.json"))))
         minutes[label].append(_wall_minutes(run))
