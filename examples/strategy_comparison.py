@@ -162,6 +162,10 @@ def main() -> None:
         print(f"{label} seed {record.config.seed}: mean over targets {np.mean([r.mean for r in population]):.2%}")
     if len(spaces_seen) != 1:
         raise SystemExit("the runs use different search spaces: their populations are not comparable")
+    for label in results:  # seed order, whatever order the runs were given in
+        order = np.argsort(seeds[label], kind="stable")
+        for table in (results, palettes, minutes, seeds):
+            table[label] = [table[label][i] for i in order]
     single_label, single_accuracy = None, []
     for run in args.single:
         single_label = f"single ({open_run(run).config.loss})"
