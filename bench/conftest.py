@@ -30,6 +30,20 @@ REGISTRY: dict[str, dict] = defaultdict(lambda: {"expected": set(), "medians": d
 _LOAD_AT_START = os.getloadavg() if hasattr(os, "getloadavg") else None
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _module_threads(request):
+    """Intra-op threads for a suite's module: its ``THREADS`` (timings are compared at one thread
+    count), restored afterwards; modules without ``THREADS`` keep torch's."""
+    threads = getattr(request.module, "THREADS", None)
+    if threads is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    yield
+    torch.set_num_threads(previous)
+
+
 def machine_info() -> dict:
     info = {
         "cpu": cpu_model(),

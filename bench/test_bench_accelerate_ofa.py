@@ -47,14 +47,6 @@ LOSS_RTOL = 1e-4  # the summed loss of one step, patched vs unpatched (float32 s
 _LOSSES: dict[str, float] = {}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def workload():
     """{impl: model}, the settings, images and labels: one seeded model, and its accelerated copy."""

@@ -63,14 +63,6 @@ CASES = {DIGITS_CASE: ("tofa_fast", "sequential"), OFA_CASE: ("tofa_fast", "sequ
 MODE = "step (fwd+bwd)"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(previous)
-
-
 class DigitsProblem:
     def __init__(self):
         torch.manual_seed(0)

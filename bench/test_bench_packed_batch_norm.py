@@ -106,14 +106,6 @@ class Problem:
         return per_member
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def problem() -> Problem:
     return Problem()

@@ -112,14 +112,6 @@ class Problem:
         return forward_backward
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(previous)
-
-
 _PROBLEMS: dict[tuple, Problem] = {}
 
 
