@@ -14,6 +14,9 @@
 #               opcheck on cuda, Triton in process, autocast training)   -> gpu-tests.log, gpu-tests.xml
 #   gpu-bench   bench/test_elastic_dwconv_gpu.py (needs pytest-benchmark; skipped without it)
 #                                                                        -> gpu-bench.log, elastic_dwconv_gpu.{json,md}
+#   fused-bench bench/test_bench_fused_step_gpu.py: the fused vs sequential sandwich step, ofa_mbv3
+#               128 px batch 32, bf16 + channels_last and fp32 (issue 13)
+#                                                                        -> fused-bench.log, fused_step_gpu.{json,md}
 #   train       the default run for 3 epochs with the default flags     -> run/, train.log
 #               (dry: 1 epoch on a generated 2-class ImageFolder, on the CPU)
 #   profile-bB  a latency table of the rss space at batch B = 1, 32      -> rss_<device>_bB.json
@@ -132,17 +135,18 @@ stage_gpu_tests() {
     return $rc
 }
 
-stage_gpu_bench() {
+run_bench() {
+    # $1: the suite's file under bench/, $2: its results' name under bench/results (copied to $OUT).
     if ! "$PY" -c "import pytest_benchmark" 2>/dev/null; then
         echo "skipped: pytest-benchmark is not installed"
         return 77
     fi
     local before
     before=$(date +%s)
-    "$PY" -m pytest bench/test_elastic_dwconv_gpu.py -q -rs -p no:cacheprovider
+    "$PY" -m pytest "bench/$1" -q -rs -p no:cacheprovider
     local rc=$?
     for ext in json md; do
-        local file=bench/results/elastic_dwconv_gpu.$ext
+        local file=bench/results/$2.$ext
         if [ -f "$file" ] && [ "$(stat -c %Y "$file")" -ge "$before" ]; then cp "$file" "$OUT/"; fi
     done
     return $rc
@@ -208,7 +212,8 @@ STAGES=(
     "build|stage_build|240|120|60"
     "info|stage_info|30|10|30"
     "gpu-tests|stage_gpu_tests|150|60|90"
-    "gpu-bench|stage_gpu_bench|150|30|60"
+    "gpu-bench|run_bench test_elastic_dwconv_gpu.py elastic_dwconv_gpu|150|30|60"
+    "fused-bench|run_bench test_bench_fused_step_gpu.py fused_step_gpu|60|20|60"
     "train|stage_train|120|45|90"
     "profile-b1|stage_profile 1|45|20|40"
     "validate-b1|stage_validate 1|30|15|30"
@@ -282,6 +287,7 @@ for row in open(os.path.join(out, "stages.tsv")):
 results = {
     "gpu_tests": last_line("gpu-tests.log", " in "),
     "gpu_bench": last_line("gpu-bench.log", " in "),
+    "fused_bench": last_line("fused-bench.log", " in "),
     "train_palette": load("run/palette.json"),
 }
 for name in sorted(os.listdir(out)):
@@ -312,6 +318,8 @@ if results["gpu_tests"]:
     lines.append(f"GPU tests: `{results['gpu_tests']}` (gpu-tests.log, gpu-tests.xml)")
 if results["gpu_bench"]:
     lines.append(f"GPU benchmarks: `{results['gpu_bench']}` (gpu-bench.log; elastic_dwconv_gpu.md when complete)")
+if results["fused_bench"]:
+    lines.append(f"Fused step benchmark: `{results['fused_bench']}` (fused-bench.log; fused_step_gpu.md when complete)")
 if results["train_palette"]:
     lines += ["", "Palette of the training run (run/palette.json):", "", "| MFLOPs | params | accuracy |", "|---:|---:|---:|"]
     lines += [f"| {p['flops'] / 1e6:.2f} | {p['params']:,} | {p['accuracy']:.1%} |" for p in results["train_palette"]]

@@ -22,6 +22,7 @@ STAGES = [
     "info",
     "gpu-tests",
     "gpu-bench",
+    "fused-bench",
     "train",
     "profile-b1",
     "validate-b1",
