@@ -3,10 +3,14 @@
 Same OFA MobileNetV3 w1.2 depthwise shapes as the CPU suite, at resolution 224 (the GPU affords it),
 read off tofa_fast's ``ofa_mbv3`` preset (held equal to the ``ofa`` package's model by
 tests/test_spaces.py) so that this suite runs where ``ofa`` is not installed, as on the GPU machine;
-batch 32, float32 and bfloat16, forward and forward+backward. The baseline is the reference (slice +
-transform + ``F.conv2d``, i.e. cuDNN's depthwise convolution). Besides the medians the summary
-reports the achieved memory bandwidth of tofa_fast's CUDA kernels (bytes the op must move at least:
-read x, write y; backward also reads dy and writes dx; weights are negligible) in GB/s.
+batch 32, float32 and bfloat16, forward and forward+backward, each in NCHW and in channels_last
+(``... channels_last`` implementations: x and dy in that memory format). The baseline is the
+reference (slice + transform + ``F.conv2d``, i.e. cuDNN's depthwise convolution) in either layout.
+Besides the medians the summary reports the achieved memory bandwidth of tofa_fast's CUDA kernels
+(bytes the op must move at least: read x, write y; backward also reads dy and writes dx; weights are
+negligible) in GB/s, and the device's copy bandwidth measured in the same run (``copy_GBps``: a
+2 GiB device-to-device copy, bytes read + written), the ceiling issue 11's "fwd ≥ 70% of copy
+bandwidth" target is read against.
 
 Skipped without a CUDA device. Run: ``python -m pytest bench/test_elastic_dwconv_gpu.py -p no:cacheprovider``
 """
@@ -31,8 +35,15 @@ BATCH = 32
 KERNELS = (7, 3)
 DTYPES = (torch.float32, torch.bfloat16)
 MODES = ("forward", "forward+backward")
-IMPLS = {"tofa_fast": "CUDA", "triton": "Triton", "reference": None}
-ROUNDS = 20
+# name -> (backend pinned, or None for the reference; memory format of x and dy)
+IMPLS = {
+    "tofa_fast": ("CUDA", torch.contiguous_format),
+    "tofa_fast channels_last": ("CUDA", torch.channels_last),
+    "triton": ("Triton", torch.contiguous_format),
+    "reference": (None, torch.contiguous_format),
+    "reference channels_last": (None, torch.channels_last),
+}
+ROUNDS = 10
 MAX_KERNEL = 7
 
 
@@ -59,6 +70,24 @@ def mobilenet_v3_depthwise_shapes(resolution: int) -> list[tuple[int, int, int]]
 SHAPES = mobilenet_v3_depthwise_shapes(RESOLUTION) if torch.cuda.is_available() else []
 
 
+@pytest.fixture(scope="module")
+def copy_bandwidth() -> float:
+    """The device's copy bandwidth in GB/s (bytes read + written), median of 10 copies of 2 GiB."""
+    src = torch.randn(2**29, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(13):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return 2 * src.numel() * src.element_size() / times[len(times) // 2] / 1e9
+
+
 def _case_id(shape, kernel, dtype) -> str:
     channels, size, stride = shape
     return f"C{channels} {size}x{size} s{stride} k{kernel} {str(dtype).removeprefix('torch.')}"
@@ -69,8 +98,8 @@ def _case_id(shape, kernel, dtype) -> str:
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: f"k{k}")
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"C{s[0]}_{s[1]}x{s[1]}_s{s[2]}")
-def test_elastic_dwconv_gpu(benchmark, bench_registry, shape, kernel, dtype, mode, impl):
-    backend = IMPLS[impl]
+def test_elastic_dwconv_gpu(benchmark, bench_registry, copy_bandwidth, shape, kernel, dtype, mode, impl):
+    backend, memory_format = IMPLS[impl]
     problem = DwconvProblem("cuda", dtype, kernel, MAX_KERNEL, shape[2], (MAX_KERNEL - kernel) // 2)
     refusing = {"CUDA": CUDA, "Triton": TRITON}.get(backend)
     if refusing is not None and (reasons := refusing.not_supported_reasons(problem)):
@@ -80,7 +109,8 @@ def test_elastic_dwconv_gpu(benchmark, bench_registry, shape, kernel, dtype, mod
     for i in IMPLS:
         bench_registry.expect(SUITE, case, mode, i)
     torch.manual_seed(0)
-    x = torch.randn(BATCH, channels, size, size, device="cuda", dtype=dtype, requires_grad=True)
+    x = torch.randn(BATCH, channels, size, size, device="cuda", dtype=dtype)
+    x = x.to(memory_format=memory_format).requires_grad_()
     weight = torch.randn(channels, 1, MAX_KERNEL, MAX_KERNEL, device="cuda", dtype=dtype, requires_grad=True)
     chain = [
         torch.eye(t * t, device="cuda", dtype=dtype, requires_grad=True) for t in range(MAX_KERNEL - 2, kernel - 1, -2)
@@ -89,6 +119,7 @@ def test_elastic_dwconv_gpu(benchmark, bench_registry, shape, kernel, dtype, mod
     op = elastic_dwconv2d if backend else elastic_dwconv2d_reference
     out_size = (size + 2 * (kernel // 2) - kernel) // stride + 1
     grad_output = torch.randn(BATCH, channels, out_size, out_size, device="cuda", dtype=dtype)
+    grad_output = grad_output.to(memory_format=memory_format)
 
     def run():
         if mode == "forward":
@@ -107,8 +138,10 @@ def test_elastic_dwconv_gpu(benchmark, bench_registry, shape, kernel, dtype, mod
     moved = (x.numel() + grad_output.numel()) * x.element_size() * (1 if mode == "forward" else 2)
     bandwidth = moved / median / 1e9
     benchmark.extra_info["GB/s"] = bandwidth
-    if impl == "tofa_fast":
-        bench_registry.REGISTRY[SUITE]["meta"].setdefault("bandwidth_GBps", {})[f"{case} {mode}"] = round(bandwidth, 1)
+    meta = bench_registry.REGISTRY[SUITE]["meta"]
+    meta["copy_GBps"] = round(copy_bandwidth, 1)
+    if impl.startswith("tofa_fast"):
+        meta.setdefault("bandwidth_GBps", {})[f"{case} {mode} {impl}"] = round(bandwidth, 1)
     bench_registry.REGISTRY[SUITE]["meta"]["description"] = (
         f"elastic_dwconv2d on OFA MobileNetV3 w1.2 depthwise shapes at resolution {RESOLUTION}, batch {BATCH}: "
         "tofa_fast CUDA kernel and Triton kernel vs the reference (cuDNN depthwise)."
