@@ -90,7 +90,9 @@ class DigitsProblem:
     def passes(self, impl: str):
         """Each pass of one step's members, as (archs, images), for the memory measurement."""
         plan = self.plans[0]
-        images = [torch.cat([self.batch.x, self.batch.u_strong] + ([self.batch.u_weak] if m.kd else [])) for m in plan.members]
+        images = [
+            torch.cat([self.batch.x, self.batch.u_strong] + ([self.batch.u_weak] if m.kd else [])) for m in plan.members
+        ]
         images = [resize(x, m.arch.resolution) for x, m in zip(images, plan.members)]
         return _passes(impl, plan.archs, images)
 
@@ -250,5 +252,7 @@ def test_targets(bench_registry):
         misses.append(f"ofa_mbv3: fused takes {share:.2f}× the ofa package's step > {TARGET_OFA_PACKAGE}×")
     for case, memory in bench_registry.REGISTRY[SUITE]["meta"].get("peak_activation_memory", {}).items():
         if memory["fused/sequential"] > TARGET_MEMORY:
-            misses.append(f"{case}: peak activation memory {memory['fused/sequential']:.2f}× sequential > {TARGET_MEMORY}×")
+            misses.append(
+                f"{case}: peak activation memory {memory['fused/sequential']:.2f}× sequential > {TARGET_MEMORY}×"
+            )
     assert not misses, "; ".join(misses)

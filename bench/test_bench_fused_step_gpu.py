@@ -41,10 +41,14 @@ def _case(fmt_name: str) -> str:
 
 
 class Problem:
-    def __init__(self):
+    """The members, images and network of the case (``device`` and ``batch`` for
+    bench/profile_step_gpu.py's CPU smoke test)."""
+
+    def __init__(self, device: torch.device | str = "cuda", batch: int = 32):
         torch.manual_seed(0)
+        self.device = torch.device(device)
         space = tofa_fast.spaces.get("ofa_mbv3", resolutions=(128,))
-        self.net = tofa_fast.Supernet(space, num_classes=1000).cuda().train()
+        self.net = tofa_fast.Supernet(space, num_classes=1000).to(self.device).train()
         rng = random.Random(0)
         self.plans = [
             StepPlan(
@@ -58,11 +62,11 @@ class Problem:
             for _ in range(STEPS_PER_ROUND)
         ]
         g = torch.Generator().manual_seed(0)
-        self.images = torch.randn(32, 3, 128, 128, generator=g)
-        self.labels = torch.randint(0, 1000, (32,), generator=g)
+        self.images = torch.randn(batch, 3, 128, 128, generator=g)
+        self.labels = torch.randint(0, 1000, (batch,), generator=g)
 
     def runner(self, impl: str, fmt: ComputeFormat):
-        device = torch.device("cuda")
+        device = self.device
         backend = choose_step_backend("fused" if impl == "tofa_fast" else impl, self.net, device)
         self.net.to(memory_format=fmt.memory_format)
         batch = StepBatch.to_device((self.images, self.labels), None, device, fmt)
@@ -72,7 +76,8 @@ class Problem:
             for plan in self.plans:
                 self.net.zero_grad(set_to_none=True)
                 train_step(self.net, plan, batch, settings, fmt, backend)
-            torch.cuda.synchronize()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
 
         return cycle
 

@@ -4,6 +4,8 @@
 #   scripts/gpu_check.sh OUTDIR             on the GPU machine (≤ 8 minutes on an H100)
 #   scripts/gpu_check.sh --dry-run OUTDIR   CPU only: every stage in a minimal form (CI runs this,
 #                                           tests/test_gpu_check_script.py; also TOFA_FAST_GPU_CHECK_DRY_RUN=1)
+#   scripts/gpu_check.sh --only build,fused-bench OUTDIR
+#                                           a rerun of some stages (the others are reported "not selected")
 #
 # Stages, in order, each under `timeout` and none stopping the ones after it:
 #   env         GPU, driver, torch / CUDA / triton / nvcc versions       -> env.json
@@ -17,6 +19,8 @@
 #   fused-bench bench/test_bench_fused_step_gpu.py: the fused vs sequential sandwich step, ofa_mbv3
 #               128 px batch 32, bf16 + channels_last and fp32 (issue 13)
 #                                                                        -> fused-bench.log, fused_step_gpu.{json,md}
+#   step-profile bench/profile_step_gpu.py: wall vs GPU-busy time per step, launches, top ops
+#               (dry: --help only; its CPU mode takes minutes)             -> step-profile.log, step_profile_gpu.json
 #   train       the default run for 3 epochs with the default flags     -> run/, train.log
 #               (dry: 1 epoch on a generated 2-class ImageFolder, on the CPU)
 #   profile-bB  a latency table of the rss space at batch B = 1, 32      -> rss_<device>_bB.json
@@ -37,9 +41,16 @@ set -uo pipefail
 
 DRY_RUN=${TOFA_FAST_GPU_CHECK_DRY_RUN:-0}
 OUTDIR=""
-for arg in "$@"; do
+ONLY=""
+while [ $# -gt 0 ]; do
+    arg=$1
+    shift
     case "$arg" in
         --dry-run) DRY_RUN=1 ;;
+        --only)
+            ONLY=${1:-}
+            shift
+            ;;
         -h | --help)
             sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'
             exit 0
@@ -168,6 +179,14 @@ for split, count in (("train", 4), ("test", 2)):
 EOF
 }
 
+stage_step_profile() {
+    if [ "$DRY_RUN" = 1 ]; then
+        "$PY" bench/profile_step_gpu.py --help >/dev/null && echo "dry: bench/profile_step_gpu.py imports"
+        return
+    fi
+    "$PY" bench/profile_step_gpu.py --out "$OUT"
+}
+
 stage_train() {
     rm -rf "$OUT/run"
     if [ "$DRY_RUN" = 1 ]; then
@@ -214,6 +233,7 @@ STAGES=(
     "gpu-tests|stage_gpu_tests|150|60|90"
     "gpu-bench|run_bench test_elastic_dwconv_gpu.py elastic_dwconv_gpu|150|30|60"
     "fused-bench|run_bench test_bench_fused_step_gpu.py fused_step_gpu|60|20|60"
+    "step-profile|stage_step_profile|60|20|30"
     "train|stage_train|120|45|90"
     "profile-b1|stage_profile 1|45|20|40"
     "validate-b1|stage_validate 1|30|15|30"
@@ -225,9 +245,14 @@ failed=0
 for i in "${!STAGES[@]}"; do
     IFS='|' read -r name command cap minimum dry_cap <<<"${STAGES[$i]}"
     [ "$DRY_RUN" = 1 ] && cap=$dry_cap
+    if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$name,"* ]]; then
+        printf '%s\tnot selected\t-\t0\t0\n' "$name" >>"$OUT/stages.tsv"
+        continue
+    fi
     reserve=0
     for later in "${STAGES[@]:$((i + 1))}"; do
-        IFS='|' read -r _ _ _ later_min _ <<<"$later"
+        IFS='|' read -r later_name _ _ later_min _ <<<"$later"
+        if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$later_name,"* ]]; then continue; fi
         reserve=$((reserve + later_min))
     done
     left=$((BUDGET - (SECONDS - START) - reserve))

@@ -23,6 +23,7 @@ STAGES = [
     "gpu-tests",
     "gpu-bench",
     "fused-bench",
+    "step-profile",
     "train",
     "profile-b1",
     "validate-b1",

@@ -121,7 +121,8 @@ class FusedStep(StepBackend):
     2-core CPU the packed pass computes the narrower members at the widest member's width and
     copies rows between layouts, which costs more than the per-op overhead it saves (0.89× the
     sequential digits step on one thread; bench/results/fused_step_cpu.md), and holds every
-    member's activations at once (≈ 3× the memory); no GPU has measured it."""
+    member's activations at once (≈ 3× the memory); on an H200 it ran at 0.80× sequential in bf16
+    (ofa_mbv3 128 px, batch 32; bench/results/fused_step_gpu.md)."""
 
     name = "fused"
     supports = "every supernet: all members in one packed pass (Supernet.forward_many); by name only (not faster yet)"
