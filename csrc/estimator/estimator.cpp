@@ -411,15 +411,10 @@ std::vector<scalar_t> padded_later_table(const Plan& p, const CompiledPlan& cp, 
   return later;
 }
 
-// Whether this CPU runs the AVX2 kernel (TOFA_FAST_CPU_ISA=baseline turns it off), decided once.
+// Whether this CPU runs the AVX2 kernel (csrc/cpu_isa.h: TOFA_FAST_CPU_ISA=baseline turns it off).
 bool use_avx2() {
 #if TOFA_FAST_ESTIMATOR_AVX2
-  static const bool use = [] {
-    const char* env = std::getenv("TOFA_FAST_CPU_ISA");
-    if (env != nullptr && std::strcmp(env, "baseline") == 0) return false;
-    return static_cast<bool>(__builtin_cpu_supports("avx2"));
-  }();
-  return use;
+  return cpu_isa() >= CpuIsa::kAvx2;
 #else
   return false;
 #endif

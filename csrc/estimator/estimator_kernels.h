@@ -24,6 +24,8 @@
 // any inline library function that the rest of the program could end up calling.
 #pragma once
 
+#include "../cpu_isa.h"
+
 #include <cstdint>
 
 namespace tofa_fast::estimator {
@@ -90,7 +92,7 @@ struct RowProgram {
 // `later` is the padded later-layer table (never null; unused with stage granularity). Returns the
 // first row in [begin, end) that is not a valid code (its out entry is left unspecified, later rows
 // are not summed), or end.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if TOFA_FAST_X86_ISA_PATHS
 #define TOFA_FAST_ESTIMATOR_AVX2 1
 namespace isa_avx2 {
 int64_t sum_rows_i64(const int32_t* codes, int64_t begin, int64_t end, int64_t safe_end, const RowProgram& program,

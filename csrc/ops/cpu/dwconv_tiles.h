@@ -15,6 +15,8 @@
 // wider target options than the rest of the program.
 #pragma once
 
+#include "../../cpu_isa.h"
+
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -52,12 +54,9 @@ struct DwconvTileKernels {
   }
 
 TOFA_FAST_DECLARE_TILE_KERNELS(isa_baseline)
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define TOFA_FAST_X86_ISA_PATHS 1
+#if TOFA_FAST_X86_ISA_PATHS
 TOFA_FAST_DECLARE_TILE_KERNELS(isa_avx2)
 TOFA_FAST_DECLARE_TILE_KERNELS(isa_avx512)
-#else
-#define TOFA_FAST_X86_ISA_PATHS 0
 #endif
 
 // Kernel sizes and strides the tile kernels are compiled for.

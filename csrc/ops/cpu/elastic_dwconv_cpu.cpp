@@ -34,41 +34,8 @@ namespace cpu {
 
 namespace {
 
-std::string requested_isa() {
-  const char* env = std::getenv("TOFA_FAST_CPU_ISA");
-  return env == nullptr ? std::string() : std::string(env);
-}
-
-bool cpu_has_avx512() {
-#if TOFA_FAST_X86_ISA_PATHS
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-#else
-  return false;
-#endif
-}
-
-bool cpu_has_avx2() {
-#if TOFA_FAST_X86_ISA_PATHS
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
-
-// 0 = baseline, 1 = AVX2, 2 = AVX-512: the best the CPU runs, capped by TOFA_FAST_CPU_ISA.
-int selected_level() {
-  static const int level = [] {
-    const std::string want = requested_isa();
-    int cap = 2;
-    if (want == "avx2") cap = 1;
-    if (want == "baseline") cap = 0;
-    if (cap >= 2 && cpu_has_avx512()) return 2;
-    if (cap >= 1 && cpu_has_avx2()) return 1;
-    return 0;
-  }();
-  return level;
-}
+// 0 = baseline, 1 = AVX2, 2 = AVX-512 (csrc/cpu_isa.h).
+int selected_level() { return static_cast<int>(cpu_isa()); }
 
 }  // namespace
 
