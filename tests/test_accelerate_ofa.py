@@ -38,7 +38,7 @@ from ofa.utils import MyConv2d  # noqa: E402
 from test_transfer_ofa import make_ofa  # noqa: E402
 
 import tofa_fast
-from tofa_fast.accelerate import AccelerateSummary, FastDynamicSeparableConv2d
+from tofa_fast.accelerate_ofa import AccelerateSummary, FastDynamicSeparableConv2d
 
 N_CLASSES = 17
 RESOLUTION = 66  # small and odd: odd maps at every stride-2 layer
@@ -112,7 +112,7 @@ SETTINGS = {"max": dict(ks=7, e=6, d=4), "min": dict(ks=3, e=3, d=2)}
 @pytest.fixture
 def op_calls(monkeypatch):
     """Counts the patched forwards that reach elastic_dwconv2d (rather than falling back to ofa's)."""
-    accelerate_module = sys.modules["tofa_fast.accelerate"]
+    accelerate_module = sys.modules["tofa_fast.accelerate_ofa"]
     calls = []
     op = accelerate_module.elastic_dwconv2d
 

@@ -87,8 +87,8 @@ def test_rank_zero_writes_ranks_agree_and_resume_is_exact_with_bn_training(tmp_p
     resumed = _weights(stopped, 0)
     for key in r0:
         assert torch.equal(r0[key], resumed[key]), key
-    # only rank 0 wrote the run folder: one checkpoint, one log line per epoch
-    assert sorted(os.listdir(straight)) == ["checkpoint.pt", "train_log.jsonl"]
+    # only rank 0 wrote the run folder: one checkpoint and its selection sidecar, one log line per epoch
+    assert sorted(os.listdir(straight)) == ["checkpoint.pt", "selection.json", "train_log.jsonl"]
     assert len(open(straight / "train_log.jsonl").read().splitlines()) == 2
     assert len(open(split / "train_log.jsonl").read().splitlines()) == 2
 

@@ -12,20 +12,25 @@ Public API (SPEC §11)::
 
 __version__ = "0.1.0"
 
-from . import _extension, nn, ops, spaces, transfer  # noqa: E402  (_extension registers the compiled ops)
-from .accelerate import accelerate  # noqa: E402
-from .estimator import Estimator  # noqa: E402
-from .nn import Supernet, recalibrate_bn  # noqa: E402
+# Imported on first use (tofa_fast/_lazy.py says why): nothing here imports torch.
+from ._lazy import lazy_attributes  # noqa: E402
 
-__all__ = [
-    "Estimator",
-    "Supernet",
-    "__version__",
-    "_extension",
-    "accelerate",
-    "nn",
-    "ops",
-    "recalibrate_bn",
-    "spaces",
-    "transfer",
-]
+_EXPORTS = {
+    "Estimator": "estimator",
+    "Supernet": "nn",
+    "recalibrate_bn": "nn",
+    "accelerate": "accelerate_ofa",
+    # submodules
+    "_extension": "_extension",
+    "backends": "backends",
+    "estimator": "estimator",
+    "nn": "nn",
+    "ops": "ops",
+    "search": "search",
+    "spaces": "spaces",
+    "train": "train",
+    "transfer": "transfer",
+}
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS)
+
+__all__ = ["__version__", *_EXPORTS]

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from .train.config import (
     EPOCH_UNITS,
+    LOSS_VARIANTS,
     LR_SCHEDULES,
     PRECISIONS,
     RSS_EVERY,
@@ -22,7 +23,6 @@ from .train.config import (
     TrainConfig,
     strategy_defaults_table,
 )
-from .train.losses import LOSS_VARIANTS
 
 
 def _positive_int(text: str) -> int:
@@ -368,23 +368,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(info_text())
         return 0
-    from .train.preemption import TrainingStopped
-
     try:
-        return _run(args)
+        return _select(args) if args.command == "select" else _run(args)
     except ValueError as exc:  # bad input: a clear message, no traceback
         print(f"tofa-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except TrainingStopped as stop:  # pre-empted or Ctrl-C: the checkpoint is written
-        print(
-            f"tofa-fast train: {stop}\nresume with: tofa-fast train --out {args.out} --resume "
-            "(under torchrun: the same torchrun command with --resume)",
-            file=sys.stderr,
-        )
-        return stop.exit_code
     except OSError as exc:  # e.g. a checkpoint that could not be written: say what, no traceback
         print(f"tofa-fast {args.command}: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _select(args: argparse.Namespace) -> int:
+    """From the run's selection.json when it describes checkpoint.pt (no torch: a fraction of a
+    second), else through the checkpoint (selection_sidecar.py)."""
+    from .train.selection_sidecar import select_from_sidecar
+
+    arch = select_from_sidecar(args.run, args.max_mflops)
+    if arch is None:
+        from .train import run
+
+        arch = run.select(args.run, args.max_mflops)
+    print(json.dumps(arch.to_dict()))
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -433,7 +438,17 @@ def _run(args: argparse.Namespace) -> int:
             step=args.step,
             skip_bad_images=args.skip_bad_images,
         )
-        palette = run.train(config, resume=args.resume)
+        from .train.preemption import TrainingStopped
+
+        try:
+            palette = run.train(config, resume=args.resume)
+        except TrainingStopped as stop:  # pre-empted or Ctrl-C: the checkpoint is written
+            print(
+                f"tofa-fast train: {stop}\nresume with: tofa-fast train --out {args.out} --resume "
+                "(under torchrun: the same torchrun command with --resume)",
+                file=sys.stderr,
+            )
+            return stop.exit_code
         if not palette:  # a torchrun rank other than 0: rank 0 reports
             return 0
         print(f"wrote {args.out}/checkpoint.pt, palette.json, report.md, pareto.png")
@@ -441,9 +456,6 @@ def _run(args: argparse.Namespace) -> int:
             print(
                 f"  {entry['flops'] / 1e6:8.2f} MFLOPs  {entry['params']:>9,} params  accuracy {entry['accuracy']:.2%}"
             )
-        return 0
-    if args.command == "select":
-        print(run.arch_json(run.select(args.run, args.max_mflops)))
         return 0
     if args.command == "export":
         arch = run.export(args.run, args.max_mflops, args.output)

@@ -6,7 +6,9 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from .losses import LOSS_VARIANTS
+# The loss variants of TOFA's ablation (losses.py computes them). Here, not there, so that the CLI's
+# argument parser and `tofa-fast select` import no torch.
+LOSS_VARIANTS = ("sup", "sup+kd", "sup+fm", "sup+fm+kd")
 
 STRATEGIES = ("tofa", "rss", "ps", "single")
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-LOSS_VARIANTS = ("sup", "sup+kd", "sup+fm", "sup+fm+kd")
+from .config import LOSS_VARIANTS  # noqa: F401  (the variants' names live in torch-free config)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -14,6 +13,7 @@ from .config import TrainConfig
 from .onnx_requirements import require_onnx_export
 from .palette import build_palette, write_outputs
 from .run_record import Run
+from .selection_sidecar import select_from_sidecar
 from .trainer import Trainer
 
 
@@ -64,7 +64,10 @@ def _select(run: Run, max_mflops: float) -> Arch:
 
 
 def select(run: str, max_mflops: float) -> Arch:
-    return _select(open_run(run, device="cpu"), max_mflops)
+    """The zero-cost choice; from the run's ``selection.json`` when it describes the checkpoint on disk
+    (no torch needed, see selection_sidecar.py), else through the checkpoint."""
+    arch = select_from_sidecar(run, max_mflops)
+    return arch if arch is not None else _select(open_run(run, device="cpu"), max_mflops)
 
 
 def export(run: str, max_mflops: float, output: str) -> Arch:
@@ -102,7 +105,3 @@ def export(run: str, max_mflops: float, output: str) -> Arch:
 def evaluate(run: str) -> list[dict]:
     record = open_run(run)
     return build_palette(record, _estimator(record))
-
-
-def arch_json(arch: Arch) -> str:
-    return json.dumps(arch.to_dict())

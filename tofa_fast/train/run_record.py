@@ -1,7 +1,8 @@
 """A trained run, opened for use: space, network weights, selection index, config and classes.
 
 :meth:`Run.open` reads ``RUN/checkpoint.pt`` and nothing else: no data set is loaded and no
-optimizer is built, so ``tofa-fast select`` answers in about the time it takes to import torch. The
+optimizer is built. (``tofa-fast select`` does not even open the run when its ``selection.json``
+describes the checkpoint: selection_sidecar.py.) The
 network is built on first use of :attr:`Run.net`, the data set on first use of :attr:`Run.splits`
 (BN recalibration and testing need images; choosing a subnet does not).
 """

@@ -39,6 +39,8 @@ from .plan import StepPlan
 from .preemption import CheckpointClock, StopSignals, TrainingStopped
 from .run_record import Run
 from .selection import SelectionIndex
+from .selection_sidecar import FILENAME as SIDECAR_FILENAME
+from .selection_sidecar import write_sidecar
 from .step import ComputeFormat, LossSettings, StepBatch, choose_step_backend, train_step
 from .strategies import build_strategy
 
@@ -339,10 +341,27 @@ class Trainer:
                     f"could not write checkpoint {self.checkpoint_path} at step {self.step}: "
                     f"{exc.strerror or exc}; the previous checkpoint, if any, is intact"
                 )
+            else:
+                self._write_selection_sidecar()
         error = dist_utils.broadcast_object(error, self.dist)  # also the barrier
         if error is not None:
             raise OSError(error)
         self._clock.reset()
+
+    def _write_selection_sidecar(self) -> None:
+        """``selection.json`` beside the checkpoint just written (selection_sidecar.py): ``tofa-fast
+        select`` answers from it without torch. A failed write only costs ``select`` its fast path."""
+        from ..estimator import Estimator
+
+        estimator = Estimator(self.space, num_classes=self.splits.num_classes)
+        try:
+            write_sidecar(
+                self.checkpoint_path, self.space, self.selection, estimator.flops, self.strategy.sandwich_selection
+            )
+        except OSError as exc:
+            print(
+                f"note: could not write {SIDECAR_FILENAME} ({exc.strerror or exc}); select reads the checkpoint instead"
+            )
 
     def fit(self, max_epochs: int | None = None) -> None:
         """Train up to ``config.epochs`` (or ``max_epochs`` more), checkpointing after each epoch

@@ -58,10 +58,10 @@ from torch import nn
 from .ops import elastic_dwconv2d
 from .ops.elastic_dwconv_reference import MIXED_PRECISION_DTYPES
 
-# FastDynamicSeparableConv2d is importable too (``from tofa_fast.accelerate import ...``), made on
+# FastDynamicSeparableConv2d is importable too (``from tofa_fast.accelerate_ofa import ...``), made on
 # first use so that importing tofa_fast never imports ofa (seconds); hence not in __all__. The package
-# exports the function ``tofa_fast.accelerate``, which shadows this module as an attribute of
-# ``tofa_fast``: import from the module with ``from tofa_fast.accelerate import ...``.
+# exports the function as ``tofa_fast.accelerate`` (the module has another name, so that importing
+# it never shadows the function).
 __all__ = ["AccelerateSummary", "Accelerated", "accelerate"]
 
 _OFA_DYNAMIC_OP = "ofa.imagenet_classification.elastic_nn.modules.dynamic_op"
@@ -177,7 +177,7 @@ def _fast_class() -> type:
 
 
 def __getattr__(name: str):
-    # ``tofa_fast.accelerate.FastDynamicSeparableConv2d`` (isinstance checks, unpickling a whole model)
+    # ``tofa_fast.accelerate_ofa.FastDynamicSeparableConv2d`` (isinstance checks, unpickling a whole model)
     # without importing ofa when tofa_fast is imported.
     if name == "FastDynamicSeparableConv2d":
         return _fast_class()
