@@ -315,6 +315,7 @@ results = {
     "gpu_bench": last_line("gpu-bench.log", " in "),
     "fused_bench": last_line("fused-bench.log", " in "),
     "train_palette": load("run/palette.json"),
+    "step_profile": load("step_profile_gpu.json"),
 }
 for name in sorted(os.listdir(out)):
     if name.endswith("_validation.json") and (report := load(name)):
@@ -349,6 +350,9 @@ if results["fused_bench"]:
 if results["train_palette"]:
     lines += ["", "Palette of the training run (run/palette.json):", "", "| MFLOPs | params | accuracy |", "|---:|---:|---:|"]
     lines += [f"| {p['flops'] / 1e6:.2f} | {p['params']:,} | {p['accuracy']:.1%} |" for p in results["train_palette"]]
+if results["step_profile"]:
+    lines += ["", "Where a step's time goes (step_profile_gpu.json):", "", "| variant | wall ms/step | GPU busy ms/step | launches/step |", "|---|---:|---:|---:|"]
+    lines += [f"| {v['variant']} | {v['wall_ms_per_step']} | {v['gpu_busy_ms_per_step']} | {v['kernel_launches_per_step']} |" for v in results["step_profile"]["variants"]]
 tables = [k for k in results if k.startswith("rss_")]
 if tables:
     lines += ["", "Latency tables (rss), validated on random subnets:", "", "| table | subnets | Spearman | within ±10% | median error |", "|---|---:|---:|---:|---:|"]
