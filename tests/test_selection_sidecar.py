@@ -13,7 +13,7 @@ from test_train_run import tiny_config, tiny_digits
 
 from tofa_fast.cli import main
 from tofa_fast.train import Trainer
-from tofa_fast.train.run import _select, open_run
+from tofa_fast.train.run import open_run, select_from_checkpoint
 from tofa_fast.train.selection_sidecar import FILENAME, select_from_sidecar
 
 
@@ -27,7 +27,7 @@ def run(tmp_path_factory):
 
 def _full_path(run: str, budget: float):
     try:
-        return _select(open_run(run, device="cpu"), budget)
+        return select_from_checkpoint(run, budget)
     except ValueError as exc:
         return str(exc)
 

@@ -387,7 +387,7 @@ def _select(args: argparse.Namespace) -> int:
     if arch is None:
         from .train import run
 
-        arch = run.select(args.run, args.max_mflops)
+        arch = run.select_from_checkpoint(args.run, args.max_mflops)
     print(json.dumps(arch.to_dict()))
     return 0
 

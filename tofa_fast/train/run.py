@@ -63,11 +63,16 @@ def _select(run: Run, max_mflops: float) -> Arch:
     return run.zero_cost_choice(_estimator(run).flops, max_mflops * 1e6, "FLOPs")
 
 
+def select_from_checkpoint(run: str, max_mflops: float) -> Arch:
+    """The zero-cost choice read from ``RUN/checkpoint.pt`` (the path without ``selection.json``)."""
+    return _select(open_run(run, device="cpu"), max_mflops)
+
+
 def select(run: str, max_mflops: float) -> Arch:
     """The zero-cost choice; from the run's ``selection.json`` when it describes the checkpoint on disk
     (no torch needed, see selection_sidecar.py), else through the checkpoint."""
     arch = select_from_sidecar(run, max_mflops)
-    return arch if arch is not None else _select(open_run(run, device="cpu"), max_mflops)
+    return arch if arch is not None else select_from_checkpoint(run, max_mflops)
 
 
 def export(run: str, max_mflops: float, output: str) -> Arch:

@@ -54,6 +54,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, splits: DataSplits | None = None, resume: bool = False):
         self.checkpoint_path = os.path.join(config.out, "checkpoint.pt")
+        self._flops_estimator = None  # Estimator for selection.json, built at the first checkpoint
         self.dist, self.device = dist_utils.context_from_env(config.device)
         saved = None
         if resume:
@@ -351,12 +352,17 @@ class Trainer:
     def _write_selection_sidecar(self) -> None:
         """``selection.json`` beside the checkpoint just written (selection_sidecar.py): ``tofa-fast
         select`` answers from it without torch. A failed write only costs ``select`` its fast path."""
-        from ..estimator import Estimator
+        if self._flops_estimator is None:  # built once per trainer, not once per checkpoint
+            from ..estimator import Estimator
 
-        estimator = Estimator(self.space, num_classes=self.splits.num_classes)
+            self._flops_estimator = Estimator(self.space, num_classes=self.splits.num_classes)
         try:
             write_sidecar(
-                self.checkpoint_path, self.space, self.selection, estimator.flops, self.strategy.sandwich_selection
+                self.checkpoint_path,
+                self.space,
+                self.selection,
+                self._flops_estimator.flops,
+                self.strategy.sandwich_selection,
             )
         except OSError as exc:
             print(
