@@ -2,6 +2,17 @@
 
 Semantics of OFA's ``DynamicBatchNorm2d``: a subnet with C channels uses (and, in training, updates in
 place) the first C entries of ``running_mean`` / ``running_var`` / ``weight`` / ``bias``.
+
+The activation that follows a batch norm in an MBConv layer, the stem and the head can be handed to
+:meth:`ElasticBatchNorm2d.forward`. On a channels-last input that a compiled kernel serves (the C++
+kernel, CPU), the pair is then one call of :func:`tofa_fast.ops.packed_batch_norm_act` with a single
+segment: a channels-last (N, C, H, W) tensor *is* the op's (N·H·W, C) row layout, so the view costs
+nothing, and the op reads x twice forward and twice backward where ``F.batch_norm`` + the activation
+make several more passes and allocations (``bench/test_bench_sequential_step.py``). Everything
+else — NCHW input, float16, CUDA (no compiled kernel there yet), an activation the op does not know —
+takes ``F.batch_norm`` and the activation module, as before, and so do inputs under
+:data:`FUSED_MIN_ELEMENTS`. The two paths compute the same function,
+gradients and running-statistics updates (``tests/test_elastic_batchnorm_fused.py``).
 """
 
 from __future__ import annotations
@@ -9,6 +20,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..ops import packed_batch_norm
+from .activations import known_activation_name
+
+#: Smaller inputs keep F.batch_norm: below about a million elements the op's per-call overhead
+#: (a Python custom op, the copies of the running statistics) outweighs the passes it saves
+#: (measured on the 2-core CPU: 1.1–1.6× faster at 1.5–2.4 M elements, 0.7× at 0.3 M).
+FUSED_MIN_ELEMENTS = 1 << 20
 
 
 class ElasticBatchNorm2d(nn.Module):
@@ -26,27 +45,51 @@ class ElasticBatchNorm2d(nn.Module):
         # (the pseudo-label pass, Supernet.pseudo_label_pass).
         self.update_running_stats = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, activation: nn.Module | None = None) -> torch.Tensor:
+        """Batch norm of x's C channels, then ``activation`` (a :func:`~.activations.build_activation`
+        module) when given: fused into one op call where a compiled kernel serves it (module docstring)."""
         c = x.shape[1]
-        if self.training and not self.update_running_stats:
-            return F.batch_norm(x, None, None, self.weight[:c], self.bias[:c], True, 0.0, self.eps)
+        updates = self.training and self.update_running_stats
         # Mirrors nn.BatchNorm2d: momentum=None means a cumulative moving average.
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training:
+        factor = 0.0 if self.momentum is None or not updates else self.momentum
+        if updates:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 factor = 1.0 / float(self.num_batches_tracked)
-        # Slices are views, so F.batch_norm updates the prefix of the running buffers in place.
-        return F.batch_norm(
-            x,
-            self.running_mean[:c],
-            self.running_var[:c],
-            self.weight[:c],
-            self.bias[:c],
-            self.training,
-            factor,
-            self.eps,
-        )
+        # Slices are views, so both paths update the prefix of the running buffers in place.
+        running_mean = None if self.training and not updates else self.running_mean[:c]
+        running_var = None if running_mean is None else self.running_var[:c]
+        fused = self._fused_activation(x, activation)
+        if fused is not None:
+            n, _, h, w = x.shape
+            rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view: x is channels-last
+            y = packed_batch_norm.packed_batch_norm_act(
+                rows,
+                [0, n * h * w],
+                [c],
+                self.weight[:c],
+                self.bias[:c],
+                running_mean,
+                running_var,
+                self.training,
+                [factor],
+                self.eps,
+                fused,
+            )
+            return y.view(n, h, w, c).permute(0, 3, 1, 2)
+        y = F.batch_norm(x, running_mean, running_var, self.weight[:c], self.bias[:c], self.training, factor, self.eps)
+        return y if activation is None else activation(y)
+
+    def _fused_activation(self, x: torch.Tensor, activation: nn.Module | None) -> str | None:
+        """The op's name for ``activation`` when batch norm + activation run as one compiled call, else None."""
+        if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
+            return None
+        if x.numel() < FUSED_MIN_ELEMENTS or (self.training and x.numel() == x.shape[1]):
+            return None  # small (see FUSED_MIN_ELEMENTS), or one value per channel: F.batch_norm's error
+        name = "none" if activation is None else known_activation_name(activation)
+        if name is None or packed_batch_norm.select_backend(x, self.weight) is packed_batch_norm.REFERENCE:
+            return None
+        return name
 
     def extract(self, features: int) -> nn.BatchNorm2d:
         bn = nn.BatchNorm2d(features, eps=self.eps, momentum=self.momentum)

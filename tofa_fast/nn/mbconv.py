@@ -66,8 +66,8 @@ class ElasticMBConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x
         if self.expand_conv is not None:
-            y = self.act(self.expand_bn(self.expand_conv(y, self.middle_channels(x.shape[1]))))
-        y = self.act(self.dw_bn(self.dw_conv(y, self.active_kernel)))
+            y = self.expand_bn(self.expand_conv(y, self.middle_channels(x.shape[1])), self.act)
+        y = self.dw_bn(self.dw_conv(y, self.active_kernel), self.act)
         if self.se is not None:
             y = self.se(y)
         y = self.project_bn(self.project_conv(y, self.active_width))

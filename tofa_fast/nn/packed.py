@@ -41,23 +41,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..ops import packed_batch_norm_act
 from ..spaces import Arch
+from .activations import activation_name
 from .elastic_batchnorm import ElasticBatchNorm2d
 from .elastic_conv import ElasticConv2d
 from .mbconv import ElasticMBConv
-
-_ACTIVATION_NAMES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hswish", nn.SiLU: "swish", nn.Identity: "none"}
-
-
-def activation_name(module: nn.Module) -> str:
-    """The packed batch-norm op's name for one of :func:`~tofa_fast.nn.activations.build_activation`'s modules."""
-    try:
-        return _ACTIVATION_NAMES[type(module)]
-    except KeyError:
-        raise TypeError(f"no packed form of activation {type(module).__name__}") from None
 
 
 @dataclass(frozen=True)

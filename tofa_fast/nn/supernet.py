@@ -136,12 +136,12 @@ class Supernet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_images(x, self.space.in_channels, self.stem_conv.weight)
         arch = self.active_arch
-        x = self.stem_act(self.stem_bn(self.stem_conv(x, arch.stem)))
+        x = self.stem_bn(self.stem_conv(x, arch.stem), self.stem_act)
         for layers, stage_arch in zip(self.stages, arch.stages):
             for layer in layers[: stage_arch.depth]:
                 x = layer(x)
         final = self.space.final_channels(x.shape[1], arch.head)
-        x = self.head_act(self.final_expand_bn(self.final_expand_conv(x, final)))
+        x = self.final_expand_bn(self.final_expand_conv(x, final), self.head_act)
         x = x.mean((2, 3), keepdim=True)
         if self.feature_mix_conv is not None:
             x = self.head_act(self.feature_mix_conv(x, arch.head))

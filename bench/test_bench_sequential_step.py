@@ -1,0 +1,116 @@
+"""CPU benchmark of the default run's training step by layout: what fusing batch norm + activation buys.
+
+The case is the default run's step (as in ``test_bench_fused_step.py``): the pseudo-label pass of
+a_max, then a_max, a_min and two random members (different resolutions) with CE + FixMatch (+ KD for
+the random ones) on 32 labelled + 32 unlabelled digits-sized images, forward and backward, sequential
+(one member per pass), 2 threads. Implementations, on the same members and images:
+
+* ``tofa_fast`` — channels-last: every batch norm + activation is one call of the compiled
+  ``packed_batch_norm_act`` kernel (``ElasticBatchNorm2d.forward``'s fused path);
+* ``channels_last_unfused`` — channels-last with that op pinned to its reference backend, which makes
+  ``ElasticBatchNorm2d`` take ``F.batch_norm`` + the activation module: the fusion's own effect;
+* ``nchw`` — contiguous NCHW, ``F.batch_norm`` + activation (the layout ``--channels-last`` does not ask for).
+
+``test_target`` fails the run when the fused path is not faster than the unfused one on the same
+layout (ratio ≥ ``TARGET_VS_UNFUSED``), and records the ratios.
+
+Run: ``python -m pytest bench/test_bench_sequential_step.py -p no:cacheprovider``
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+
+import pytest
+import torch
+
+from tofa_fast.ops import packed_batch_norm as bn_op
+from tofa_fast.train.step import ComputeFormat, StepBatch, choose_step_backend, train_step
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_bench_fused_step import CYCLES, DigitsProblem  # noqa: E402  (the same members and images)
+
+SUITE = "sequential_step_cpu"
+THREADS = 2
+CYCLE = CYCLES["digits"]  # steps per round, each with other random members
+CASE = "digits TOFA step, 32 labelled + 32 unlabelled, sequential"
+MODE = "step (fwd+bwd)"
+IMPLS = ("tofa_fast", "channels_last_unfused", "nchw")
+TARGET_VS_UNFUSED = 1.05
+TIME_PER_BENCH, MIN_ROUNDS, MAX_ROUNDS = 20.0, 7, 30
+
+pytestmark = pytest.mark.skipif(
+    bool(bn_op.CPP.not_supported_reasons(bn_op.PackedBatchNormProblem("cpu", torch.float32, torch.float32))),
+    reason="the C++ extension with the packed_batch_norm_act kernels is not loaded",
+)
+
+
+class Problem(DigitsProblem):
+    """The fused-step bench's digits problem, stepped sequentially in a chosen layout."""
+
+    def runner(self, impl: str):
+        fmt = ComputeFormat("fp32", impl != "nchw")
+        self.net = self.net.to(memory_format=fmt.memory_format)
+        b = self.batch
+        batch = StepBatch(
+            *(
+                t.contiguous(memory_format=fmt.memory_format) if t.dim() == 4 else t
+                for t in (b.x, b.y, b.u_weak, b.u_strong)
+            )
+        )
+        backend = choose_step_backend("sequential", self.net, torch.device("cpu"))
+
+        def pin():
+            return bn_op.use_backend("reference") if impl == "channels_last_unfused" else contextlib.nullcontext()
+
+        def cycle():
+            with pin():
+                for plan in self.plans:
+                    self.net.zero_grad(set_to_none=True)
+                    train_step(self.net, plan, batch, self.settings, fmt, backend)
+
+        return cycle
+
+
+@pytest.fixture(scope="module")
+def problem() -> Problem:
+    return Problem()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sequential_step(benchmark, bench_registry, problem, impl):
+    for name in IMPLS:
+        bench_registry.expect(SUITE, CASE, MODE, name)
+    bench_registry.REGISTRY[SUITE]["meta"]["description"] = (
+        f"The default run's training step (sequential members), {THREADS} threads, rounds of {CYCLE} steps with "
+        "different random members (medians per step): tofa_fast = channels-last with batch norm + activation "
+        "fused (packed_batch_norm_act, C++), channels_last_unfused = channels-last with F.batch_norm + activation, "
+        "nchw = contiguous NCHW with F.batch_norm + activation. Run: python -m pytest "
+        "bench/test_bench_sequential_step.py -p no:cacheprovider"
+    )
+    fn = problem.runner(impl)
+    start = time.perf_counter()
+    fn()  # warm-up, and the calibration of the round count
+    once = time.perf_counter() - start
+    rounds = max(MIN_ROUNDS, min(MAX_ROUNDS, math.ceil(TIME_PER_BENCH / max(once, 1e-6))))
+    benchmark.group = CASE
+    benchmark.extra_info.update({"case": CASE, "impl": impl, "steps_per_round": CYCLE})
+    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
+    if benchmark.stats is not None:
+        bench_registry.record(SUITE, CASE, MODE, impl, benchmark.stats.stats.median / CYCLE)
+
+
+def test_target(bench_registry):
+    """Fails the run when fusing batch norm + activation does not pay (needs the benchmark above)."""
+    if not bench_registry.complete(SUITE):
+        pytest.skip("the benchmark did not run completely (filtered, or --benchmark-disable)")
+    ratios = bench_registry.speedups(SUITE)[(CASE, MODE)]
+    bench_registry.REGISTRY[SUITE]["meta"]["speedups"] = ratios
+    print(f"\n{SUITE}: fused {ratios['channels_last_unfused']:.2f}× unfused channels-last, {ratios['nchw']:.2f}× NCHW")
+    assert ratios["channels_last_unfused"] >= TARGET_VS_UNFUSED, (
+        f"{ratios['channels_last_unfused']:.2f}× < {TARGET_VS_UNFUSED}× vs channels-last with F.batch_norm"
+    )
