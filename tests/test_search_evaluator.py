@@ -118,3 +118,19 @@ def test_batch_statistics_recalibration_matches_recalibrate_bn(record):
         torch.testing.assert_close(b.running_var, a.running_var, **tolerance(torch.float32))
     with pytest.raises(ValueError, match="batches is empty"):
         recalibrate_from_batch_statistics(fast, [])
+
+
+def test_results_do_not_depend_on_the_layout_the_weights_are_in(record):
+    """Training leaves the weights channels-last; a checkpoint loads them contiguous. The evaluator
+    computes in its own layout either way, so both give the same logits, bit for bit."""
+    arch = record.space.sample(5)
+    net = record.net
+    try:
+        net.to(memory_format=torch.channels_last)
+        from_channels_last = SubnetEvaluator.from_run(record).logits(arch, "test")
+        assert not all(p.is_contiguous() for p in net.parameters())  # some really are channels-last
+        net.to(memory_format=torch.contiguous_format)
+        from_contiguous = SubnetEvaluator.from_run(record).logits(arch, "test")
+    finally:
+        net.to(memory_format=torch.contiguous_format)
+    assert torch.equal(from_channels_last, from_contiguous)

@@ -125,11 +125,12 @@ def test_the_step_makes_no_host_sync(tmp_path, monkeypatch, strategy):
 
 def test_a_checkpoint_from_before_the_step_seam_resumes(tmp_path):
     """Checkpoints written before precision / channels_last / step / log_every existed have no such
-    config fields: they resume with the defaults (fp32 + contiguous on the CPU, as they trained)."""
+    config fields: they resume as they trained (fp32 + contiguous on the CPU), not with today's
+    channels-last default."""
     splits = tiny_digits()
-    straight = Trainer(tiny_config(tmp_path / "a"), splits=splits)
+    straight = Trainer(tiny_config(tmp_path / "a", channels_last=False), splits=splits)
     straight.fit()
-    first = Trainer(tiny_config(tmp_path / "b"), splits=splits)
+    first = Trainer(tiny_config(tmp_path / "b", channels_last=False), splits=splits)
     first.fit(max_epochs=1)
     path = str(tmp_path / "b" / "checkpoint.pt")
     state = load_checkpoint(path)

@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--channels-last",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="NHWC activations and weights (default: on for CUDA, off on the CPU)",
+        help="NHWC activations and weights (default: on; --no-channels-last computes in NCHW)",
     )
     train.add_argument(
         "--step",

@@ -50,12 +50,7 @@ class ElasticBatchNorm2d(nn.Module):
         module) when given: fused into one op call where a compiled kernel serves it (module docstring)."""
         c = x.shape[1]
         updates = self.training and self.update_running_stats
-        # Mirrors nn.BatchNorm2d: momentum=None means a cumulative moving average.
-        factor = 0.0 if self.momentum is None or not updates else self.momentum
-        if updates:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
+        factor = self.count_batch() if updates else 0.0
         # Slices are views, so both paths update the prefix of the running buffers in place.
         running_mean = None if self.training and not updates else self.running_mean[:c]
         running_var = None if running_mean is None else self.running_var[:c]
@@ -79,6 +74,13 @@ class ElasticBatchNorm2d(nn.Module):
             return y.view(n, h, w, c).permute(0, 3, 1, 2)
         y = F.batch_norm(x, running_mean, running_var, self.weight[:c], self.bias[:c], self.training, factor, self.eps)
         return y if activation is None else activation(y)
+
+    def count_batch(self) -> float:
+        """Counts one batch towards the running statistics (``num_batches_tracked``) and returns the
+        factor its statistics enter them with: ``momentum``, or for ``momentum=None`` the cumulative
+        moving average's 1 / batches, as nn.BatchNorm2d. The sequential and packed passes both call it."""
+        self.num_batches_tracked.add_(1)
+        return 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
 
     def _fused_activation(self, x: torch.Tensor, activation: nn.Module | None) -> str | None:
         """The op's name for ``activation`` when batch norm + activation run as one compiled call, else None."""

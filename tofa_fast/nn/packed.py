@@ -168,9 +168,7 @@ def batch_norm_act(
     factors = [0.0] * len(channels)
     if bn.training and bn.update_running_stats:
         for i in packed.update_order:
-            bn.num_batches_tracked.add_(1)
-            # momentum=None: cumulative moving average, as nn.BatchNorm2d
-            factors[i] = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            factors[i] = bn.count_batch()
     return packed_batch_norm_act(
         x,
         packed.offsets,

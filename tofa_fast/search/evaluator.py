@@ -19,6 +19,7 @@ spends much of its time constructing layers). :class:`SubnetEvaluator` computes 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -97,6 +98,10 @@ class SubnetEvaluator:
 
     Args:
         net: the trained supernet (its weights are read, never changed; BN buffers are restored).
+            A net whose weights are in the other layout than ``channels_last`` asks for (training
+            leaves them channels-last) is copied once, in this evaluator's layout: images and
+            weights in different layouts compute partly in each, and logits would depend on where
+            the net came from (a live trainer or a checkpoint) by ~1e-5.
         calibration: ``resolution → list of image batches (N, C, r, r)`` used to recalibrate BN;
             called once per resolution (e.g. :meth:`Run.calibration_batches`).
         images: split name → ``(images, labels)``: float images (N, C, S, S), already normalised,
@@ -147,6 +152,8 @@ class SubnetEvaluator:
         self._missing = dict(missing or {})
         self.batch_size, self.cache_resolutions = batch_size, cache_resolutions
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if any(p.dim() == 4 and not p.is_contiguous(memory_format=self.memory_format) for p in net.parameters()):
+            self.net = copy.deepcopy(net).to(memory_format=self.memory_format)
         self._per_resolution: OrderedDict[int, dict[str, Any]] = OrderedDict()
         self._memo: dict[tuple[str, str], float] = {}
         self.evaluations = 0  # distinct (split, arch) pairs measured, memo hits excluded

@@ -175,8 +175,8 @@ class TrainConfig:
     num_workers: int = 0
     freeze_bn: bool = False  # BN layers normalise with their running statistics and do not update them
     skip_bad_images: bool = False  # leave out (and list) images that do not decode instead of refusing the data
-    # Numerics and layout: "auto" is bf16 autocast + channels_last on CUDA, fp32 + contiguous on the
-    # CPU. The trainer records the resolved values, so a resumed run computes as it did.
+    # Numerics and layout: "auto" is bf16 autocast + channels_last on CUDA, fp32 + channels_last on
+    # the CPU. The trainer records the resolved values, so a resumed run computes as it did.
     precision: str = "auto"
     channels_last: bool | None = None
     step: str = "auto"  # how a step computes its members' logits (train/step.py's table)
@@ -274,10 +274,11 @@ class TrainConfig:
         return cls(**{**FIELDS_BEFORE_THEY_EXISTED, **d})
 
 
-#: Fields added after checkpoints were written whose per-strategy default differs from what those
-#: runs did: such a checkpoint resumes as it trained (before ``epoch_unit``, every strategy counted
-#: an epoch as a pass over the unlabelled pool).
-FIELDS_BEFORE_THEY_EXISTED: dict[str, Any] = {"epoch_unit": "unlabelled"}
+#: Fields added after checkpoints were written whose default differs from what those runs did: such
+#: a checkpoint resumes as it trained (before ``epoch_unit``, every strategy counted an epoch as a
+#: pass over the unlabelled pool; before ``channels_last``, CPU runs computed in NCHW, and CUDA did
+#: not train).
+FIELDS_BEFORE_THEY_EXISTED: dict[str, Any] = {"epoch_unit": "unlabelled", "channels_last": False}
 
 
 def _check_rss_options(c: TrainConfig) -> None:

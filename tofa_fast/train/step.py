@@ -37,11 +37,16 @@ class ComputeFormat:
 
     @classmethod
     def resolve(cls, precision: str, channels_last: bool | None, device: torch.device) -> ComputeFormat:
-        """``auto`` / ``None`` become bf16 + channels_last on CUDA, fp32 + contiguous elsewhere."""
+        """``auto`` / ``None`` become bf16 + channels_last on CUDA and fp32 + channels_last on the CPU.
+
+        Channels-last on the CPU too: mkldnn's 1×1 convolutions, the depthwise kernel and the fused
+        batch norm + activation (ElasticBatchNorm2d) are all at their fastest in NHWC, and the
+        default run's step is 1.4-1.5× faster than in NCHW (bench/test_bench_sequential_step.py).
+        """
         if precision == "auto":
             precision = "bf16" if device.type == "cuda" else "fp32"
         if channels_last is None:
-            channels_last = device.type == "cuda"
+            channels_last = True
         return cls(precision, channels_last)
 
     @property
