@@ -5,7 +5,8 @@ Cases, each run back to back by every implementation on the same members and ima
 * ``digits TOFA step``: the default run's step — the pseudo-label pass of a_max, then a_max, a_min
   and two random members (different resolutions) with CE + FixMatch (+ KD for the random ones) on a
   labelled batch of 32 and an unlabelled batch of 32 (weak + strong views). Forward and backward.
-  ``tofa_fast`` is the fused step, ``sequential`` one member per pass.
+  ``tofa_fast`` is the fused step, ``sequential`` one member per pass, both in the trainer's
+  default CPU format (fp32, channels-last: ``ComputeFormat.resolve("auto", None, cpu)``).
 * ``ofa_mbv3 w1.2 128px``: a sandwich step of 4 members — max, min (ks 3, e 3, d 2) and two random
   ones drawn by the ``ofa`` package's own sampler —, CE on a batch of 32 at 128 px, forward and
   backward, on ``ofa_mbv3`` (the same network as OFA's ``OFAMobileNetV3(width_mult=1.2)``).
@@ -59,6 +60,8 @@ TIME_PER_BENCH, MIN_ROUNDS, MAX_ROUNDS = 6.0, 3, 20
 
 DIGITS_CASE = "digits TOFA step, 32 labelled + 32 unlabelled"
 OFA_CASE = "ofa_mbv3 w1.2 128px, batch 32, 4 members"
+#: what the trainer computes in on the CPU by default (``--precision auto``, channels-last)
+CPU_FORMAT = ComputeFormat.resolve("auto", None, torch.device("cpu"))
 CASES = {DIGITS_CASE: ("tofa_fast", "sequential"), OFA_CASE: ("tofa_fast", "sequential", "ofa", "ofa+accelerate")}
 MODE = "step (fwd+bwd)"
 
@@ -78,12 +81,15 @@ class DigitsProblem:
 
     def runner(self, impl: str):
         backend = choose_step_backend("fused" if impl == "tofa_fast" else impl, self.net, torch.device("cpu"))
-        fmt = ComputeFormat("fp32", False)
+        fmt = CPU_FORMAT
+        self.net = self.net.to(memory_format=fmt.memory_format)
+        b = self.batch
+        batch = StepBatch.to_device((b.x, b.y), (b.u_weak, b.u_strong), torch.device("cpu"), fmt)
 
         def cycle():
             for plan in self.plans:
                 self.net.zero_grad(set_to_none=True)
-                train_step(self.net, plan, self.batch, self.settings, fmt, backend)
+                train_step(self.net, plan, batch, self.settings, fmt, backend)
 
         return cycle
 
@@ -128,8 +134,9 @@ class OfaProblem:
 
             return cycle
         backend = choose_step_backend("fused" if impl == "tofa_fast" else impl, self.net, torch.device("cpu"))
-        batch = StepBatch(self.images, self.labels)
-        settings, fmt = LossSettings(0.0, 0.95), ComputeFormat("fp32", False)
+        settings, fmt = LossSettings(0.0, 0.95), CPU_FORMAT
+        self.net = self.net.to(memory_format=fmt.memory_format)
+        batch = StepBatch.to_device((self.images, self.labels), None, torch.device("cpu"), fmt)
 
         def cycle():
             for plan in self.plans:

@@ -56,12 +56,7 @@ class Problem(DigitsProblem):
         fmt = ComputeFormat("fp32", impl != "nchw")
         self.net = self.net.to(memory_format=fmt.memory_format)
         b = self.batch
-        batch = StepBatch(
-            *(
-                t.contiguous(memory_format=fmt.memory_format) if t.dim() == 4 else t
-                for t in (b.x, b.y, b.u_weak, b.u_strong)
-            )
-        )
+        batch = StepBatch.to_device((b.x, b.y), (b.u_weak, b.u_strong), torch.device("cpu"), fmt)
         backend = choose_step_backend("sequential", self.net, torch.device("cpu"))
 
         def pin():

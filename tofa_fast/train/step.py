@@ -124,10 +124,10 @@ class FusedStep(StepBackend):
     one backward for all of them. ``auto`` takes it only on the device types where
     ``bench/test_bench_fused_step.py`` measured it faster than ``sequential``: none yet. On the
     2-core CPU the packed pass computes the narrower members at the widest member's width and
-    copies rows between layouts, which costs more than the per-op overhead it saves (0.89× the
-    sequential digits step on one thread; bench/results/fused_step_cpu.md), and holds every
-    member's activations at once (≈ 3× the memory); on an H200 it ran at 0.80× sequential in bf16
-    (ofa_mbv3 128 px, batch 32; bench/results/fused_step_gpu.md)."""
+    copies rows between layouts, which costs more than the per-op overhead it saves (0.60× the
+    channels-last sequential digits step on two threads; bench/results/fused_step_cpu.md), and
+    holds every member's activations at once (≈ 3× the memory); on an H200 it ran at 0.80×
+    sequential in bf16 (ofa_mbv3 128 px, batch 32; bench/results/fused_step_gpu.md)."""
 
     name = "fused"
     supports = "every supernet: all members in one packed pass (Supernet.forward_many); by name only (not faster yet)"
