@@ -251,7 +251,20 @@ void accumulate_privately(double* slot, int64_t count, const Accumulate& accumul
 // loses at most ~16 ulp of the block's magnitude before it joins the double total.
 constexpr int64_t kBlockRows = 16;
 
-// sum[c] += Σ_rows (x − shift[c]), sum_sq[c] += Σ_rows (x − shift[c])², c < active. `block`: 2·width.
+// sum_a += block_a, sum_b += block_b on the first `active` entries, then zeroes both blocks for the
+// next rows (they start zeroed: accumulate_privately).
+template <typename T>
+inline void flush_block_sums(T* __restrict__ block_a, T* __restrict__ block_b, int64_t active, double* __restrict__ sum_a,
+                             double* __restrict__ sum_b) {
+  for (int64_t c = 0; c < active; ++c) {
+    sum_a[c] += static_cast<double>(block_a[c]);
+    sum_b[c] += static_cast<double>(block_b[c]);
+    block_a[c] = block_b[c] = T(0);
+  }
+}
+
+// sum[c] += Σ_rows (x − shift[c]), sum_sq[c] += Σ_rows (x − shift[c])², c < active. `block`: 2·width,
+// zeroed.
 template <typename S, typename T = compute_t<S>>
 TOFA_FAST_ROW_KERNEL void accumulate_shifted_moments(const S* __restrict__ x, int64_t rows, int64_t width, int64_t active,
                                 const T* __restrict__ shift, double* __restrict__ sum,
@@ -260,7 +273,6 @@ TOFA_FAST_ROW_KERNEL void accumulate_shifted_moments(const S* __restrict__ x, in
   T* __restrict__ block_sq = block + width;
   for (int64_t r0 = 0; r0 < rows; r0 += kBlockRows) {
     const int64_t r1 = r0 + kBlockRows < rows ? r0 + kBlockRows : rows;
-    for (int64_t c = 0; c < active; ++c) block_sum[c] = block_sq[c] = T(0);
     for (int64_t r = r0; r < r1; ++r) {
       const S* row = x + r * width;
       for (int64_t c = 0; c < active; ++c) {
@@ -269,10 +281,7 @@ TOFA_FAST_ROW_KERNEL void accumulate_shifted_moments(const S* __restrict__ x, in
         block_sq[c] += d * d;
       }
     }
-    for (int64_t c = 0; c < active; ++c) {
-      sum[c] += static_cast<double>(block_sum[c]);
-      sum_sq[c] += static_cast<double>(block_sq[c]);
-    }
+    flush_block_sums(block_sum, block_sq, active, sum, sum_sq);
   }
 }
 
@@ -290,7 +299,7 @@ TOFA_FAST_ROW_KERNEL void normalise_rows(const S* __restrict__ x, S* __restrict_
 }
 
 // sum_dz[c] += Σ dz, sum_dz_xhat[c] += Σ dz·x̂ with x̂ = (x − mean)·rstd, z = x̂·w + b, dz = dy·act'(z),
-// in blocks of kBlockRows rows as above. `block`: 2·width.
+// in blocks of kBlockRows rows as above. `block`: 2·width, zeroed.
 template <Activation A, typename S, typename T = compute_t<S>>
 TOFA_FAST_ROW_KERNEL void accumulate_grad_sums(const S* __restrict__ x, const S* __restrict__ grad_y, int64_t rows, int64_t width,
                           int64_t active, const T* __restrict__ mean, const T* __restrict__ rstd,
@@ -300,7 +309,6 @@ TOFA_FAST_ROW_KERNEL void accumulate_grad_sums(const S* __restrict__ x, const S*
   T* __restrict__ block_dz_xhat = block + width;
   for (int64_t r0 = 0; r0 < rows; r0 += kBlockRows) {
     const int64_t r1 = r0 + kBlockRows < rows ? r0 + kBlockRows : rows;
-    for (int64_t c = 0; c < active; ++c) block_dz[c] = block_dz_xhat[c] = T(0);
     for (int64_t r = r0; r < r1; ++r) {
       const S* in = x + r * width;
       const S* dy = grad_y + r * width;
@@ -311,10 +319,7 @@ TOFA_FAST_ROW_KERNEL void accumulate_grad_sums(const S* __restrict__ x, const S*
         block_dz_xhat[c] += dz * xhat;
       }
     }
-    for (int64_t c = 0; c < active; ++c) {
-      sum_dz[c] += static_cast<double>(block_dz[c]);
-      sum_dz_xhat[c] += static_cast<double>(block_dz_xhat[c]);
-    }
+    flush_block_sums(block_dz, block_dz_xhat, active, sum_dz, sum_dz_xhat);
   }
 }
 
