@@ -129,27 +129,36 @@ size_t aligned_elems(size_t elems) {
 //   NCHW: one block per group and enough batch chunks for ~64 tasks: a block's planes are
 //         contiguous, and a task amortises its setup (offset tables, filter) over several samples.
 //   NHWC: a pixel's channels are contiguous and a block reads only `lanes` of them, so the blocks of
-//         a chunk share every cache line. Chunks are sized to stay in L2 (kChunkBytes) while the
-//         task's blocks go through them, and groups split the blocks to keep ~64 tasks. Block by
-//         block over a batch-sized chunk instead, every block reloaded the chunk from L3 or DRAM:
-//         1.3-1.9× slower than NCHW on 32×32 and 64×64 planes (now 1.0-1.3×, 1 thread, AVX2).
+//         a chunk share cache lines. Chunks are sized to stay in L2 (kChunkBytes) while the task's
+//         blocks go through them. Groups split the blocks, to keep ~64 tasks, only at whole 64-byte
+//         lines (`unit` blocks): tasks that run at once on different cores never write the same
+//         line of the output (with 16 channels, two single-block tasks on one chunk ran at half
+//         NCHW's speed). Block by block over a batch-sized chunk instead, every block reloaded the
+//         chunk from L3 or DRAM.
 struct TaskPlan {
-  int64_t chunks, groups, blocks;
+  int64_t chunks, groups, blocks, unit;  // unit: blocks per group boundary step
   int64_t count() const { return chunks * groups; }
-  int64_t block_lo(int64_t task) const { return blocks * (task % groups) / groups; }
-  int64_t block_hi(int64_t task) const { return blocks * (task % groups + 1) / groups; }
+  int64_t boundary(int64_t group) const {
+    const int64_t units = (blocks + unit - 1) / unit;
+    return std::min(blocks, unit * (units * group / groups));
+  }
+  int64_t block_lo(int64_t task) const { return boundary(task % groups); }
+  int64_t block_hi(int64_t task) const { return boundary(task % groups + 1); }
   int64_t sample_lo(int64_t batch, int64_t task) const { return batch * (task / groups) / chunks; }
   int64_t sample_hi(int64_t batch, int64_t task) const { return batch * (task / groups + 1) / chunks; }
 };
 
-TaskPlan task_plan(const cpu::DwconvGeometry& g, int64_t blocks, int64_t element_bytes) {
-  constexpr int64_t kTasks = 64, kChunkBytes = 128 << 10;
+TaskPlan task_plan(const cpu::DwconvGeometry& g, int64_t blocks, int64_t lanes, int64_t element_bytes) {
+  constexpr int64_t kTasks = 64, kChunkBytes = 128 << 10, kLineBytes = 64;
+  const int64_t batch = std::max<int64_t>(g.batch, 1);
   if (g.channels_last) {
     const int64_t bytes = g.batch * g.height * g.width * g.channels * element_bytes;
-    const int64_t chunks = std::clamp<int64_t>((bytes + kChunkBytes - 1) / kChunkBytes, 1, std::max<int64_t>(g.batch, 1));
-    return {chunks, std::clamp<int64_t>((kTasks + chunks - 1) / chunks, 1, blocks), blocks};
+    const int64_t chunks = std::clamp<int64_t>((bytes + kChunkBytes - 1) / kChunkBytes, 1, batch);
+    const int64_t unit = std::max<int64_t>(1, kLineBytes / (lanes * element_bytes));
+    const int64_t groups = std::clamp<int64_t>((kTasks + chunks - 1) / chunks, 1, (blocks + unit - 1) / unit);
+    return {chunks, groups, blocks, unit};
   }
-  return {std::clamp<int64_t>((kTasks + blocks - 1) / blocks, 1, std::max<int64_t>(g.batch, 1)), blocks, blocks};
+  return {std::clamp<int64_t>((kTasks + blocks - 1) / blocks, 1, batch), blocks, blocks, 1};
 }
 
 cpu::DwconvGeometry geometry(const at::Tensor& x, int64_t kernel_size, int64_t stride, at::MemoryFormat format) {
@@ -358,7 +367,7 @@ at::Tensor elastic_dwconv2d_forward_cpu(const at::Tensor& x_arg, const at::Tenso
                                             in.sizes);
     const int64_t lanes = kernels.lanes, kk = kernel_size * kernel_size, ff = chain.first * chain.first;
     const int64_t blocks = (g.channels + lanes - 1) / lanes;
-    const TaskPlan plan = task_plan(g, blocks, sizeof(scalar_t));
+    const TaskPlan plan = task_plan(g, blocks, lanes, sizeof(scalar_t));
     const size_t tiles = aligned_elems<scalar_t>(kernels.forward_scratch(g));
     const scalar_t* x = in.x.data_ptr<scalar_t>();
     const scalar_t* weight = in.weight.data_ptr<scalar_t>();
@@ -409,7 +418,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> elastic_dwconv2d_bac
                                             in.sizes);
     const int64_t lanes = kernels.lanes, kk = kernel_size * kernel_size, ff = chain.first * chain.first;
     const int64_t blocks = (g.channels + lanes - 1) / lanes;
-    const TaskPlan plan = task_plan(g, blocks, sizeof(scalar_t));
+    const TaskPlan plan = task_plan(g, blocks, lanes, sizeof(scalar_t));
     const size_t tiles = aligned_elems<scalar_t>(kernels.backward_scratch(g));
     // Filter-gradient partial sums, one per (batch chunk, block). A tensor, not a std::vector: ATen's
     // allocator aligns to 64 bytes, as the vector updates want.

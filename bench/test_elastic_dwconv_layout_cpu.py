@@ -1,0 +1,155 @@
+"""CPU benchmark of elastic_dwconv2d by memory layout: channels-last (the trainer's CPU default) vs NCHW.
+
+Training computes in channels-last on the CPU (``ComputeFormat.resolve``), so the depthwise op runs
+on NHWC tensors there. Its C++ kernel works on blocks of 8 (AVX2) or 16 (AVX-512) channels: an NCHW
+block is 8 contiguous planes, an NHWC block a 32- or 64-byte slice of every pixel's channel row, so
+the blocks of a sample share cache lines and the kernel sizes its batch chunks to stay in L2 while
+they go through them (``task_plan`` in csrc/ops/cpu/elastic_dwconv_cpu.cpp). This suite measures what
+that layout costs against NCHW, same kernel, same values:
+
+* ``digits``: every distinct depthwise layer of the default run's space at 32 px (the max arch's
+  channels and largest kernel), batch 64
+  (32 labelled + 32 unlabelled images, as a training step sees them);
+* ``ofa_mbv3``: the depthwise layers of OFA's MobileNetV3 w1.2 at 128 px, k = 7, batch 32 (the shapes
+  of ``test_elastic_dwconv_cpu.py``).
+
+``tofa_fast`` is the op on a channels-last input, ``nchw`` on a contiguous one; forward (no_grad) and
+forward+backward (gradients of x, weight and the matrices); two threads.
+
+Target (``test_target``; the run fails when it is missed): channels-last at least 0.9× NCHW's speed in
+geometric mean over the shapes, forward and forward+backward.
+
+Run: ``python -m pytest bench/test_elastic_dwconv_layout_cpu.py -p no:cacheprovider``
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import pytest
+import torch
+
+import tofa_fast
+from tofa_fast.nn.elastic_dwconv import ElasticDepthwiseConv2d
+from tofa_fast.ops import elastic_dwconv2d
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_elastic_dwconv_cpu import SHAPES as OFA_SHAPES  # noqa: E402
+
+SUITE = "elastic_dwconv_layout_cpu"
+MODES = ("forward", "forward+backward")
+IMPLS = ("tofa_fast", "nchw")
+TARGET_GEOMEAN = 0.9
+TIME_PER_BENCH, MIN_ROUNDS, MAX_ROUNDS = 1.0, 3, 200
+
+
+def digits_depthwise_layers() -> list[tuple[int, int, int, int]]:
+    """Distinct (channels, input size, stride, kernel) of the digits max arch's depthwise layers at 32 px."""
+    space = tofa_fast.spaces.get("digits")
+    net = tofa_fast.Supernet(space, 10).eval()
+    arch = space.max_arch()
+    net.set_active(arch)
+    seen: list[tuple[int, int, int, int]] = []
+
+    def hook(module, args, _output):
+        x, kernel = args
+        layer = (x.shape[1], x.shape[2], module.stride, kernel)
+        if layer not in seen:
+            seen.append(layer)
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, ElasticDepthwiseConv2d)]
+    with torch.no_grad():
+        net(torch.zeros(1, 3, arch.resolution, arch.resolution))
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+CASES = [("digits", 64, *layer) for layer in digits_depthwise_layers()] + [
+    ("ofa_mbv3", 32, channels, size, stride, 7) for channels, size, stride in OFA_SHAPES
+]
+
+
+def _case_id(case) -> str:
+    space, batch, channels, size, stride, kernel = case
+    return f"{space} N{batch} C{channels} {size}x{size} s{stride} k{kernel}"
+
+
+class Problem:
+    def __init__(self, case):
+        _, batch, channels, size, stride, kernel = case
+        torch.manual_seed(0)
+        self.kernel, self.stride = kernel, stride
+        self.weight = torch.randn(channels, 1, kernel, kernel, requires_grad=True)
+        x = torch.randn(batch, channels, size, size)
+        self.inputs = {
+            "nchw": x.clone().requires_grad_(),
+            "tofa_fast": x.contiguous(memory_format=torch.channels_last).requires_grad_(),
+        }
+        out_size = (size + 2 * (kernel // 2) - kernel) // stride + 1
+        grad = torch.randn(batch, channels, out_size, out_size)
+        self.grads = {"nchw": grad, "tofa_fast": grad.contiguous(memory_format=torch.channels_last)}
+
+    def runner(self, impl: str, mode: str):
+        x = self.inputs[impl]
+        if mode == "forward":
+
+            def forward():
+                with torch.no_grad():
+                    return elastic_dwconv2d(x, self.weight, self.kernel, self.stride)
+
+            return forward
+
+        def forward_backward():
+            y = elastic_dwconv2d(x, self.weight, self.kernel, self.stride)
+            return torch.autograd.grad(y, (x, self.weight), self.grads[impl])
+
+        return forward_backward
+
+
+_PROBLEMS: dict[tuple, Problem] = {}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_layout(benchmark, bench_registry, case, mode, impl):
+    for name in IMPLS:
+        bench_registry.expect(SUITE, _case_id(case), mode, name)
+    bench_registry.REGISTRY[SUITE]["meta"]["description"] = (
+        "elastic_dwconv2d (C++ kernel) on the same values in two layouts, 2 threads: tofa_fast = channels-last "
+        "input (the trainer's CPU default), nchw = contiguous input. digits: the default run's depthwise layers "
+        "(max arch, 32 px, batch 64); ofa_mbv3: OFA MobileNetV3 w1.2 at 128 px, k7, batch 32. Run: python -m "
+        "pytest bench/test_elastic_dwconv_layout_cpu.py -p no:cacheprovider"
+    )
+    if case not in _PROBLEMS:
+        _PROBLEMS[case] = Problem(case)
+    problem = _PROBLEMS[case]
+    fn = problem.runner(impl, mode)
+    start = time.perf_counter()
+    fn()
+    once = time.perf_counter() - start
+    rounds = max(MIN_ROUNDS, min(MAX_ROUNDS, math.ceil(TIME_PER_BENCH / max(once, 1e-6))))
+    benchmark.group = f"{_case_id(case)} {mode}"
+    benchmark.extra_info.update({"case": _case_id(case), "mode": mode, "impl": impl})
+    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+    if benchmark.stats is not None:
+        bench_registry.record(SUITE, _case_id(case), mode, impl, benchmark.stats.stats.median)
+
+
+def test_target(bench_registry):
+    """Fails the run when channels-last costs more than TARGET_GEOMEAN allows (needs the grid above)."""
+    if not bench_registry.complete(SUITE):
+        pytest.skip("the benchmark did not run completely (filtered, or --benchmark-disable)")
+    means = bench_registry.geometric_means(SUITE)
+    bench_registry.REGISTRY[SUITE]["meta"]["geometric_means"] = {f"{k[0]}, {k[1]}": v for k, v in means.items()}
+    misses = []
+    for mode in MODES:
+        ratio = means[(mode, "nchw")]  # NCHW median / channels-last median
+        print(f"\n{SUITE}: channels-last {ratio:.2f}× NCHW's speed ({mode}, geometric mean)")
+        if ratio < TARGET_GEOMEAN:
+            misses.append(f"{mode}: channels-last {ratio:.2f}× NCHW < {TARGET_GEOMEAN}×")
+    assert not misses, "; ".join(misses)
