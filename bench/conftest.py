@@ -89,6 +89,35 @@ def geometric_means(suite: str) -> dict[tuple[str, str], float]:
     return {key: math.exp(sum(map(math.log, values)) / len(values)) for key, values in groups.items()}
 
 
+def measure(
+    benchmark,
+    fn,
+    suite: str,
+    case: str,
+    mode: str,
+    impl: str,
+    *,
+    time_per_bench: float,
+    min_rounds: int,
+    max_rounds: int,
+    warmup_rounds: int = 1,
+    per_round: int = 1,
+    group: str | None = None,
+) -> None:
+    """Times ``fn`` with ``benchmark.pedantic`` and records its median (divided by ``per_round``, the
+    steps one call runs). One call first warms up and calibrates the round count: about
+    ``time_per_bench`` seconds, within [``min_rounds``, ``max_rounds``]."""
+    start = time.perf_counter()
+    fn()
+    once = time.perf_counter() - start
+    rounds = max(min_rounds, min(max_rounds, math.ceil(time_per_bench / max(once, 1e-6))))
+    benchmark.group = group or f"{case} {mode}"
+    benchmark.extra_info.update({"case": case, "mode": mode, "impl": impl, "steps_per_round": per_round})
+    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
+    if benchmark.stats is not None:
+        record(suite, case, mode, impl, benchmark.stats.stats.median / per_round)
+
+
 def complete(suite: str) -> bool:
     entry = REGISTRY[suite]
     seen = {(case, mode, impl) for (case, mode), medians in entry["medians"].items() for impl in medians}

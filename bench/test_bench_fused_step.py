@@ -29,11 +29,9 @@ Run: ``python -m pytest bench/test_bench_fused_step.py -p no:cacheprovider``
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import sys
-import time
 
 import pytest
 import torch
@@ -213,17 +211,20 @@ def test_fused_step(benchmark, bench_registry, case, impl):
     problem = _problem(case)
     if impl == "ofa+accelerate" and problem.accelerated is None:
         pytest.skip("tofa_fast.accelerate is not available")
-    fn = problem.runner(impl)
-    start = time.perf_counter()
-    fn()  # warm-up, and the calibration of the round count
-    once = time.perf_counter() - start
-    rounds = max(MIN_ROUNDS, min(MAX_ROUNDS, math.ceil(TIME_PER_BENCH / max(once, 1e-6))))
-    benchmark.group = case
-    steps = len(problem.plans)
-    benchmark.extra_info.update({"case": case, "impl": impl, "steps_per_round": steps})
-    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
-    if benchmark.stats is not None:
-        bench_registry.record(SUITE, case, MODE, impl, benchmark.stats.stats.median / steps)
+    bench_registry.measure(
+        benchmark,
+        problem.runner(impl),
+        SUITE,
+        case,
+        MODE,
+        impl,
+        time_per_bench=TIME_PER_BENCH,
+        min_rounds=MIN_ROUNDS,
+        max_rounds=MAX_ROUNDS,
+        warmup_rounds=0,
+        per_round=len(problem.plans),
+        group=case,
+    )
 
 
 @pytest.mark.parametrize("case", list(CASES), ids=lambda v: v.split(",")[0])

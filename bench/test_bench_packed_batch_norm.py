@@ -21,8 +21,6 @@ Run: ``python -m pytest bench/test_bench_packed_batch_norm.py -p no:cacheprovide
 from __future__ import annotations
 
 import contextlib
-import math
-import time
 
 import pytest
 import torch
@@ -132,15 +130,17 @@ def test_packed_batch_norm_cpu(benchmark, bench_registry, problem, impl):
     )
     fn = problem.runner(impl)
     with op_module.use_backend("C++") if impl == "tofa_fast" else contextlib.nullcontext():
-        start = time.perf_counter()
-        fn()  # warm-up, and the calibration of the round count
-        once = time.perf_counter() - start
-        rounds = max(MIN_ROUNDS, min(MAX_ROUNDS, math.ceil(TIME_PER_BENCH / max(once, 1e-6))))
-        benchmark.group = f"{CASE} {MODE}"
-        benchmark.extra_info.update({"case": CASE, "mode": MODE, "impl": impl})
-        benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
-    if benchmark.stats is not None:
-        bench_registry.record(SUITE, CASE, MODE, impl, benchmark.stats.stats.median)
+        bench_registry.measure(
+            benchmark,
+            fn,
+            SUITE,
+            CASE,
+            MODE,
+            impl,
+            time_per_bench=TIME_PER_BENCH,
+            min_rounds=MIN_ROUNDS,
+            max_rounds=MAX_ROUNDS,
+        )
 
 
 def test_target(bench_registry):

@@ -20,10 +20,8 @@ Run: ``python -m pytest bench/test_bench_sequential_step.py -p no:cacheprovider`
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import sys
-import time
 
 import pytest
 import torch
@@ -87,16 +85,20 @@ def test_sequential_step(benchmark, bench_registry, problem, impl):
         "nchw = contiguous NCHW with F.batch_norm + activation. Run: python -m pytest "
         "bench/test_bench_sequential_step.py -p no:cacheprovider"
     )
-    fn = problem.runner(impl)
-    start = time.perf_counter()
-    fn()  # warm-up, and the calibration of the round count
-    once = time.perf_counter() - start
-    rounds = max(MIN_ROUNDS, min(MAX_ROUNDS, math.ceil(TIME_PER_BENCH / max(once, 1e-6))))
-    benchmark.group = CASE
-    benchmark.extra_info.update({"case": CASE, "impl": impl, "steps_per_round": CYCLE})
-    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
-    if benchmark.stats is not None:
-        bench_registry.record(SUITE, CASE, MODE, impl, benchmark.stats.stats.median / CYCLE)
+    bench_registry.measure(
+        benchmark,
+        problem.runner(impl),
+        SUITE,
+        CASE,
+        MODE,
+        impl,
+        time_per_bench=TIME_PER_BENCH,
+        min_rounds=MIN_ROUNDS,
+        max_rounds=MAX_ROUNDS,
+        warmup_rounds=0,
+        per_round=CYCLE,
+        group=CASE,
+    )
 
 
 def test_target(bench_registry):

@@ -20,8 +20,6 @@ Run: ``python -m pytest bench/test_elastic_dwconv_cpu.py -p no:cacheprovider``
 from __future__ import annotations
 
 import contextlib
-import math
-import time
 
 import pytest
 import torch
@@ -140,15 +138,17 @@ def test_elastic_dwconv_cpu(benchmark, bench_registry, shape, kernel, mode, impl
     problem = _PROBLEMS.setdefault((shape, kernel), Problem(shape, kernel))
     with use_backend("C++") if impl == "tofa_fast" else contextlib.nullcontext():
         fn = problem.runner(impl, mode)
-        start = time.perf_counter()
-        fn()  # warm-up, and the calibration of the round count
-        once = time.perf_counter() - start
-        rounds = max(MIN_ROUNDS, min(MAX_ROUNDS, math.ceil(TIME_PER_BENCH / max(once, 1e-6))))
-        benchmark.group = f"{case} {mode}"
-        benchmark.extra_info.update({"case": case, "mode": mode, "impl": impl})
-        benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
-    if benchmark.stats is not None:
-        bench_registry.record(SUITE, case, mode, impl, benchmark.stats.stats.median)
+        bench_registry.measure(
+            benchmark,
+            fn,
+            SUITE,
+            case,
+            mode,
+            impl,
+            time_per_bench=TIME_PER_BENCH,
+            min_rounds=MIN_ROUNDS,
+            max_rounds=MAX_ROUNDS,
+        )
 
 
 def test_targets(bench_registry):

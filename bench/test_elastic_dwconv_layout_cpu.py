@@ -24,10 +24,8 @@ Run: ``python -m pytest bench/test_elastic_dwconv_layout_cpu.py -p no:cacheprovi
 
 from __future__ import annotations
 
-import math
 import os
 import sys
-import time
 
 import pytest
 import torch
@@ -117,8 +115,10 @@ _PROBLEMS: dict[tuple, Problem] = {}
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_layout(benchmark, bench_registry, case, mode, impl):
-    for name in IMPLS:
-        bench_registry.expect(SUITE, _case_id(case), mode, name)
+    for expected in CASES:  # the full grid: a filtered (-k) run is partial and saves nothing
+        for expected_mode in MODES:
+            for name in IMPLS:
+                bench_registry.expect(SUITE, _case_id(expected), expected_mode, name)
     bench_registry.REGISTRY[SUITE]["meta"]["description"] = (
         "elastic_dwconv2d (C++ kernel) on the same values in two layouts, 2 threads: tofa_fast = channels-last "
         "input (the trainer's CPU default), nchw = contiguous input. digits: the default run's depthwise layers "
@@ -128,16 +128,17 @@ def test_layout(benchmark, bench_registry, case, mode, impl):
     if case not in _PROBLEMS:
         _PROBLEMS[case] = Problem(case)
     problem = _PROBLEMS[case]
-    fn = problem.runner(impl, mode)
-    start = time.perf_counter()
-    fn()
-    once = time.perf_counter() - start
-    rounds = max(MIN_ROUNDS, min(MAX_ROUNDS, math.ceil(TIME_PER_BENCH / max(once, 1e-6))))
-    benchmark.group = f"{_case_id(case)} {mode}"
-    benchmark.extra_info.update({"case": _case_id(case), "mode": mode, "impl": impl})
-    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
-    if benchmark.stats is not None:
-        bench_registry.record(SUITE, _case_id(case), mode, impl, benchmark.stats.stats.median)
+    bench_registry.measure(
+        benchmark,
+        problem.runner(impl, mode),
+        SUITE,
+        _case_id(case),
+        mode,
+        impl,
+        time_per_bench=TIME_PER_BENCH,
+        min_rounds=MIN_ROUNDS,
+        max_rounds=MAX_ROUNDS,
+    )
 
 
 def test_target(bench_registry):
