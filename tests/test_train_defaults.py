@@ -93,8 +93,8 @@ def test_init_networks_take_the_datas_resolutions_and_their_normalisation(tmp_pa
     assert trainer.space.resolutions == tofa_fast.spaces.get("digits").resolutions  # 8 px digits: 24–32
     assert trainer.config.image_size == 32  # recorded: a reopened run reads images as training did
     seen = []
-    weak = augment.weak_transform
-    monkeypatch.setattr(augment, "weak_transform", lambda *args: seen.append(args) or weak(*args))
+    weak = augment.weak_augment
+    monkeypatch.setattr(augment, "weak_augment", lambda *args: seen.append(args) or weak(*args))
     half = (0.5, 0.5, 0.5)
     trainer.space = replace(trainer.space, input_mean=half, input_std=half)  # e.g. EfficientNet-Lite's
     trainer.fit()

@@ -3,7 +3,7 @@
 ======================  ==================================================================================
 ``config``              :class:`TrainConfig`, every knob of a run; round-trips to JSON, lives in checkpoints
 ``data``                data sets → :class:`DataSplits` (labelled, unlabelled, validation, test images)
-``augment``             weak (α) and strong (𝒜) views
+``augment``             weak (α) and strong (𝒜) views of a whole batch at once (oracle: ``augment_reference``)
 ``loaders``             an epoch's batches and per-image augmentation seeds (shard-independent)
 ``plan``                :class:`StepPlan`: the members of one step and the role of each
 ``strategies``          ``tofa``, ``rss``, ``ps``, ``single``: a plan per step, phase changes per epoch

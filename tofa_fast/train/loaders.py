@@ -9,6 +9,7 @@ batch is sharded over processes, and a resumed run sees what the uninterrupted r
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as dist_utils
 from .data import DataSplits, ImageSet
+
+if TYPE_CHECKING:
+    from .augment import BatchAugment
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 #: (image index, augmentation seed) pairs: one global batch.
@@ -27,48 +31,45 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919) % (2**63 - 1)
 
 
-def seeded(transform: Transform, img: torch.Tensor, seed: int) -> torch.Tensor:
-    """``transform(img)`` with torch's CPU generator seeded by ``seed``, its state restored after.
-
-    Reseeds ``torch.default_generator`` directly: ``torch.manual_seed`` also seeds every other device
-    generator and costs 50× more, which is measurable once per image."""
-    generator = torch.default_generator
-    state = generator.get_state()
-    generator.manual_seed(seed)
-    try:
-        return transform(img)
-    finally:
-        generator.set_state(state)
+def _stack(images: ImageSet, indices: Sequence[int]) -> torch.Tensor:
+    """The uint8 (N, 3, S, S) images at ``indices`` (one gather when the set is in memory)."""
+    if isinstance(images.source, torch.Tensor):
+        return images.source[torch.tensor(indices, dtype=torch.long)]
+    return torch.stack([images.image(i) for i in indices])
 
 
 class LabelledViews(Dataset):
-    """Weak views of labelled images; keys are (index, augmentation seed) pairs."""
+    """Weak views of labelled images, a global batch's shard at a time: ``views[keys]`` takes a list
+    of (index, augmentation seed) pairs and returns (views (N, 3, S, S), labels (N,))."""
 
-    def __init__(self, images: ImageSet, transform: Transform):
-        self.images, self.transform = images, transform
+    def __init__(self, images: ImageSet, augment: BatchAugment):
+        if images.labels is None:
+            raise ValueError("LabelledViews needs a labelled ImageSet")
+        self.images, self.augment = images, augment
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        i, seed = key
-        img, label = self.images[i]
-        return seeded(self.transform, img, seed), label
+    def __getitem__(self, keys: KeyedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        indices, seeds = [i for i, _ in keys], [s for _, s in keys]
+        labels = self.images.labels[torch.tensor(indices, dtype=torch.long)].long()
+        return self.augment(_stack(self.images, indices), seeds), labels
 
 
 class UnlabelledViews(Dataset):
-    """(weak, strong) views of unlabelled images; keys are (index, augmentation seed) pairs."""
+    """(weak, strong) views of unlabelled images, a global batch's shard at a time: image i's weak
+    view is drawn from its seed, its strong view from seed + 1."""
 
-    def __init__(self, images: ImageSet, weak: Transform, strong: Transform):
+    def __init__(self, images: ImageSet, weak: BatchAugment, strong: BatchAugment):
         self.images, self.weak, self.strong = images, weak, strong
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        i, seed = key
-        img = self.images.image(i)
-        return seeded(self.weak, img, seed), seeded(self.strong, img, seed + 1)
+    def __getitem__(self, keys: KeyedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        indices, seeds = [i for i, _ in keys], [s for _, s in keys]
+        images = _stack(self.images, indices)
+        return self.weak(images, seeds), self.strong(images, [s + 1 for s in seeds])
 
 
 class PlainImages(Dataset):
@@ -119,20 +120,22 @@ def epoch_loaders(
     ``skip`` leaves out the epoch's first batches (already trained before a mid-epoch checkpoint);
     ``normalization`` is the network's (mean, std) per channel (default: ImageNet's).
     """
-    from .augment import strong_transform, weak_transform  # torchvision: imported when training starts
+    from .augment import strong_augment, weak_augment  # torchvision: imported when training starts
 
     g = torch.Generator().manual_seed(epoch_seed_value)
     norm = normalization or ()
-    weak = weak_transform(splits.size, splits.flip, *norm)
-    kw = dict(num_workers=num_workers, persistent_workers=False)
+    weak = weak_augment(splits.size, splits.flip, *norm)
+    # batch_size=None: the loader hands each shard's key list to the data set whole, which augments
+    # the batch at once (augment.py) instead of image by image.
+    kw = dict(batch_size=None, num_workers=num_workers, persistent_workers=False)
     lab = LabelledViews(splits.labelled, weak)
     lab_batches = epoch_batches(len(lab), batch_size, steps, g, stream=0)
-    lab_loader = DataLoader(lab, batch_sampler=[dist_utils.shard(b, dist) for b in lab_batches[skip:]], **kw)
+    lab_loader = DataLoader(lab, sampler=[dist_utils.shard(b, dist) for b in lab_batches[skip:]], **kw)
     if not unlabelled:
         return lab_loader, [None] * (steps - skip)
-    unl = UnlabelledViews(splits.unlabelled, weak, strong_transform(splits.size, splits.flip, *norm))
+    unl = UnlabelledViews(splits.unlabelled, weak, strong_augment(splits.size, splits.flip, *norm))
     unl_batches = epoch_batches(len(unl), mu * batch_size, steps, g, stream=1)
-    return lab_loader, DataLoader(unl, batch_sampler=[dist_utils.shard(b, dist) for b in unl_batches[skip:]], **kw)
+    return lab_loader, DataLoader(unl, sampler=[dist_utils.shard(b, dist) for b in unl_batches[skip:]], **kw)
 
 
 def resize(images: torch.Tensor, resolution: int) -> torch.Tensor:
