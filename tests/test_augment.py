@@ -18,19 +18,22 @@ from tofa_fast.train.data import ImageSet
 from tofa_fast.train.loaders import LabelledViews, UnlabelledViews
 
 
-def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+def _images(n: int, size: int, seed: int = 0, width: int | None = None) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+    return torch.randint(0, 256, (n, 3, size, width or size), dtype=torch.uint8, generator=g)
 
 
-# input size, output size: equal (the trainer's case), upsampled and downsampled (antialiasing), odd
+# input (height, width) → output size: equal (the trainer's case), upsampled, downsampled
+# (antialiasing), odd, not square
 @pytest.mark.parametrize("strong", [False, True], ids=["weak", "strong"])
-@pytest.mark.parametrize("sizes", [(32, 32), (13, 17), (40, 23)], ids=lambda s: f"{s[0]}to{s[1]}")
+@pytest.mark.parametrize(
+    "sizes", [(32, 32, 32), (13, 13, 17), (40, 40, 23), (24, 31, 20)], ids=lambda s: f"{s[0]}x{s[1]}to{s[2]}"
+)
 def test_batched_views_equal_torchvisions_functionals_image_by_image(strong, sizes):
-    height, size = sizes
+    height, width, size = sizes
     aug = BatchAugment(size, flip=True, strong=strong, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
-    images, seeds = _images(48, height), list(range(7, 7 + 48))
-    params = [aug.draw(s, height, height) for s in seeds]
+    images, seeds = _images(48, height, width=width), list(range(7, 7 + 48))
+    params = [aug.draw(s, height, width) for s in seeds]
     assert any(p.flip for p in params) and not all(p.flip for p in params)
     assert len({p.jitter_order for p in params}) == 6
     if strong:
