@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from .augment import JITTER_OPS, BatchAugment, ViewParams, apply_auto_augment_op
+from .augment import CROP_RATIO, CROP_SCALE, JITTER, JITTER_OPS, BatchAugment, ViewParams, apply_auto_augment_op
 
 _ADJUST = {
     "brightness": TF.adjust_brightness,
@@ -44,10 +45,6 @@ def torchvision_pipeline(augment: BatchAugment):
     """The per-image torchvision v2 transform with the same distribution (its own sampler, applied to
     the uint8 image), which :class:`~.augment.BatchAugment` replaced in the trainer: the benchmark's
     baseline (bench/test_bench_augment.py)."""
-    from torchvision.transforms import v2
-
-    from .augment import CROP_RATIO, CROP_SCALE, JITTER
-
     ops = [v2.RandomResizedCrop(augment.size, scale=CROP_SCALE, ratio=CROP_RATIO, antialias=True)]
     if augment.flip:
         ops.append(v2.RandomHorizontalFlip())

@@ -117,6 +117,12 @@ class ImageSet(Dataset):
         img = TF.resize(img, self.size, antialias=True)
         return TF.center_crop(img, self.size)
 
+    def stack(self, indices: Sequence[int]) -> torch.Tensor:
+        """The uint8 (N, 3, S, S) images at ``indices``: one gather when they are in memory."""
+        if isinstance(self.source, torch.Tensor):
+            return self.source[torch.tensor(indices, dtype=torch.long)]
+        return torch.stack([self.image(i) for i in indices])
+
     def __getitem__(self, index: int):
         img = self.image(index)
         return (img, int(self.labels[index])) if self.labels is not None else img

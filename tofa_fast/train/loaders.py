@@ -31,11 +31,9 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919) % (2**63 - 1)
 
 
-def _stack(images: ImageSet, indices: Sequence[int]) -> torch.Tensor:
-    """The uint8 (N, 3, S, S) images at ``indices`` (one gather when the set is in memory)."""
-    if isinstance(images.source, torch.Tensor):
-        return images.source[torch.tensor(indices, dtype=torch.long)]
-    return torch.stack([images.image(i) for i in indices])
+def _unzip(keys: KeyedBatch) -> tuple[list[int], list[int]]:
+    """(index, seed) pairs → their indices and their seeds."""
+    return [i for i, _ in keys], [s for _, s in keys]
 
 
 class LabelledViews(Dataset):
@@ -51,9 +49,9 @@ class LabelledViews(Dataset):
         return len(self.images)
 
     def __getitem__(self, keys: KeyedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        indices, seeds = [i for i, _ in keys], [s for _, s in keys]
+        indices, seeds = _unzip(keys)
         labels = self.images.labels[torch.tensor(indices, dtype=torch.long)].long()
-        return self.augment(_stack(self.images, indices), seeds), labels
+        return self.augment(self.images.stack(indices), seeds), labels
 
 
 class UnlabelledViews(Dataset):
@@ -67,8 +65,8 @@ class UnlabelledViews(Dataset):
         return len(self.images)
 
     def __getitem__(self, keys: KeyedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        indices, seeds = [i for i, _ in keys], [s for _, s in keys]
-        images = _stack(self.images, indices)
+        indices, seeds = _unzip(keys)
+        images = self.images.stack(indices)
         return self.weak(images, seeds), self.strong(images, [s + 1 for s in seeds])
 
 
