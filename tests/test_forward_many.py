@@ -1,4 +1,4 @@
-"""Supernet.forward_many (nn/packed.py) and the fused step (train/step.py) compute exactly what the
+"""Supernet.forward_many (nn/packed.py), the fused and the shared step (train/step.py) compute exactly what the
 members' sequential passes compute: logits, loss terms, every parameter gradient, the BN running
 statistics — float64 to 1e-10, float32 to 1e-5 — for members that differ in resolution, depth,
 kernels (with kernel transforms), expand ratios and widths, in train and eval mode."""
@@ -193,11 +193,11 @@ def test_forward_many_rejects_bad_calls():
 
 
 # ------------------------------------------------------------------------------------------------
-# The whole step: every strategy, sequential vs fused
+# The whole step: every strategy, sequential vs fused and vs shared (nn/shared_prefix.py)
 # ------------------------------------------------------------------------------------------------
 
 
-def _step_both(strategy_name: str, dtype: torch.dtype, seed: int = 0):
+def _step_both(strategy_name: str, dtype: torch.dtype, seed: int = 0, mode: str = "fused"):
     config = TrainConfig(strategy=strategy_name, epochs=12).resolved()
     strategy = build_strategy(strategy_name, DIGITS, 12, 4, config)
     torch.manual_seed(seed)
@@ -218,15 +218,20 @@ def _step_both(strategy_name: str, dtype: torch.dtype, seed: int = 0):
     if teacher is not None:
         teacher.to(dtype)  # extracted subnets are built in the default dtype
     results = []
-    for net, mode in ((sequential, "sequential"), (fused, "fused")):
-        backend = choose_step_backend(mode, net, torch.device("cpu"))
+    for net, name in ((sequential, "sequential"), (fused, mode)):
+        backend = choose_step_backend(name, net, torch.device("cpu"))
         results.append(train_step(net, plan, batch, settings, fmt, backend, teacher))
     return plan, sequential, fused, *results
 
 
+@pytest.mark.parametrize("mode", ["fused", "shared"])
 @pytest.mark.parametrize("strategy", ["tofa", "ps", "single", "rss"])
-def test_the_fused_step_trains_exactly_as_the_sequential_one(strategy):
-    plan, sequential, fused, expected, got = _step_both(strategy, torch.float64)
+def test_the_fused_step_trains_exactly_as_the_sequential_one(strategy, mode):
+    # seeds whose plans have members with the same images (what the shared step computes once)
+    seed = {"tofa": 1, "ps": 2}.get(strategy, 0) if mode == "shared" else 0
+    plan, sequential, fused, expected, got = _step_both(strategy, torch.float64, seed=seed, mode=mode)
+    roles = [(m.arch.resolution, m.fm, m.kd) for m in plan.members]
+    assert mode != "shared" or len(roles) == 1 or len(set(roles)) < len(roles)
     assert strategy not in ("tofa", "ps") or len(plan.members) > 1
     assert got.keys() == expected.keys() and "sup" in got
     for name in expected:
@@ -234,8 +239,9 @@ def test_the_fused_step_trains_exactly_as_the_sequential_one(strategy):
     compare_networks(sequential, fused, 1e-10)
 
 
-def test_the_fused_tofa_step_in_float32():
-    _, sequential, fused, expected, got = _step_both("tofa", torch.float32, seed=1)
+@pytest.mark.parametrize("mode", ["fused", "shared"])
+def test_the_fused_tofa_step_in_float32(mode):
+    _, sequential, fused, expected, got = _step_both("tofa", torch.float32, seed=1, mode=mode)
     # The KD term is a KL divergence: a small difference of O(1) cross-entropies (log 10 here), so
     # its float32 rounding is relative to that scale, not to its own small value.
     for name in expected:

@@ -60,14 +60,16 @@ def test_step_plan_validates_roles():
 
 def test_step_table_and_forward_members():
     net = tofa_fast.Supernet(SPACE, 10).eval()
-    # auto takes the fused step only where it was measured faster: no device so far.
-    sequential = choose_step_backend("auto", net, torch.device("cpu"))
-    assert sequential.name == "sequential" and choose_step_backend("auto", net, torch.device("cuda")) is sequential
+    # auto takes an entry only where it was measured faster: the shared step on the CPU, the
+    # fused one nowhere yet; the sequential step everywhere else.
+    assert choose_step_backend("auto", net, torch.device("cpu")).name == "shared"
+    sequential = choose_step_backend("auto", net, torch.device("cuda"))
+    assert sequential.name == "sequential" and choose_step_backend("sequential", net, torch.device("cpu")) is sequential
     backend = choose_step_backend("fused", net, torch.device("cpu"))
     assert backend is STEP_TABLE[0] and backend.name == "fused"
     with pytest.raises(ValueError, match="step must be 'auto' or one of"):
         choose_step_backend("warp", net, torch.device("cpu"))
-    assert {line.split()[0] for line in describe_step_backends()} == {"fused", "sequential"}
+    assert {line.split()[0] for line in describe_step_backends()} == {"fused", "shared", "sequential"}
     archs = [SPACE.max_arch(), SPACE.min_arch(), SPACE.sample(3)]
     images = [torch.randn(2 + i, 3, a.resolution, a.resolution) for i, a in enumerate(archs)]
     with torch.no_grad():
@@ -170,16 +172,17 @@ def test_the_pseudo_label_pass_has_no_noise_and_updates_no_statistics():
     assert not torch.equal(net.stem_bn.running_mean, buffers["stem_bn.running_mean"])  # members still update
 
 
-def test_resume_switches_step_mode(tmp_path):
+@pytest.mark.parametrize("first_mode,second_mode", [("sequential", "fused"), ("shared", "sequential")])
+def test_resume_switches_step_mode(tmp_path, first_mode, second_mode):
     """--step is how members are computed, not what is trained: a run written with one mode resumes
     with another (the checkpoint's other settings still win)."""
     splits = tiny_digits()
-    first = Trainer(tiny_config(tmp_path, step="sequential"), splits=splits)
-    assert first.step_backend.name == "sequential"
+    first = Trainer(tiny_config(tmp_path, step=first_mode), splits=splits)
+    assert first.step_backend.name == first_mode
     first.fit(max_epochs=1)
-    resumed = Trainer(replace(tiny_config(tmp_path, step="fused"), epochs=5), splits=splits, resume=True)
-    assert resumed.step_backend.name == "fused" and resumed.config.step == "fused"
+    resumed = Trainer(replace(tiny_config(tmp_path, step=second_mode), epochs=5), splits=splits, resume=True)
+    assert resumed.step_backend.name == second_mode and resumed.config.step == second_mode
     assert resumed.config.epochs == 2 and resumed.step == first.step
     resumed.fit()
     assert resumed.epoch == 2
-    assert load_checkpoint(str(tmp_path / "checkpoint.pt"))["config"]["step"] == "fused"
+    assert load_checkpoint(str(tmp_path / "checkpoint.pt"))["config"]["step"] == second_mode

@@ -45,15 +45,31 @@ class ElasticBatchNorm2d(nn.Module):
         # (the pseudo-label pass, Supernet.pseudo_label_pass).
         self.update_running_stats = True
 
-    def forward(self, x: torch.Tensor, activation: nn.Module | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        activation: nn.Module | None = None,
+        batch_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Batch norm of x's C channels, then ``activation`` (a :func:`~.activations.build_activation`
-        module) when given: fused into one op call where a compiled kernel serves it (module docstring)."""
+        module) when given: fused into one op call where a compiled kernel serves it (module docstring).
+
+        ``batch_stats``: two (C,) buffers that receive this batch's mean and unbiased variance
+        *instead* of the running statistics being updated (nor ``num_batches_tracked``), when
+        training would update them. A caller that computes one batch for several members
+        (:mod:`.shared_prefix`) applies the updates itself, member by member, with
+        :meth:`update_running_stats_with`."""
         c = x.shape[1]
         updates = self.training and self.update_running_stats
-        factor = self.count_batch() if updates else 0.0
-        # Slices are views, so both paths update the prefix of the running buffers in place.
-        running_mean = None if self.training and not updates else self.running_mean[:c]
-        running_var = None if running_mean is None else self.running_var[:c]
+        if updates and batch_stats is not None:
+            # Momentum 1: the "running" buffers become exactly the batch's statistics.
+            running_mean, running_var = batch_stats
+            factor = 1.0
+        else:
+            factor = self.count_batch() if updates else 0.0
+            # Slices are views, so both paths update the prefix of the running buffers in place.
+            running_mean = None if self.training and not updates else self.running_mean[:c]
+            running_var = None if running_mean is None else self.running_var[:c]
         fused = self._fused_activation(x, activation)
         if fused is not None:
             n, _, h, w = x.shape
@@ -81,6 +97,15 @@ class ElasticBatchNorm2d(nn.Module):
         moving average's 1 / batches, as nn.BatchNorm2d. The sequential and packed passes both call it."""
         self.num_batches_tracked.add_(1)
         return 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+
+    @torch.no_grad()
+    def update_running_stats_with(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """Count one batch and move the first ``len(mean)`` running statistics towards its ``mean``
+        and unbiased ``var``: the update a training-mode forward over those channels makes."""
+        factor = self.count_batch()
+        c = mean.shape[0]
+        self.running_mean[:c].lerp_(mean.to(self.running_mean.dtype), factor)
+        self.running_var[:c].lerp_(var.to(self.running_var.dtype), factor)
 
     def _fused_activation(self, x: torch.Tensor, activation: nn.Module | None) -> str | None:
         """The op's name for ``activation`` when batch norm + activation run as one compiled call, else None."""

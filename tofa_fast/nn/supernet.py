@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -11,7 +11,7 @@ from torch import nn
 
 from .. import spaces
 from ..spaces import Arch, SearchSpace
-from . import packed
+from . import packed, shared_prefix
 from .activations import build_activation
 from .elastic_batchnorm import ElasticBatchNorm2d
 from .elastic_conv import ElasticConv2d, ElasticLinear
@@ -140,11 +140,16 @@ class Supernet(nn.Module):
         for layers, stage_arch in zip(self.stages, arch.stages):
             for layer in layers[: stage_arch.depth]:
                 x = layer(x)
-        final = self.space.final_channels(x.shape[1], arch.head)
+        return self.classify(x, arch.head)
+
+    def classify(self, x: torch.Tensor, head_width: int) -> torch.Tensor:
+        """The head: final 1×1 expand conv + BN + act, global pool, feature-mix conv, dropout,
+        classifier. x (N, C, H, W) is the last stage's output; returns (N, num_classes) logits."""
+        final = self.space.final_channels(x.shape[1], head_width)
         x = self.final_expand_bn(self.final_expand_conv(x, final), self.head_act)
         x = x.mean((2, 3), keepdim=True)
         if self.feature_mix_conv is not None:
-            x = self.head_act(self.feature_mix_conv(x, arch.head))
+            x = self.head_act(self.feature_mix_conv(x, head_width))
         x = self.dropout(torch.flatten(x, 1))
         return self.classifier(x)
 
@@ -163,6 +168,30 @@ class Supernet(nn.Module):
         for x in inputs:
             _check_images(x, self.space.in_channels, self.stem_conv.weight)
         return packed.forward_many(self, list(inputs), [self.space.check(a) for a in archs])
+
+    def backward_many(
+        self,
+        inputs: Sequence[torch.Tensor],
+        archs: Sequence[Arch | Mapping[str, Any]],
+        loss_of: Callable[[int, torch.Tensor], torch.Tensor | None],
+        autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+    ) -> list[torch.Tensor]:
+        """Forward ``archs[i]`` on ``inputs[i]`` for every i and back-propagate each member's
+        ``loss_of(i, logits_i)`` (None: nothing to back-propagate), computing once what members
+        with the same images agree on (:mod:`tofa_fast.nn.shared_prefix`): the same gradients
+        and BN running-statistics updates as the members' sequential passes, with the memory of
+        the largest one. Returns the logits, detached. ``autocast`` (a context-manager factory,
+        e.g. ``lambda: torch.autocast("cuda", torch.bfloat16)``) wraps the forward computations;
+        the losses and backward run outside it. The active arch is left unchanged."""
+        if len(inputs) != len(archs):
+            raise ValueError(f"inputs and archs must have the same length, got {len(inputs)} and {len(archs)}")
+        if not inputs:
+            raise ValueError("backward_many needs at least one member")
+        if not callable(loss_of):
+            raise TypeError(f"loss_of must be a callable (i, logits) -> loss, got {type(loss_of).__name__}")
+        for x in inputs:
+            _check_images(x, self.space.in_channels, self.stem_conv.weight)
+        return shared_prefix.backward_many(self, list(inputs), [self.space.check(a) for a in archs], loss_of, autocast)
 
     # -- extraction and channel sorting -------------------------------------------------------
 

@@ -3,11 +3,13 @@
 Nothing else happens here: the trainer zeroes gradients, averages them over processes, steps the
 optimizer and the schedule, and updates the selection index.
 
-How the members' logits are computed is one seam, :func:`forward_members`, chosen from
+How the members are computed is one seam, :meth:`StepBackend.backward_members`, chosen from
 :data:`STEP_TABLE` in the style of the op's dispatch table (``ops/elastic_dwconv_dispatch.py``):
 each entry declares whether it can serve a network on a device and why not, and ``--step auto``
 takes the first that can. ``sequential`` runs one member per forward/backward pass (the graph of
-one member alive at a time); a fused entry computes several members in one pass.
+one member alive at a time); ``shared`` also runs the members one at a time but computes what
+members with the same images agree on once (``Supernet.backward_many``); ``fused`` computes all
+members in one packed pass (``Supernet.forward_many``). Every entry trains exactly the same.
 
 Loss terms stay on the device: :func:`train_step` returns 0-dim tensors summed over members, and
 the trainer reads them back once per logging interval, so a step makes no host synchronisation.
@@ -16,7 +18,7 @@ the trainer reads them back once per logging interval, so a step makes no host s
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +103,22 @@ class StepBackend:
         """Logits (N_i, classes) of ``archs[i]`` on ``images[i]`` (N_i, C, r_i, r_i)."""
         raise NotImplementedError
 
+    def backward_members(
+        self,
+        net: Supernet,
+        archs: Sequence[Arch],
+        images: Sequence[torch.Tensor],
+        loss_of: Callable[[int, torch.Tensor], torch.Tensor | None],
+        autocast: Callable[[], contextlib.AbstractContextManager],
+    ) -> None:
+        """Forward the members (under ``autocast()``) and back-propagate the sum of their
+        ``loss_of(i, logits_i)`` (None: no term). By default: :meth:`forward_members`, one backward."""
+        with autocast():
+            logits = self.forward_members(net, archs, images)
+        member_losses = [loss for i, out in enumerate(logits) if (loss := loss_of(i, out)) is not None]
+        if member_losses:
+            torch.stack(member_losses).sum().backward()
+
 
 class SequentialStep(StepBackend):
     name = "sequential"
@@ -130,7 +148,7 @@ class FusedStep(StepBackend):
     sequential in bf16 (ofa_mbv3 128 px, batch 32; bench/results/fused_step_gpu.md)."""
 
     name = "fused"
-    supports = "every supernet: all members in one packed pass (Supernet.forward_many); by name only (not faster yet)"
+    supports = "every supernet: all members in one packed pass (Supernet.forward_many); not faster yet"
     members_per_pass = None
     #: device types where ``auto`` prefers this entry (measured faster there); elsewhere it serves when asked by name
     auto_device_types: tuple[str, ...] = ()
@@ -144,8 +162,35 @@ class FusedStep(StepBackend):
         return net.forward_many(images, archs)
 
 
+class SharedPrefixStep(StepBackend):
+    """Members one after the other, what members with the same images agree on computed once
+    (``Supernet.backward_many``, :mod:`tofa_fast.nn.shared_prefix`): the stem, and every expansion,
+    depthwise and projection up to where their choices part, at the widest member's width. Each
+    branch runs forward and backward before the next, so memory stays that of the largest member.
+
+    ``auto`` takes it on the CPU, where ``bench/test_bench_fused_step.py`` measured it 1.08-1.15×
+    the sequential step on OFA's sandwich step (all members on one batch) and never slower (with
+    nothing shared its bookkeeping costs ≈ 1 ms a step). On CUDA it is not measured yet."""
+
+    name = "shared"
+    supports = "every supernet: one member at a time, what members with the same images agree on once"
+    members_per_pass = None
+    auto_device_types: tuple[str, ...] = ("cpu",)
+
+    def not_supported_reasons(self, net: Supernet, device: torch.device) -> list[str]:
+        return [] if isinstance(net, Supernet) else [f"{type(net).__name__} has no backward_many"]
+
+    def forward_members(
+        self, net: Supernet, archs: Sequence[Arch], images: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        return SequentialStep().forward_members(net, archs, images)
+
+    def backward_members(self, net, archs, images, loss_of, autocast) -> None:
+        net.backward_many(images, archs, loss_of, autocast)
+
+
 #: in order of preference for ``--step auto`` (an entry with ``auto_device_types`` only where listed)
-STEP_TABLE: tuple[StepBackend, ...] = (FusedStep(), SequentialStep())
+STEP_TABLE: tuple[StepBackend, ...] = (FusedStep(), SharedPrefixStep(), SequentialStep())
 
 
 def _auto_serves(backend: StepBackend, net: Supernet, device: torch.device) -> bool:
@@ -170,8 +215,17 @@ def choose_step_backend(name: str, net: Supernet, device: torch.device) -> StepB
 
 
 def describe_step_backends() -> list[str]:
-    """One line per entry of :data:`STEP_TABLE`, for ``tofa-fast info``."""
-    return [f"{b.name:<10} {b.supports}" for b in STEP_TABLE]
+    """One line per entry of :data:`STEP_TABLE`, for ``tofa-fast info``: what it serves, and where
+    ``auto`` takes it."""
+    lines = []
+    for b in STEP_TABLE:
+        preferred = getattr(b, "auto_device_types", None)
+        if preferred is None:
+            where = "auto: wherever no entry above is taken"
+        else:
+            where = f"auto on: {', '.join(preferred)}" if preferred else "auto: nowhere yet (by name only)"
+        lines.append(f"{b.name:<10} {b.supports} [{where}]")
+    return lines
 
 
 def forward_members(
@@ -233,9 +287,16 @@ def train_step(
             soft_targets[resolution] = losses.pseudo_labels(logits_t, settings.threshold)
         return soft_targets[resolution]
 
+    member_inputs: dict[tuple, tuple[torch.Tensor, list[int]]] = {}
+
     def member_images(member: Member) -> tuple[torch.Tensor, list[int]]:
-        parts = [batch.x] + ([batch.u_strong] if member.fm else []) + ([batch.u_weak] if member.kd else [])
-        return resize(torch.cat(parts), member.arch.resolution), [p.shape[0] for p in parts]
+        """The member's images, one tensor for all members with the same terms and resolution
+        (the ``shared`` step computes what those agree on once)."""
+        key = (member.fm, member.kd, member.arch.resolution)
+        if key not in member_inputs:
+            parts = [batch.x] + ([batch.u_strong] if member.fm else []) + ([batch.u_weak] if member.kd else [])
+            member_inputs[key] = resize(torch.cat(parts), member.arch.resolution), [p.shape[0] for p in parts]
+        return member_inputs[key]
 
     terms: dict[str, torch.Tensor] = {}
 
@@ -247,24 +308,27 @@ def train_step(
     for start in range(0, len(plan.members), per_pass):
         members = plan.members[start : start + per_pass]
         inputs = [member_images(m) for m in members]
-        with autocast:
-            outputs = backend.forward_members(net, [m.arch for m in members], [images for images, _ in inputs])
-        pass_terms = []
-        for member, (images, sizes), logits in zip(members, inputs, outputs):
+
+        def loss_of(i: int, logits: torch.Tensor, members=members, inputs=inputs) -> torch.Tensor | None:
+            """Member i's loss terms, summed (and added to the step's terms)."""
+            member, (images, sizes) = members[i], inputs[i]
             chunks = losses.at_least_fp32(logits).split(sizes)
+            member_terms = []
             if member.sup:
-                pass_terms.append(add("sup", losses.supervised_loss(chunks[0], batch.y, settings.label_smoothing)))
+                member_terms.append(add("sup", losses.supervised_loss(chunks[0], batch.y, settings.label_smoothing)))
             if member.fm:
-                pass_terms.append(add("fm", losses.fixmatch_loss(chunks[1], pseudo)))
+                member_terms.append(add("fm", losses.fixmatch_loss(chunks[1], pseudo)))
             if member.kd:
-                pass_terms.append(add("kd", losses.distillation_loss(chunks[-1], pseudo)))
+                member_terms.append(add("kd", losses.distillation_loss(chunks[-1], pseudo)))
             if member.teacher_kd:
                 if teacher is None:
                     raise ValueError("a member takes teacher_kd but the strategy has no teacher")
                 targets = teacher_targets(images, member.arch.resolution)
-                pass_terms.append(add("kd", losses.distillation_loss(chunks[0], targets)))
-        if pass_terms:
-            torch.stack(pass_terms).sum().backward()
+                member_terms.append(add("kd", losses.distillation_loss(chunks[0], targets)))
+            return torch.stack(member_terms).sum() if member_terms else None
+
+        archs = [m.arch for m in members]
+        backend.backward_members(net, archs, [images for images, _ in inputs], loss_of, lambda: fmt.autocast(device))
     if pseudo is not None:
         terms["mask"] = pseudo.mask.mean()
     return terms

@@ -1,0 +1,289 @@
+"""Several members of one supernet trained together, each computation they agree on done once
+(SPEC §5: "shared stem/prefix computation where subnets agree"). Behind ``Supernet.backward_many``
+and the ``shared`` training step (train/step.py).
+
+The members of a sandwich step see the same images whenever they take the same loss terms at the
+same resolution (all four of an OFA step; TOFA's two random members one step in three). Their
+forwards then start identically and part only where their choices part, and even then less than it
+seems: every layer's channels are *prefixes* of the same weights, and a computation that treats
+channels one by one gives each member the prefix of what the widest of them gets. So
+
+* the stem (conv + BN + act) is computed once for all members with the same images, at their widest
+  stem width (batch norm's statistics are per channel: a channel's are the same whatever the width);
+* an expansion 1×1 conv + BN + act is computed once for all members at the same node with the same
+  input width, at their widest middle width — the largest activations of the network, at the
+  highest resolution, are these;
+* a depthwise conv + BN + act once per kernel size, at the widest middle width of those members;
+* the tail (squeeze-and-excite, which mixes the middle channels, projection conv + BN, residual)
+  once per middle width, at the widest output width;
+* the head once per member.
+
+The members thus form a tree: each *node* is one such computation for the members that agree up to
+it. It runs depth first, one branch at a time, the way the sequential step runs one member at a
+time: a chain of nodes that the same members share runs as one autograd graph; where the members
+part, the chain's output is detached, each branch runs forward *and backward* (its member's loss is
+back-propagated as soon as its logits exist) and accumulates its gradient into the detached
+tensor, and then the chain itself is back-propagated once with the sum. Only the activations of the
+current path are alive at any time: memory stays that of the largest member, not of all of them.
+
+Batch norm: a shared node's statistics over the shared batch are each member's own, so the forward
+is exact. The running statistics are updated as the members' own passes would — once per member,
+in member order, each member on its own channel prefix — after the forward, from the batch
+statistics every node records (``ElasticBatchNorm2d(batch_stats=...)``): in training mode the
+forward reads no running statistic, so postponing the updates changes nothing.
+
+The result — every parameter gradient, the loss terms, the running statistics — equals the
+sequential members' passes up to the rounding of sums taken in another order. Dropout and residual
+drop-connect draw their masks in another order than the sequential passes; a tail with drop-connect
+on is never shared (members sharing it would share a mask).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..spaces import Arch
+from .elastic_batchnorm import ElasticBatchNorm2d
+from .mbconv import ElasticMBConv
+
+#: ``loss_of(i, logits_i)``: member i's loss (a 0-dim tensor) to back-propagate, or None for none
+LossOf = Callable[[int, torch.Tensor], "torch.Tensor | None"]
+
+
+@dataclass(eq=False)
+class Node:
+    """One computation for the members that agree up to it (module docstring).
+
+    ``kind`` is ``input`` (a tree's root: the members' common images), ``stem``, ``expand``, ``dw``,
+    ``tail`` or ``head``; ``layer`` the MBConv layer of the middle three; ``widths[i]`` the output
+    width member ``members[i]`` uses (a prefix of the node's output); ``arg`` the choice that all
+    members of the node share (the input width of an expansion or of the head, a depthwise kernel
+    size, the middle width of a tail); ``residual`` the node of the layer's input a tail adds.
+    """
+
+    kind: str
+    parent: Node | None
+    members: list[int]
+    widths: list[int]
+    arg: int = 0
+    layer: ElasticMBConv | None = None
+    residual: Node | None = None
+    images: torch.Tensor | None = None
+    children: list[Node] = field(default_factory=list)
+    #: nodes above this one that this node's subtree reads (filled by :func:`build_tree`)
+    reads_below: set = field(default_factory=set)
+
+    @property
+    def width(self) -> int:
+        return max(self.widths)
+
+
+def _same_images(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (
+        a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+    )
+
+
+def build_tree(net, images: Sequence[torch.Tensor], archs: Sequence[Arch]) -> list[Node]:
+    """The roots (one per distinct images tensor) of the members' computation tree (module docstring)."""
+    roots: list[Node] = []
+    current: list[Node] = []  # each member's node so far
+    for m, x in enumerate(images):
+        root = next((r for r in roots if _same_images(r.images, x)), None)
+        if root is None:
+            root = Node("input", None, [], [], images=x)
+            roots.append(root)
+        root.members.append(m)
+        root.widths.append(x.shape[1])
+        current.append(root)
+
+    def advance(kind: str, members: list[int], arg_of, width_of, layer=None, shares=None, residual_of=None) -> None:
+        """One slot of the network for ``members``: those at the same node with the same ``arg_of``
+        share a new node, unless ``shares(m)`` is False (then member m gets a node of its own)."""
+        groups: dict[tuple, Node] = {}
+        for m in members:
+            arg = arg_of(m)
+            key = (id(current[m]), arg if shares is None or shares(m) else ("alone", m))
+            node = groups.get(key)
+            if node is None:
+                node = Node(kind, current[m], [], [], arg=arg, layer=layer)
+                node.residual = residual_of(m) if residual_of is not None else None
+                current[m].children.append(node)
+                groups[key] = node
+            elif residual_of is not None and residual_of(m) is not node.residual:
+                raise AssertionError("members sharing a tail must share the layer's input")
+            node.members.append(m)
+            node.widths.append(width_of(m))
+        for node in groups.values():
+            for m in node.members:
+                current[m] = node
+
+    everyone = list(range(len(archs)))
+    advance("stem", everyone, lambda m: 0, lambda m: archs[m].stem)
+    width = [a.stem for a in archs]  # each member's current width
+    for s, layers in enumerate(net.stages):
+        for j, layer in enumerate(layers):
+            members = [m for m in everyone if archs[m].stages[s].depth > j]
+            if not members:
+                break
+            choices = {m: archs[m].stages[s] for m in members}
+            layer_input = {m: current[m] for m in members}
+            mid = {m: layer.middle_channels(width[m], choices[m].expand[j]) for m in members}
+            if layer.expand_conv is not None:
+                advance("expand", members, width.__getitem__, mid.__getitem__, layer)
+            advance("dw", members, lambda m: choices[m].kernel[j], mid.__getitem__, layer)
+            noisy = layer.training and layer.residual and layer.drop_connect_rate > 0
+            advance(
+                "tail",
+                members,
+                mid.__getitem__,
+                lambda m: choices[m].width,
+                layer,
+                shares=lambda m: not noisy,
+                residual_of=layer_input.__getitem__ if layer.residual else None,
+            )
+            for m in members:
+                width[m] = choices[m].width
+    # The head reads the member's last width (its input may be a wider shared tensor) and is its own.
+    advance("head", everyone, width.__getitem__, lambda m: archs[m].head, shares=lambda m: False)
+
+    def collect(node: Node) -> set:
+        reads = set()
+        for child in node.children:
+            reads |= collect(child) | {id(child.parent)} | ({id(child.residual)} if child.residual else set())
+        node.reads_below = reads
+        return reads
+
+    for root in roots:
+        collect(root)
+    return roots
+
+
+class _StatsRecorder:
+    """The batch statistics each shared batch norm computed, replayed into the running statistics
+    member by member after the forward (module docstring)."""
+
+    def __init__(self):
+        self.entries: list[tuple[ElasticBatchNorm2d, list[int], list[int], torch.Tensor, torch.Tensor]] = []
+
+    def batch_norm(self, bn: ElasticBatchNorm2d, x: torch.Tensor, node: Node, activation=None, widths=None) -> torch.Tensor:
+        """``bn(x, activation)`` for ``node``'s members, member i on its first ``widths[i]``
+        (default: the node's widths) channels of x."""
+        if not (bn.training and bn.update_running_stats):
+            return bn(x, activation)
+        c = x.shape[1]
+        mean, var = torch.zeros_like(bn.running_mean[:c]), torch.ones_like(bn.running_var[:c])
+        self.entries.append((bn, node.members, node.widths if widths is None else widths, mean, var))
+        return bn(x, activation, batch_stats=(mean, var))
+
+    def replay(self) -> None:
+        by_bn: dict[int, list] = {}
+        for bn, members, widths, mean, var in self.entries:
+            for m, w in zip(members, widths):
+                by_bn.setdefault(id(bn), []).append((m, bn, mean[:w], var[:w]))
+        for updates in by_bn.values():
+            for _, bn, mean, var in sorted(updates, key=lambda u: u[0]):
+                bn.update_running_stats_with(mean, var)
+
+
+def _compute(net, node: Node, visible: dict[int, torch.Tensor], stats: _StatsRecorder) -> torch.Tensor:
+    """``node``'s output (at its widest member's width) from the tensors of the nodes it reads."""
+    x = visible[id(node.parent)]
+    layer = node.layer
+    if node.kind == "stem":
+        return stats.batch_norm(net.stem_bn, net.stem_conv(x, node.width), node, net.stem_act)
+    if node.kind == "expand":
+        return stats.batch_norm(layer.expand_bn, layer.expand_conv(x[:, : node.arg], node.width), node, layer.act)
+    if node.kind == "dw":
+        return stats.batch_norm(layer.dw_bn, layer.dw_conv(x[:, : node.width], node.arg), node, layer.act)
+    if node.kind == "tail":
+        y = x[:, : node.arg]
+        if layer.se is not None:
+            y = layer.se(y)
+        y = stats.batch_norm(layer.project_bn, layer.project_conv(y, node.width), node)
+        if node.residual is None:
+            return y
+        if layer.training and layer.drop_connect_rate > 0:
+            keep = 1.0 - layer.drop_connect_rate
+            mask = torch.empty(y.shape[0], 1, 1, 1, dtype=y.dtype, device=y.device).bernoulli_(keep)
+            y = y * mask / keep
+        return visible[id(node.residual)][:, : node.width] + y
+    if node.kind == "head":
+        head = node.width
+        final = net.space.final_channels(node.arg, head)
+        y = net.final_expand_conv(x[:, : node.arg], final)
+        y = stats.batch_norm(net.final_expand_bn, y, node, net.head_act, widths=[final])
+        y = y.mean((2, 3), keepdim=True)
+        if net.feature_mix_conv is not None:
+            y = net.head_act(net.feature_mix_conv(y, head))
+        return net.classifier(net.dropout(torch.flatten(y, 1)))
+    raise AssertionError(node.kind)
+
+
+def backward_many(
+    net,
+    images: Sequence[torch.Tensor],
+    archs: Sequence[Arch],
+    loss_of: LossOf,
+    autocast: Callable[[], object] | None = None,
+) -> list[torch.Tensor]:
+    """Forward every member, back-propagate ``loss_of(i, logits_i)`` (see the module docstring);
+    returns the members' logits, detached. ``autocast()`` (a context manager factory) wraps the
+    forward computations; losses and backward run outside it."""
+    roots = build_tree(net, images, archs)
+    stats = _StatsRecorder()
+    logits: list[torch.Tensor | None] = [None] * len(archs)
+    forward_context = autocast or _no_context
+
+    def run_chain(node: Node, visible: dict[int, torch.Tensor]) -> None:
+        """``node`` and the nodes below it that the same members share, then each branch below."""
+        chain: dict[int, torch.Tensor] = {}
+        while True:
+            with forward_context():
+                out = _compute(net, node, {**visible, **chain}, stats)
+            chain[id(node)] = out
+            if node.kind == "head":
+                m = node.members[0]
+                logits[m] = out.detach()
+                loss = loss_of(m, out)
+                if loss is not None and loss.requires_grad:
+                    loss.backward()
+                return
+            if len(node.children) == 1:
+                node = node.children[0]
+                continue
+            break
+        # The members part here: detach what the branches read, run them, back-propagate the chain once.
+        detached = {
+            key: t.detach().requires_grad_() if t.requires_grad else t
+            for key, t in chain.items()
+            if key in node.reads_below
+        }
+        branch_visible = {**visible, **detached}
+        for child in node.children:
+            run_chain(child, branch_visible)
+        roots_, grads = [], []
+        for key, leaf in detached.items():
+            if leaf.requires_grad and leaf.grad is not None:
+                roots_.append(chain[key])
+                grads.append(leaf.grad)
+        if roots_:
+            torch.autograd.backward(roots_, grads)
+
+    for root in roots:
+        visible = {id(root): root.images}
+        for child in root.children:
+            run_chain(child, visible)
+    stats.replay()
+    return logits
+
+
+class _no_context:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
