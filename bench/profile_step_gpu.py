@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     import test_bench_fused_step_gpu as suite
 
     problem = suite.Problem(device=device, batch=args.batch)
-    variants = [("sequential", "sequential", None), ("fused", "tofa_fast", None)]
+    variants = [("sequential", "sequential", None), ("shared", "shared", None), ("fused", "tofa_fast", None)]
     if device.type == "cuda" and not CUDA.not_supported_reasons(DwconvProblem("cuda", torch.bfloat16, 3, 7, 1, 2)):
         variants.append(("sequential, CUDA kernels", "sequential", "CUDA"))
     os.makedirs(args.out, exist_ok=True)

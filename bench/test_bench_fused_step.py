@@ -15,6 +15,9 @@ Cases, each run back to back by every implementation on the same members and ima
   All four members see the same images, so ``shared`` computes the stem, the first block and the
   first expansion once. Baselines: our sequential step, the ``ofa`` package's own step on its own
   model (``ofa``), and the same after ``tofa_fast.accelerate`` (``ofa+accelerate``).
+* ``digits ps step``: a ``ps`` step of the expand phase on digits — four subnets on one batch of 64
+  at one resolution (as OFA), CE + distillation from the frozen full net, ``ps``'s regularisation
+  (no drop-connect) — where ``shared`` shares the most.
 
 A round is a fixed cycle of steps (different random members each), the same cycle for everyone;
 medians are per step.
@@ -36,6 +39,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+import time
 
 import pytest
 import torch
@@ -53,7 +57,7 @@ SUITE = "fused_step_cpu"
 THREADS = int(os.environ.get("TOFA_BENCH_THREADS", "2"))  # 1: robust against a busy second core
 # Steps per round, each with other random members. The ofa package's step takes about a minute on
 # two cores (its depthwise backward), so that case runs one step per round.
-CYCLES = {"digits": 3, "ofa": 1}
+CYCLES = {"digits": 3, "ps": 3, "ofa": 1}
 TARGET_DIGITS = 1.8
 TARGET_OFA_SEQUENTIAL = 1.5
 TARGET_OFA_PACKAGE = 0.4  # fused time / ofa time
@@ -62,10 +66,12 @@ TIME_PER_BENCH, MIN_ROUNDS, MAX_ROUNDS = 6.0, 3, 20
 
 DIGITS_CASE = "digits TOFA step, 32 labelled + 32 unlabelled"
 OFA_CASE = "ofa_mbv3 w1.2 128px, batch 32, 4 members"
+PS_CASE = "digits ps step (expand phase), 4 subnets, batch 64"
 #: what the trainer computes in on the CPU by default (``--precision auto``, channels-last)
 CPU_FORMAT = ComputeFormat.resolve("auto", None, torch.device("cpu"))
 CASES = {
     DIGITS_CASE: ("tofa_fast", "shared", "sequential"),
+    PS_CASE: ("tofa_fast", "shared", "sequential"),
     OFA_CASE: ("tofa_fast", "shared", "sequential", "ofa", "ofa+accelerate"),
 }
 #: our multi-member steps: ``tofa_fast`` is --step fused, ``shared`` --step shared
@@ -73,17 +79,26 @@ MULTI_MEMBER = ("tofa_fast", "shared")
 MODE = "step (fwd+bwd)"
 
 
-class DigitsProblem:
-    def __init__(self):
+class StrategyStepProblem:
+    """Steps of a strategy on digits, planned by the strategy itself, with its default config and
+    regularisation (what ``tofa-fast train --strategy NAME`` runs), from epoch ``epoch`` on."""
+
+    def __init__(self, strategy_name: str, cycle: int, labelled: int, unlabelled: int = 0, epoch: int = 0):
         torch.manual_seed(0)
         space = tofa_fast.spaces.get("digits")
         self.net = tofa_fast.Supernet(space, 10).train()
-        config = TrainConfig(strategy="tofa", space="digits").resolved()
-        strategy = build_strategy("tofa", space, 10, 10, config)
+        config = TrainConfig(strategy=strategy_name, space="digits").resolved()
+        # the run's regularisation: residual drop-connect masks limit what members can share
+        self.net.set_regularization(dropout=config.dropout, drop_connect=config.drop_connect)
+        strategy = build_strategy(strategy_name, space, 25, 10, config)
         rng = random.Random(0)
-        self.plans = [strategy.plan(rng) for _ in range(CYCLES["digits"])]
-        x, u_weak, u_strong = (torch.randn(32, 3, 32, 32) for _ in range(3))
-        self.batch = StepBatch(x, torch.randint(0, 10, (32,)), u_weak, u_strong)
+        if epoch:
+            strategy.on_epoch_start(epoch, rng, self.net, torch.optim.SGD(self.net.parameters(), lr=0.1))
+        self.teacher = strategy.teacher()
+        self.plans = [strategy.plan(rng) for _ in range(cycle)]
+        x = torch.randn(labelled, 3, 32, 32)
+        u_weak, u_strong = (torch.randn(unlabelled, 3, 32, 32) for _ in range(2)) if unlabelled else (None, None)
+        self.batch = StepBatch(x, torch.randint(0, 10, (labelled,)), u_weak, u_strong)
         self.settings = LossSettings(config.label_smoothing, config.threshold)
 
     def runner(self, impl: str):
@@ -91,15 +106,31 @@ class DigitsProblem:
         fmt = CPU_FORMAT
         self.net = self.net.to(memory_format=fmt.memory_format)
         b = self.batch
-        batch = StepBatch.to_device((b.x, b.y), (b.u_weak, b.u_strong), torch.device("cpu"), fmt)
+        unlabelled = (b.u_weak, b.u_strong) if b.u_weak is not None else None
+        batch = StepBatch.to_device((b.x, b.y), unlabelled, torch.device("cpu"), fmt)
 
         def cycle():
             for plan in self.plans:
                 self.net.zero_grad(set_to_none=True)
-                train_step(self.net, plan, batch, self.settings, fmt, backend)
+                train_step(self.net, plan, batch, self.settings, fmt, backend, self.teacher)
 
         return cycle
 
+
+class DigitsProblem(StrategyStepProblem):
+    """The default run's step: TOFA, 32 labelled + 32 unlabelled images."""
+
+    def __init__(self):
+        super().__init__("tofa", CYCLES["digits"], labelled=32, unlabelled=32)
+
+
+class PsProblem(StrategyStepProblem):
+    """A ``ps`` step of the last (expand) phase: four subnets on one batch of 64 labelled images at
+    one resolution, CE + distillation from the frozen full net (frozen at the phase boundary)."""
+
+    def __init__(self):
+        probe = build_strategy("ps", tofa_fast.spaces.get("digits"), 25, 10, TrainConfig(strategy="ps").resolved())
+        super().__init__("ps", CYCLES["ps"], labelled=64, epoch=probe.phases[-1].start)
 
 
 class OfaProblem:
@@ -210,7 +241,7 @@ _PROBLEMS: dict[str, object] = {}
 
 def _problem(case: str):
     if case not in _PROBLEMS:
-        _PROBLEMS[case] = DigitsProblem() if case == DIGITS_CASE else OfaProblem()
+        _PROBLEMS[case] = {DIGITS_CASE: DigitsProblem, PS_CASE: PsProblem, OFA_CASE: OfaProblem}[case]()
     return _PROBLEMS[case]
 
 
@@ -259,6 +290,35 @@ def test_peak_activation_memory(bench_registry, case):
     memory = {f"{impl}_MiB": peak / 2**20 for impl, peak in peaks.items()}
     memory.update({f"{impl}/sequential": peaks[impl] / peaks["sequential"] for impl in MULTI_MEMBER})
     bench_registry.REGISTRY[SUITE]["meta"].setdefault("peak_activation_memory", {})[case] = memory
+
+
+#: rounds of the interleaved A/B below, per case (the ofa_mbv3 step takes seconds)
+INTERLEAVED_ROUNDS = {DIGITS_CASE: 16, PS_CASE: 8, OFA_CASE: 5}
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=lambda v: v.split(",")[0])
+def test_shared_vs_sequential_interleaved(bench_registry, case):
+    """The shared step's gain is ≈ 10% where members share, less than the drift of this shared
+    machine's load between two benchmarks run one after the other. Here the two alternate round by
+    round (A B B A ...), and the median of the per-round ratios goes into the results' ``meta``."""
+    problem = _problem(case)
+    runs = {impl: problem.runner(impl) for impl in ("sequential", "shared")}
+    for run in runs.values():
+        run()  # warm-up
+    ratios = []
+    for r in range(INTERLEAVED_ROUNDS[case]):
+        times = {}
+        for impl in ("sequential", "shared") if r % 2 == 0 else ("shared", "sequential"):
+            start = time.perf_counter()
+            runs[impl]()
+            times[impl] = time.perf_counter() - start
+        ratios.append(times["sequential"] / times["shared"])
+    ratios.sort()
+    bench_registry.REGISTRY[SUITE]["meta"].setdefault("interleaved_shared_vs_sequential", {})[case] = {
+        "median": ratios[len(ratios) // 2],
+        "rounds": ratios,
+    }
+    print(f"\n{case}: shared {ratios[len(ratios) // 2]:.3f}× sequential (interleaved, {len(ratios)} rounds: {ratios})")
 
 
 def test_targets(bench_registry):

@@ -16,7 +16,7 @@
 #               opcheck on cuda, Triton in process, autocast training)   -> gpu-tests.log, gpu-tests.xml
 #   gpu-bench   bench/test_elastic_dwconv_gpu.py (needs pytest-benchmark; skipped without it)
 #                                                                        -> gpu-bench.log, elastic_dwconv_gpu.{json,md}
-#   fused-bench bench/test_bench_fused_step_gpu.py: the fused vs sequential sandwich step, ofa_mbv3
+#   fused-bench bench/test_bench_fused_step_gpu.py: the fused and shared vs sequential sandwich step, ofa_mbv3
 #               128 px batch 32, bf16 + channels_last and fp32 (issue 13)
 #                                                                        -> fused-bench.log, fused_step_gpu.{json,md}
 #   step-profile bench/profile_step_gpu.py: wall vs GPU-busy time per step, launches, top ops

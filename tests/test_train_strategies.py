@@ -90,9 +90,12 @@ def test_progressive_shrinking_phases_sample_their_subspaces():
     }
     for index, phase in enumerate(strategy.phases):
         strategy.phase_index = index
+        resolutions_seen = set()
         for _ in range(30):
             archs = strategy.plan(rng).archs
             assert len(archs) == phase.subnets == (1, 1, 2, 2, 4, 4)[index]
+            assert len({a.resolution for a in archs}) == 1  # OFA: one image size per step
+            resolutions_seen.add(archs[0].resolution)
             for arch in archs:
                 assert space.check(arch) == arch
                 if phase.resolutions == 1:
@@ -106,6 +109,7 @@ def test_progressive_shrinking_phases_sample_their_subspaces():
                         assert all(e in sorted(st.expands)[-phase.expands :] for e in sa.expand)
                     if phase.widths is not None:
                         assert sa.width in sorted(st.widths)[-phase.widths :]
+        assert resolutions_seen == (set(space.resolutions) if phase.resolutions is None else {max(space.resolutions)})
     # the last phase reaches every choice: the min arch is in its sub-space
     assert restrict(space, PS_PHASES[-1]) == space
     assert restrict(space, PS_PHASES[0]).max_arch() == space.max_arch()

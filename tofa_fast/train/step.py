@@ -168,9 +168,10 @@ class SharedPrefixStep(StepBackend):
     depthwise and projection up to where their choices part, at the widest member's width. Each
     branch runs forward and backward before the next, so memory stays that of the largest member.
 
-    ``auto`` takes it on the CPU, where ``bench/test_bench_fused_step.py`` measured it 1.08-1.15×
-    the sequential step on OFA's sandwich step (all members on one batch) and never slower (with
-    nothing shared its bookkeeping costs ≈ 1 ms a step). On CUDA it is not measured yet."""
+    A step whose members all see different images has nothing to share and runs the sequential
+    passes. ``auto`` takes this entry on the CPU, where it measured 1.25–1.28× the sequential step on a
+    digits ``ps`` step (four subnets, one batch) and 1.03–1.10× on OFA's sandwich step
+    (``bench/test_bench_fused_step.py``, interleaved). On CUDA it is not measured yet."""
 
     name = "shared"
     supports = "every supernet: one member at a time, what members with the same images agree on once"
@@ -183,9 +184,15 @@ class SharedPrefixStep(StepBackend):
     def forward_members(
         self, net: Supernet, archs: Sequence[Arch], images: Sequence[torch.Tensor]
     ) -> list[torch.Tensor]:
-        return SequentialStep().forward_members(net, archs, images)
+        return SequentialStep.forward_members(self, net, archs, images)
 
     def backward_members(self, net, archs, images, loss_of, autocast) -> None:
+        if len({id(x) for x in images}) == len(images):
+            # Nothing to share (train_step hands members with the same images one tensor): the
+            # sequential passes, without the member tree's bookkeeping.
+            for i, (arch, x) in enumerate(zip(archs, images)):
+                super().backward_members(net, [arch], [x], lambda _, logits, i=i: loss_of(i, logits), autocast)
+            return
         net.backward_many(images, archs, loss_of, autocast)
 
 

@@ -191,7 +191,8 @@ class Phase:
 #: the full net and the kernel phase train at ``config.lr``. Elastic width (stem, stage and head
 #: widths; OFA's spaces have none) is unlocked together with expand: both are channel prefixes.
 #: Elastic resolution is on from the kernel phase, as OFA samples the image size in every
-#: progressive phase; the full net trains at the largest resolution.
+#: progressive phase (one size per step, for all of its subnets); the full net trains at the
+#: largest resolution.
 _LOW, _HIGH = 2.5e-3 / 3e-2, 7.5e-3 / 3e-2
 PS_PHASES = (
     Phase("full", 1, 1, 1, 1, 1, subnets=1, lr_scale=1.0, sort_channels=None, warmup=True),
@@ -303,10 +304,15 @@ class ProgressiveShrinking(Strategy):
         optimizer.state.clear()
 
     def plan(self, rng: random.Random) -> StepPlan:
-        """The phase's subnets, each distilling the frozen full net once it exists."""
+        """The phase's subnets, each distilling the frozen full net once it exists. All of a step's
+        subnets see the same images at one resolution — the first subnet's draw —, as in OFA, whose
+        loader draws one image size per batch and runs every subnet of the step on that batch
+        (progressive_shrinking.py's ``train_one_epoch``). The ``shared`` step then computes what
+        they agree on once."""
         phase, sub = self.phases[self.phase_index], self.spaces[self.phase_index]
         distil = self._teacher is not None
-        archs = [self.space.arch_from_dict(sub.sample(rng).to_dict()) for _ in range(phase.subnets)]
+        archs = [sub.sample(rng) for _ in range(phase.subnets)]
+        archs = [self.space.arch_from_dict({**a.to_dict(), "resolution": archs[0].resolution}) for a in archs]
         return StepPlan(tuple(Member(a, teacher_kd=distil) for a in archs))
 
     def lr_factor(self, step: int) -> float:
