@@ -40,6 +40,7 @@ on is never shared (members sharing it would share a mask).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -74,7 +75,7 @@ class Node:
     images: torch.Tensor | None = None
     children: list[Node] = field(default_factory=list)
     #: nodes above this one that this node's subtree reads (filled by :func:`build_tree`)
-    reads_below: set = field(default_factory=set)
+    reads_below: set[int] = field(default_factory=set)
 
     @property
     def width(self) -> int:
@@ -211,15 +212,12 @@ def _compute(net, node: Node, visible: dict[int, torch.Tensor], stats: _StatsRec
             mask = torch.empty(y.shape[0], 1, 1, 1, dtype=y.dtype, device=y.device).bernoulli_(keep)
             y = y * mask / keep
         return visible[id(node.residual)][:, : node.width] + y
-    if node.kind == "head":
-        head = node.width
-        final = net.space.final_channels(node.arg, head)
-        y = net.final_expand_conv(x[:, : node.arg], final)
-        y = stats.batch_norm(net.final_expand_bn, y, node, net.head_act, widths=[final])
-        y = y.mean((2, 3), keepdim=True)
-        if net.feature_mix_conv is not None:
-            y = net.head_act(net.feature_mix_conv(y, head))
-        return net.classifier(net.dropout(torch.flatten(y, 1)))
+    if node.kind == "head":  # one member: its batch norm on all of the final conv's channels
+
+        def batch_norm(bn, y, activation):
+            return stats.batch_norm(bn, y, node, activation, widths=[y.shape[1]])
+
+        return net.classify(x[:, : node.arg], node.width, batch_norm)
     raise AssertionError(node.kind)
 
 
@@ -228,7 +226,7 @@ def backward_many(
     images: Sequence[torch.Tensor],
     archs: Sequence[Arch],
     loss_of: LossOf,
-    autocast: Callable[[], object] | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> list[torch.Tensor]:
     """Forward every member, back-propagate ``loss_of(i, logits_i)`` (see the module docstring);
     returns the members' logits, detached. ``autocast()`` (a context manager factory) wraps the
@@ -236,7 +234,7 @@ def backward_many(
     roots = build_tree(net, images, archs)
     stats = _StatsRecorder()
     logits: list[torch.Tensor | None] = [None] * len(archs)
-    forward_context = autocast or _no_context
+    forward_context = autocast or contextlib.nullcontext
 
     def run_chain(node: Node, visible: dict[int, torch.Tensor]) -> None:
         """``node`` and the nodes below it that the same members share, then each branch below."""
@@ -279,11 +277,3 @@ def backward_many(
             run_chain(child, visible)
     stats.replay()
     return logits
-
-
-class _no_context:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

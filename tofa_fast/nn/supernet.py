@@ -142,11 +142,17 @@ class Supernet(nn.Module):
                 x = layer(x)
         return self.classify(x, arch.head)
 
-    def classify(self, x: torch.Tensor, head_width: int) -> torch.Tensor:
+    def classify(self, x: torch.Tensor, head_width: int, batch_norm: Callable | None = None) -> torch.Tensor:
         """The head: final 1×1 expand conv + BN + act, global pool, feature-mix conv, dropout,
-        classifier. x (N, C, H, W) is the last stage's output; returns (N, num_classes) logits."""
+        classifier. x (N, C, H, W) is the last stage's output; returns (N, num_classes) logits.
+        ``batch_norm(bn, y, activation)``, when given, runs the head's batch norm instead of
+        ``bn(y, activation)`` (the shared-prefix step records its statistics)."""
         final = self.space.final_channels(x.shape[1], head_width)
-        x = self.final_expand_bn(self.final_expand_conv(x, final), self.head_act)
+        y = self.final_expand_conv(x, final)
+        if batch_norm is None:
+            x = self.final_expand_bn(y, self.head_act)
+        else:
+            x = batch_norm(self.final_expand_bn, y, self.head_act)
         x = x.mean((2, 3), keepdim=True)
         if self.feature_mix_conv is not None:
             x = self.head_act(self.feature_mix_conv(x, head_width))
