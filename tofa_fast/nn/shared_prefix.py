@@ -190,6 +190,12 @@ class _StatsRecorder:
                 bn.update_running_stats_with(mean, var)
 
 
+def _prefix(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """x's first ``channels`` channels; x itself when that is all of them (a full-range slice still
+    costs its backward a zero-filled copy of the gradient)."""
+    return x if channels == x.shape[1] else x[:, :channels]
+
+
 def _compute(net, node: Node, visible: dict[int, torch.Tensor], stats: _StatsRecorder) -> torch.Tensor:
     """``node``'s output (at its widest member's width) from the tensors of the nodes it reads."""
     x = visible[id(node.parent)]
@@ -197,11 +203,11 @@ def _compute(net, node: Node, visible: dict[int, torch.Tensor], stats: _StatsRec
     if node.kind == "stem":
         return stats.batch_norm(net.stem_bn, net.stem_conv(x, node.width), node, net.stem_act)
     if node.kind == "expand":
-        return stats.batch_norm(layer.expand_bn, layer.expand_conv(x[:, : node.arg], node.width), node, layer.act)
+        return stats.batch_norm(layer.expand_bn, layer.expand_conv(_prefix(x, node.arg), node.width), node, layer.act)
     if node.kind == "dw":
-        return stats.batch_norm(layer.dw_bn, layer.dw_conv(x[:, : node.width], node.arg), node, layer.act)
+        return stats.batch_norm(layer.dw_bn, layer.dw_conv(_prefix(x, node.width), node.arg), node, layer.act)
     if node.kind == "tail":
-        y = x[:, : node.arg]
+        y = _prefix(x, node.arg)
         if layer.se is not None:
             y = layer.se(y)
         y = stats.batch_norm(layer.project_bn, layer.project_conv(y, node.width), node)
@@ -211,13 +217,13 @@ def _compute(net, node: Node, visible: dict[int, torch.Tensor], stats: _StatsRec
             keep = 1.0 - layer.drop_connect_rate
             mask = torch.empty(y.shape[0], 1, 1, 1, dtype=y.dtype, device=y.device).bernoulli_(keep)
             y = y * mask / keep
-        return visible[id(node.residual)][:, : node.width] + y
+        return _prefix(visible[id(node.residual)], node.width) + y
     if node.kind == "head":  # one member: its batch norm on all of the final conv's channels
 
         def batch_norm(bn, y, activation):
             return stats.batch_norm(bn, y, node, activation, widths=[y.shape[1]])
 
-        return net.classify(x[:, : node.arg], node.width, batch_norm)
+        return net.classify(_prefix(x, node.arg), node.width, batch_norm)
     raise AssertionError(node.kind)
 
 

@@ -142,9 +142,9 @@ class FusedStep(StepBackend):
     one backward for all of them. ``auto`` takes it only on the device types where
     ``bench/test_bench_fused_step.py`` measured it faster than ``sequential``: none yet. On the
     2-core CPU the packed pass computes the narrower members at the widest member's width and
-    copies rows between layouts, which costs more than the per-op overhead it saves (0.60× the
+    copies rows between layouts, which costs more than the per-op overhead it saves (0.54–0.70× the
     channels-last sequential digits step on two threads; bench/results/fused_step_cpu.md), and
-    holds every member's activations at once (≈ 3× the memory); on an H200 it ran at 0.80×
+    holds every member's activations at once (3–4× the memory); on an H200 it ran at 0.80×
     sequential in bf16 (ofa_mbv3 128 px, batch 32; bench/results/fused_step_gpu.md)."""
 
     name = "fused"
@@ -169,9 +169,10 @@ class SharedPrefixStep(StepBackend):
     branch runs forward and backward before the next, so memory stays that of the largest member.
 
     A step whose members all see different images has nothing to share and runs the sequential
-    passes. ``auto`` takes this entry on the CPU, where it measured 1.25–1.28× the sequential step on a
-    digits ``ps`` step (four subnets, one batch) and 1.03–1.10× on OFA's sandwich step
-    (``bench/test_bench_fused_step.py``, interleaved). On CUDA it is not measured yet."""
+    passes. ``auto`` takes this entry on the CPU, where it measured 1.32× the sequential step on a
+    digits ``ps`` step (four subnets, one batch), 1.12× on OFA's sandwich step and 1.01× on the
+    default TOFA step (``bench/test_bench_fused_step.py``, interleaved). On CUDA it is not measured
+    yet."""
 
     name = "shared"
     supports = "every supernet: one member at a time, what members with the same images agree on once"
