@@ -21,9 +21,10 @@ channels one by one gives each member the prefix of what the widest of them gets
 The members thus form a tree: each *node* is one such computation for the members that agree up to
 it. It runs depth first, one branch at a time, the way the sequential step runs one member at a
 time: a chain of nodes that the same members share runs as one autograd graph; where the members
-part, the chain's output is detached, each branch runs forward *and backward* (its member's loss is
-back-propagated as soon as its logits exist) and accumulates its gradient into the detached
-tensor, and then the chain itself is back-propagated once with the sum. Only the activations of the
+part, what the branches read of the chain is detached (one leaf per channel prefix they read), each
+branch runs forward *and backward* (its member's loss is back-propagated as soon as its logits
+exist) and accumulates its gradient into those leaves, and then the chain itself is
+back-propagated once with the sum. Only the activations of the
 current path are alive at any time: memory stays that of the largest member, not of all of them.
 
 Batch norm: a shared node's statistics over the shared batch are each member's own, so the forward
@@ -196,18 +197,48 @@ def _prefix(x: torch.Tensor, channels: int) -> torch.Tensor:
     return x if channels == x.shape[1] else x[:, :channels]
 
 
-def _compute(net, node: Node, visible: dict[int, torch.Tensor], stats: _StatsRecorder) -> torch.Tensor:
-    """``node``'s output (at its widest member's width) from the tensors of the nodes it reads."""
-    x = visible[id(node.parent)]
+class _PartingTensor:
+    """A chain's output where its members part (module docstring), as the branches read it: one
+    detached leaf per channel prefix they read, so that a narrower branch's gradient is a
+    narrow tensor added into the prefix once, not a zero-filled full-width copy per read."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+        self.leaves: dict[int, torch.Tensor] = {}
+
+    def prefix(self, channels: int) -> torch.Tensor:
+        leaf = self.leaves.get(channels)
+        if leaf is None:
+            leaf = self.leaves[channels] = _prefix(self.tensor.detach(), channels).requires_grad_()
+        return leaf
+
+    def gradient(self) -> torch.Tensor | None:
+        """The sum of the branches' gradients (None: no branch back-propagated into it)."""
+        grads = {c: leaf.grad for c, leaf in self.leaves.items() if leaf.grad is not None}
+        if not grads:
+            return None
+        total = grads.pop(self.tensor.shape[1], None)
+        if total is None:
+            total = torch.zeros_like(self.tensor)
+        for channels, grad in grads.items():
+            total[:, :channels] += grad
+        return total
+
+
+def _compute(net, node: Node, read: Callable[[Node, int], torch.Tensor], stats: _StatsRecorder) -> torch.Tensor:
+    """``node``'s output (at its widest member's width); ``read(n, c)`` is node n's output's first c channels."""
     layer = node.layer
     if node.kind == "stem":
+        x = read(node.parent, node.parent.width)
         return stats.batch_norm(net.stem_bn, net.stem_conv(x, node.width), node, net.stem_act)
     if node.kind == "expand":
-        return stats.batch_norm(layer.expand_bn, layer.expand_conv(_prefix(x, node.arg), node.width), node, layer.act)
+        x = read(node.parent, node.arg)
+        return stats.batch_norm(layer.expand_bn, layer.expand_conv(x, node.width), node, layer.act)
     if node.kind == "dw":
-        return stats.batch_norm(layer.dw_bn, layer.dw_conv(_prefix(x, node.width), node.arg), node, layer.act)
+        x = read(node.parent, node.width)
+        return stats.batch_norm(layer.dw_bn, layer.dw_conv(x, node.arg), node, layer.act)
     if node.kind == "tail":
-        y = _prefix(x, node.arg)
+        y = read(node.parent, node.arg)
         if layer.se is not None:
             y = layer.se(y)
         y = stats.batch_norm(layer.project_bn, layer.project_conv(y, node.width), node)
@@ -217,13 +248,13 @@ def _compute(net, node: Node, visible: dict[int, torch.Tensor], stats: _StatsRec
             keep = 1.0 - layer.drop_connect_rate
             mask = torch.empty(y.shape[0], 1, 1, 1, dtype=y.dtype, device=y.device).bernoulli_(keep)
             y = y * mask / keep
-        return _prefix(visible[id(node.residual)], node.width) + y
+        return read(node.residual, node.width) + y
     if node.kind == "head":  # one member: its batch norm on all of the final conv's channels
 
         def batch_norm(bn, y, activation):
             return stats.batch_norm(bn, y, node, activation, widths=[y.shape[1]])
 
-        return net.classify(_prefix(x, node.arg), node.width, batch_norm)
+        return net.classify(read(node.parent, node.arg), node.width, batch_norm)
     raise AssertionError(node.kind)
 
 
@@ -242,12 +273,22 @@ def backward_many(
     logits: list[torch.Tensor | None] = [None] * len(archs)
     forward_context = autocast or contextlib.nullcontext
 
-    def run_chain(node: Node, visible: dict[int, torch.Tensor]) -> None:
-        """``node`` and the nodes below it that the same members share, then each branch below."""
+    def run_chain(node: Node, visible: dict[int, torch.Tensor | _PartingTensor]) -> None:
+        """``node`` and the nodes below it that the same members share, then each branch below.
+        ``visible``: the outputs of the nodes above the chain, by ``id``."""
         chain: dict[int, torch.Tensor] = {}
+
+        def read(source: Node, channels: int) -> torch.Tensor:
+            t = chain.get(id(source))
+            if t is None:
+                t = visible[id(source)]
+                if isinstance(t, _PartingTensor):
+                    return t.prefix(channels)
+            return _prefix(t, channels)
+
         while True:
             with forward_context():
-                out = _compute(net, node, {**visible, **chain}, stats)
+                out = _compute(net, node, read, stats)
             chain[id(node)] = out
             if node.kind == "head":
                 m = node.members[0]
@@ -261,21 +302,20 @@ def backward_many(
                 continue
             break
         # The members part here: detach what the branches read, run them, back-propagate the chain once.
-        detached = {
-            key: t.detach().requires_grad_() if t.requires_grad else t
-            for key, t in chain.items()
-            if key in node.reads_below
+        parting = {
+            key: _PartingTensor(t) if t.requires_grad else t for key, t in chain.items() if key in node.reads_below
         }
-        branch_visible = {**visible, **detached}
+        branch_visible = {**visible, **parting}
         for child in node.children:
             run_chain(child, branch_visible)
-        roots_, grads = [], []
-        for key, leaf in detached.items():
-            if leaf.requires_grad and leaf.grad is not None:
-                roots_.append(chain[key])
-                grads.append(leaf.grad)
-        if roots_:
-            torch.autograd.backward(roots_, grads)
+        outputs, grads = [], []
+        for key, t in parting.items():
+            grad = t.gradient() if isinstance(t, _PartingTensor) else None
+            if grad is not None:
+                outputs.append(chain[key])
+                grads.append(grad)
+        if outputs:
+            torch.autograd.backward(outputs, grads)
 
     for root in roots:
         visible = {id(root): root.images}

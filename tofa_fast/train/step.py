@@ -169,10 +169,10 @@ class SharedPrefixStep(StepBackend):
     branch runs forward and backward before the next, so memory stays that of the largest member.
 
     A step whose members all see different images has nothing to share and runs the sequential
-    passes. ``auto`` takes this entry on the CPU, where it measured 1.32× the sequential step on a
-    digits ``ps`` step (four subnets, one batch), 1.12× on OFA's sandwich step and 1.01× on the
-    default TOFA step (``bench/test_bench_fused_step.py``, interleaved). On CUDA it is not measured
-    yet."""
+    passes. ``auto`` takes this entry on the CPU, where it measured 1.24–1.32× the sequential step on
+    a digits ``ps`` step (four subnets, one batch), 1.09–1.12× on OFA's sandwich step and 0.97–1.01×
+    on the default TOFA step (``bench/test_bench_fused_step.py``, interleaved, three runs). On CUDA
+    it is not measured yet."""
 
     name = "shared"
     supports = "every supernet: one member at a time, what members with the same images agree on once"
