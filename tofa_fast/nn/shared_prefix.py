@@ -89,6 +89,11 @@ def _same_images(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
+def any_share_images(images: Sequence[torch.Tensor]) -> bool:
+    """Whether two members get the same images: whether the tree shares anything at all."""
+    return any(_same_images(a, b) for i, a in enumerate(images) for b in images[i + 1 :])
+
+
 def build_tree(net, images: Sequence[torch.Tensor], archs: Sequence[Arch]) -> list[Node]:
     """The roots (one per distinct images tensor) of the members' computation tree (module docstring)."""
     roots: list[Node] = []

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..nn import Supernet
+from ..nn import Supernet, shared_prefix
 from ..spaces import Arch
 from . import losses
 from .loaders import resize
@@ -162,7 +162,7 @@ class FusedStep(StepBackend):
         return net.forward_many(images, archs)
 
 
-class SharedPrefixStep(StepBackend):
+class SharedPrefixStep(SequentialStep):
     """Members one after the other, what members with the same images agree on computed once
     (``Supernet.backward_many``, :mod:`tofa_fast.nn.shared_prefix`): the stem, and every expansion,
     depthwise and projection up to where their choices part, at the widest member's width. Each
@@ -182,13 +182,8 @@ class SharedPrefixStep(StepBackend):
     def not_supported_reasons(self, net: Supernet, device: torch.device) -> list[str]:
         return [] if isinstance(net, Supernet) else [f"{type(net).__name__} has no backward_many"]
 
-    def forward_members(
-        self, net: Supernet, archs: Sequence[Arch], images: Sequence[torch.Tensor]
-    ) -> list[torch.Tensor]:
-        return SequentialStep.forward_members(self, net, archs, images)
-
     def backward_members(self, net, archs, images, loss_of, autocast) -> None:
-        if len({id(x) for x in images}) == len(images):
+        if not shared_prefix.any_share_images(images):
             # Nothing to share (train_step hands members with the same images one tensor): the
             # sequential passes, without the member tree's bookkeeping.
             for i, (arch, x) in enumerate(zip(archs, images)):
