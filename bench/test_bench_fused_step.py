@@ -46,7 +46,6 @@ import torch
 
 import tofa_fast
 from tofa_fast.train import Member, StepPlan, TrainConfig
-from tofa_fast.train.loaders import resize
 from tofa_fast.train.step import ComputeFormat, LossSettings, StepBatch, choose_step_backend, train_step
 from tofa_fast.train.strategies import build_strategy
 
@@ -341,7 +340,9 @@ def test_targets(bench_registry):
         return times[baseline] / times[best[case]]
 
     if ratio(DIGITS_CASE, "sequential") < TARGET_DIGITS:
-        misses.append(f"digits: {best[DIGITS_CASE]} {ratio(DIGITS_CASE, 'sequential'):.2f}× sequential < {TARGET_DIGITS}×")
+        misses.append(
+            f"digits: {best[DIGITS_CASE]} {ratio(DIGITS_CASE, 'sequential'):.2f}× sequential < {TARGET_DIGITS}×"
+        )
     if ratio(OFA_CASE, "sequential") < TARGET_OFA_SEQUENTIAL:
         misses.append(
             f"ofa_mbv3: {best[OFA_CASE]} {ratio(OFA_CASE, 'sequential'):.2f}× sequential < {TARGET_OFA_SEQUENTIAL}×"

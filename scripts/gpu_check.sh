@@ -14,6 +14,10 @@
 #   info        `tofa-fast info`: which backend serves what, and why     -> info.log
 #   gpu-tests   `pytest -m gpu tests` (op vs reference fp32/bf16/mixed, NCHW and channels_last,
 #               opcheck on cuda, Triton in process, autocast training)   -> gpu-tests.log, gpu-tests.xml
+#               (TOFA_FAST_GPU_CHECK_TESTS: other test paths, e.g. tests/test_elastic_dwconv_cuda.py)
+#   kernel-bench bench/test_dwconv_kernels_gpu.py: the compiled CUDA op vs cuDNN, launch for launch
+#               (issue 11's kernel targets; outputs checked against float64)
+#                                                                        -> kernel-bench.log, dwconv_kernels_gpu.{json,md}
 #   gpu-bench   bench/test_elastic_dwconv_gpu.py (needs pytest-benchmark; skipped without it)
 #                                                                        -> gpu-bench.log, elastic_dwconv_gpu.{json,md}
 #   fused-bench bench/test_bench_fused_step_gpu.py: the fused and shared vs sequential sandwich step, ofa_mbv3
@@ -139,7 +143,8 @@ stage_info() {
 }
 
 stage_gpu_tests() {
-    "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider tests --junitxml="$OUT/gpu-tests.xml"
+    # shellcheck disable=SC2086
+    "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider ${TOFA_FAST_GPU_CHECK_TESTS:-tests} --junitxml="$OUT/gpu-tests.xml"
     local rc=$?
     # 5: nothing collected (no test marked gpu here).
     if [ $rc = 5 ]; then echo "skipped: no test marked gpu was collected"; return 77; fi
@@ -232,8 +237,9 @@ STAGES=(
     "build|stage_build|240|120|90"
     "info|stage_info|30|10|60"
     "gpu-tests|stage_gpu_tests|150|60|150"
+    "kernel-bench|run_bench test_dwconv_kernels_gpu.py dwconv_kernels_gpu|90|30|60"
     "gpu-bench|run_bench test_elastic_dwconv_gpu.py elastic_dwconv_gpu|150|30|60"
-    "fused-bench|run_bench test_bench_fused_step_gpu.py fused_step_gpu|60|20|60"
+    "fused-bench|run_bench test_bench_fused_step_gpu.py fused_step_gpu|150|20|60"
     "step-profile|stage_step_profile|60|20|60"
     "train|stage_train|120|45|150"
     "profile-b1|stage_profile 1|45|20|90"
@@ -312,6 +318,7 @@ for row in open(os.path.join(out, "stages.tsv")):
     stages.append({"stage": name, "status": status, "exit": rc, "seconds": int(took), "limit_s": int(limit)})
 results = {
     "gpu_tests": last_line("gpu-tests.log", " in "),
+    "kernel_bench": last_line("kernel-bench.log", " in "),
     "gpu_bench": last_line("gpu-bench.log", " in "),
     "fused_bench": last_line("fused-bench.log", " in "),
     "train_palette": load("run/palette.json"),
@@ -343,6 +350,8 @@ lines += [f"| {s['stage']} | {s['status']} | {s['seconds']} | {s['limit_s']} |" 
 lines.append("")
 if results["gpu_tests"]:
     lines.append(f"GPU tests: `{results['gpu_tests']}` (gpu-tests.log, gpu-tests.xml)")
+if results["kernel_bench"]:
+    lines.append(f"Kernel benchmark: `{results['kernel_bench']}` (kernel-bench.log; dwconv_kernels_gpu.md when complete)")
 if results["gpu_bench"]:
     lines.append(f"GPU benchmarks: `{results['gpu_bench']}` (gpu-bench.log; elastic_dwconv_gpu.md when complete)")
 if results["fused_bench"]:

@@ -21,6 +21,7 @@ STAGES = [
     "build",
     "info",
     "gpu-tests",
+    "kernel-bench",
     "gpu-bench",
     "fused-bench",
     "step-profile",

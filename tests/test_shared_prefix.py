@@ -12,10 +12,10 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from test_forward_many import DIGITS, _randomised, _variant_space, compare_networks, rel_err
 
 import tofa_fast
 from tofa_fast.nn import shared_prefix
-from test_forward_many import DIGITS, _randomised, _variant_space, compare_networks, rel_err
 
 
 def _members(space, seed: int, count: int = 6, resolutions=None):

@@ -2,15 +2,17 @@
 // of tofa_fast::_elastic_dwconv2d_compiled_{forward,backward} (schemas: csrc/ops/elastic_dwconv.cpp).
 //
 // Per forward call: one launch computes the active filters of the C used channels (centre slice +
-// the whole transform chain, one block per channel), one launch the convolution. Backward: grad
-// input, grad filter, then one launch walking the filter gradient back through the chain (full
+// the whole transform chain, one block per channel), one launch the convolution. The convolution and
+// its two gradients run the register-tiled kernels of elastic_dwconv_tiled.cuh for k ∈ {3, 5, 7},
+// stride ∈ {1, 2} in float32/float16/bfloat16 (the filter gradient: one more reduction launch), and
+// the per-element kernels below otherwise. Backward: grad input, grad filter, then one launch walking the filter gradient back through the chain (full
 // weight gradient, zero outside the window and channels ≥ C; matrix gradients by atomic adds into a
 // zeroed accumulation buffer). Accumulation is in at::opmath_type (float for half/bfloat16).
 // Mixed precision (autocast's fp32 master weights): a bfloat16/float16 x with float32 weight and
 // transforms. The chain kernels are templated on the weight's type apart from x's, so the active
 // filter is formed from the float32 weights and the weight/matrix gradients come back in float32.
 // Strides are passed to the kernels, so NCHW, channels_last and non-contiguous inputs need no copy;
-// threads walk elements in the output's memory order so neighbouring threads touch neighbouring
+// threads are laid out in the output's memory order so neighbouring threads touch neighbouring
 // addresses for both layouts. Only c10/cuda headers (no cuBLAS/cuSPARSE) are needed to compile.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -23,9 +25,11 @@
 #include <algorithm>
 #include <array>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../../csrc/ops/elastic_dwconv.h"
+#include "elastic_dwconv_tiled.h"
 
 namespace tofa_fast {
 namespace {
@@ -317,6 +321,15 @@ void active_filters_backward(const at::Tensor& weight, const std::vector<at::Ten
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The tiled kernels (elastic_dwconv_tiled.h) serve K ∈ {3, 5, 7}, stride ∈ {1, 2} in float32, float16
+// and bfloat16; float64 keeps the per-element kernels (a testing dtype; K×K register tiles would spill).
+template <typename scalar_t>
+constexpr bool kTiledDtype = !std::is_same_v<scalar_t, double>;
+
+tiled::Problem tiled_problem(const Dims& d, bool channels_last) {
+  return {d.n, d.c, d.h, d.w, d.oh, d.ow, d.k, d.stride, channels_last};
+}
+
 at::Tensor elastic_dwconv2d_forward_cuda(const at::Tensor& x, const at::Tensor& weight_arg, int64_t k, int64_t stride,
                                          at::TensorList transforms_arg) {
   const auto sizes = check_cuda_args(x, weight_arg, k, stride, transforms_arg);
@@ -331,10 +344,13 @@ at::Tensor elastic_dwconv2d_forward_cuda(const at::Tensor& x, const at::Tensor& 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "elastic_dwconv2d_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor filters = active_filters_for<scalar_t, acc_t>(x, weight, mats, sizes, k, d.c, stream);
+    const bool channels_last = format == at::MemoryFormat::ChannelsLast;
+    if constexpr (kTiledDtype<scalar_t>)
+      if (tiled::forward<scalar_t>(x, filters, y, tiled_problem(d, channels_last), stream)) return;
     const int64_t total = y.numel();
     dwconv_forward_kernel<scalar_t, acc_t><<<grid_for(total), kThreads, 0, stream>>>(
         x.data_ptr<scalar_t>(), strides_of(x), filters.data_ptr<acc_t>(), y.data_ptr<scalar_t>(), strides_of(y), d,
-        format == at::MemoryFormat::ChannelsLast, total);
+        channels_last, total);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return y;
@@ -365,21 +381,33 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> elastic_dwconv2d_bac
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "elastic_dwconv2d_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor filters = active_filters_for<scalar_t, acc_t>(x, weight, mats, sizes, k, d.c, stream);
+    const bool channels_last = format == at::MemoryFormat::ChannelsLast;
     if (need_x && grad_x.numel() > 0) {
-      const int64_t total = grad_x.numel();
-      dwconv_grad_input_kernel<scalar_t, acc_t><<<grid_for(total), kThreads, 0, stream>>>(
-          grad_y.data_ptr<scalar_t>(), strides_of(grad_y), filters.data_ptr<acc_t>(), grad_x.data_ptr<scalar_t>(),
-          strides_of(grad_x), d, format == at::MemoryFormat::ChannelsLast, total);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      bool done = false;
+      if constexpr (kTiledDtype<scalar_t>)
+        done = tiled::grad_input<scalar_t>(grad_y, filters, grad_x, tiled_problem(d, channels_last), stream);
+      if (!done) {
+        const int64_t total = grad_x.numel();
+        dwconv_grad_input_kernel<scalar_t, acc_t><<<grid_for(total), kThreads, 0, stream>>>(
+            grad_y.data_ptr<scalar_t>(), strides_of(grad_y), filters.data_ptr<acc_t>(), grad_x.data_ptr<scalar_t>(),
+            strides_of(grad_x), d, channels_last, total);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
     }
     if (!need_weight && !need_mats) return;
     const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    at::Tensor grad_filters = at::zeros({d.c, k * k}, acc_options);
-    if (d.n > 0) {
-      dwconv_grad_filter_kernel<scalar_t, acc_t><<<dim3(d.c, k * k), kThreads, 0, stream>>>(
-          x.data_ptr<scalar_t>(), strides_of(x), grad_y.data_ptr<scalar_t>(), strides_of(grad_y),
-          grad_filters.data_ptr<acc_t>(), d);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    at::Tensor grad_filters;
+    if constexpr (kTiledDtype<scalar_t>)
+      if (d.n > 0 && d.c > 0 && d.oh > 0 && d.ow > 0)
+        grad_filters = tiled::grad_filters<scalar_t>(x, grad_y, tiled_problem(d, channels_last), stream);
+    if (!grad_filters.defined()) {
+      grad_filters = at::zeros({d.c, k * k}, acc_options);
+      if (d.n > 0) {
+        dwconv_grad_filter_kernel<scalar_t, acc_t><<<dim3(d.c, k * k), kThreads, 0, stream>>>(
+            x.data_ptr<scalar_t>(), strides_of(x), grad_y.data_ptr<scalar_t>(), strides_of(grad_y),
+            grad_filters.data_ptr<acc_t>(), d);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
     }
     int64_t window_total = 0, matrix_total = 0;
     for (int64_t t : sizes) window_total += t * t, matrix_total += t * t * t * t;

@@ -230,13 +230,13 @@ TRITON = TritonBackend()
 # Device type → backends in order of preference. CUDA before Triton: no JIT warm-up, and it takes
 # every dtype and kernel size. Devices not listed get the reference.
 #
-# Why not cuDNN (the reference on CUDA tensors) first, though the op benchmark on an H200 has it
-# faster per call on fixed shapes (bench/results/elastic_dwconv_gpu.md: our fwd+bwd 0.51x of
-# it, geometric mean)? Tried, on an H200 (bench/results/gpu_check_h200.md, run 2): elastic training
-# calls the convolution with ever new channel counts and kernel sizes, and with cuDNN first the
-# default digits run took 7-20 s a step instead of 0.26 s, and the ofa_mbv3 fused step 349 ms
-# instead of 254 ms. The likely cause, not yet confirmed by a profile, is cuDNN's set-up of an
-# execution plan for every new shape; a kernel of our own has none.
+# Why not cuDNN (the reference on CUDA tensors) first? Tried, on an H200 (bench/results/gpu_check_h200.md,
+# run 2), when our kernels were per-element: elastic training calls the convolution with ever new
+# channel counts and kernel sizes, and with cuDNN first the default digits run took 7-20 s a step
+# instead of 0.26 s, and the ofa_mbv3 fused step 349 ms instead of 254 ms (likely cuDNN's set-up of an
+# execution plan for every new shape; a kernel of our own has none). Since then the tiled kernels
+# (kernels/cuda/elastic_dwconv_tiled.cuh) run forward + backward at 1.05x the speed of cuDNN in its best layout,
+# geometric mean on an H100, launch for launch (bench/results/gpu_check_h100.md).
 DISPATCH_TABLE: dict[str, tuple[ElasticDwconvBackend, ...]] = {
     "cpu": (CPP, REFERENCE),
     "cuda": (CUDA, TRITON, REFERENCE),

@@ -1,0 +1,490 @@
+// Register-tiled CUDA kernels of the depthwise convolution for the kernel sizes and strides the
+// search spaces use (K ∈ {3, 5, 7}, stride ∈ {1, 2}); elastic_dwconv.cu keeps the per-element
+// kernels for every other (k, stride) and for float64.
+//
+// Why tiles: the per-element kernels read k² inputs from global memory per output, and the old
+// grad-filter kernel (one block per (channel, tap)) re-read all of dy and x k² times, with loads
+// strided by C in channels_last. Here each thread owns one (channel, output column) and a strip of
+// output rows: it keeps the K×K filter (or, for the filter gradient, its K×K accumulators) in
+// registers and reads each input row of its strip once, K values wide, so one input row serves up
+// to K outputs of the strip. Neighbouring threads of a warp own neighbouring addresses: consecutive
+// channels in channels_last, consecutive columns in NCHW (`TileShape`), so every load is coalesced in
+// both layouts. The overlap between neighbouring threads' windows is served by L1.
+//
+// Filter gradient: no atomics. Each block reduces its threads' K×K sums over the columns it covers
+// (shared memory, one filter row at a time) and writes one partial per (block, channel, tap); the
+// host sums the partials (a deterministic reduction over a small buffer).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#ifdef TOFA_FAST_CUDA_EMULATION
+// The same source compiled by a host compiler, each CUDA thread an OS thread (tests/cuda_emulation):
+// the kernels' indexing, tiling and block reduction are tested on machines without a GPU.
+#include "../../tests/cuda_emulation/cuda_emulation.h"
+#else
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#endif
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#include "elastic_dwconv_tiled.h"
+
+#ifndef TOFA_FAST_CUDA_EMULATION
+// The launch's dynamic shared memory (the emulation gives each emulated block its own buffer).
+extern __shared__ unsigned char tofa_fast_tiled_dynamic_shared[];
+#define TOFA_FAST_DYNAMIC_SHARED tofa_fast_tiled_dynamic_shared
+#endif
+
+namespace tofa_fast {
+namespace tiled {
+
+constexpr int kThreads = 128;
+constexpr int kForwardRows = 4;  // output rows per thread, forward and grad input
+constexpr int kFilterRows = 8;   // output rows per thread per step, filter gradient
+
+// A block is kThreads threads = `channels` × `columns`. channels_last: lanes walk channels (the
+// contiguous axis), up to 32; NCHW: lanes walk output columns, up to 32. Small extents take fewer
+// lanes so that a 7-wide map or a 16-channel layer does not leave most of a warp idle.
+struct TileShape {
+  int channels, columns;
+  bool channels_last;
+
+  static int pow2_at_most_32(int64_t extent) {
+    int p = 1;
+    while (p < 32 && p < extent) p *= 2;
+    return p;
+  }
+  static TileShape of(int64_t channels, int64_t out_width, bool channels_last) {
+    if (channels_last) {
+      const int c = pow2_at_most_32(channels);
+      return {c, kThreads / c, true};
+    }
+    const int w = pow2_at_most_32(out_width);
+    return {kThreads / w, w, false};
+  }
+  __device__ __forceinline__ int channel_of(int thread) const {
+    return channels_last ? thread % channels : thread / columns;
+  }
+  __device__ __forceinline__ int column_of(int thread) const {
+    return channels_last ? thread / channels : thread % columns;
+  }
+  __device__ __forceinline__ int thread_of(int channel, int column) const {
+    return channels_last ? column * channels + channel : channel * columns + column;
+  }
+  int64_t channel_tiles(int64_t c) const { return (c + channels - 1) / channels; }
+  int64_t column_tiles(int64_t w) const { return (w + columns - 1) / columns; }
+};
+
+// Sizes of one launch: input (h, w) and output (oh, ow). In-image sizes and offsets are 32-bit (the
+// host checks they fit: `fits_int32`), which halves the index arithmetic of every load.
+struct Extents {
+  int64_t n, c;
+  int h, w, oh, ow;
+};
+
+// Element strides: between images and channels 64-bit, within an image 32-bit.
+struct Strides {
+  int64_t n, c;
+  int h, w;
+};
+
+// Block → (channel tile, column tile); blockIdx.x = channel tile × column tiles + column tile.
+__device__ __forceinline__ void block_origin(const TileShape& tile, int out_width, int64_t& c0, int& w0) {
+  const int column_tiles = (out_width + tile.columns - 1) / tile.columns;
+  c0 = int64_t(blockIdx.x / column_tiles) * tile.channels;
+  w0 = (blockIdx.x % column_tiles) * tile.columns;
+}
+
+// The block's filters, [tile.channels][K·K], staged in dynamic shared memory: one coalesced read of
+// the contiguous [C, K·K] rows instead of K·K loads per thread strided by K·K across a warp's
+// channels (channels_last). K·K is odd, so a warp reading one tap of 32 channels hits 32 banks.
+template <typename acc_t, int K>
+__device__ __forceinline__ acc_t* stage_filters(const acc_t* __restrict__ filters, int64_t c0, int64_t channels,
+                                                const TileShape& tile) {
+  acc_t* staged = reinterpret_cast<acc_t*>(TOFA_FAST_DYNAMIC_SHARED);
+  const int count = int(c0 + tile.channels <= channels ? tile.channels : channels - c0) * K * K;
+  for (int e = threadIdx.x; e < count; e += kThreads) staged[e] = filters[c0 * K * K + e];
+  __syncthreads();
+  return staged;
+}
+
+template <typename acc_t, int K>
+size_t staged_filter_bytes(const TileShape& tile) {
+  return size_t(tile.channels) * K * K * sizeof(acc_t);
+}
+
+// A thread's K input columns, fixed for its whole strip: the offset of each within a row and whether
+// it lies inside the image (`offset` holds 0 where it does not, so a load there stays in bounds).
+template <int K>
+struct Columns {
+  int offset[K];
+  bool inside[K];
+  bool all_inside;
+
+  // Columns first + j·step, j < K (step 2 with `parity`: only those of even first + j count; a column
+  // value c there stands for c / 2 — the stride-2 input gradient's dy columns).
+  __device__ __forceinline__ Columns(int first, int width, int stride_w, bool parity = false) {
+    all_inside = true;
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      int column = first + (parity ? -j : j);
+      bool ok = column >= 0;
+      if (parity) {
+        ok = ok && (column & 1) == 0;
+        column >>= 1;
+      }
+      ok = ok && column < width;
+      inside[j] = ok;
+      offset[j] = ok ? column * stride_w : 0;
+      all_inside = all_inside && ok;
+    }
+  }
+};
+
+// row[j] = the j-th column of the row at `row` (zero outside the image unless CHECKED is false).
+template <bool CHECKED, typename scalar_t, typename acc_t, int K>
+__device__ __forceinline__ void load_row(const scalar_t* __restrict__ row, const Columns<K>& columns, acc_t (&out)[K]) {
+#pragma unroll
+  for (int j = 0; j < K; ++j)
+    out[j] = (!CHECKED || columns.inside[j]) ? static_cast<acc_t>(row[columns.offset[j]]) : acc_t(0);
+}
+
+// acc[t] += Σ_{i,j} f[i][j] · x[ih0 + t·S + i][columns j], t < TH: each of the strip's input rows is
+// read once and serves every output row whose window holds it. CHECKED: rows and columns may leave
+// the image (border strips); the interior takes the unchecked instance, free of compares.
+template <bool CHECKED, int K, int S, int TH, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void convolve_strip(const scalar_t* __restrict__ plane, int stride_h, int ih0, int height,
+                                               const Columns<K>& columns, const acc_t (&f)[K * K], acc_t (&acc)[TH]) {
+  constexpr int ROWS = (TH - 1) * S + K;
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    const int ih = ih0 + r;
+    if (CHECKED && (ih < 0 || ih >= height)) continue;
+    acc_t row[K];
+    load_row<CHECKED>(plane + ih * stride_h, columns, row);
+#pragma unroll
+    for (int t = 0; t < TH; ++t) {
+      const int i = r - t * S;  // compile-time after unrolling: the filter stays in registers
+      if (i < 0 || i >= K) continue;
+#pragma unroll
+      for (int j = 0; j < K; ++j) acc[t] += f[i * K + j] * row[j];
+    }
+  }
+}
+
+// y[n, c, oh, ow] = Σ_{i,j} F[i][j] · x[n, c, oh·S + i − K/2, ow·S + j − K/2] (zero outside x).
+// FLIP reads the filter rotated by 180°: with S = 1 that is the input gradient of the same conv,
+// run on dy (the convolution's transpose; odd K keeps the sizes).
+// Grid: (channel tiles × column tiles, ⌈OH / kForwardRows⌉, N).
+template <typename scalar_t, typename acc_t, int K, int S, bool FLIP>
+__global__ void __launch_bounds__(kThreads)
+    forward_kernel(const scalar_t* __restrict__ x, Strides sx, const acc_t* __restrict__ filters,
+                   scalar_t* __restrict__ y, Strides sy, Extents e, TileShape tile) {
+  constexpr int P = K / 2, TH = kForwardRows, ROWS = (TH - 1) * S + K;
+  int64_t c0;
+  int w0;
+  block_origin(tile, e.ow, c0, w0);
+  const acc_t* staged = stage_filters<acc_t, K>(filters, c0, e.c, tile);
+  const int lane_c = tile.channel_of(threadIdx.x);
+  const int64_t c = c0 + lane_c;
+  const int ow = w0 + tile.column_of(threadIdx.x);
+  if (c >= e.c || ow >= e.ow) return;
+  const int oh0 = blockIdx.y * TH;
+  const int64_t n = blockIdx.z;
+
+  acc_t f[K * K];
+#pragma unroll
+  for (int t = 0; t < K * K; ++t) f[t] = staged[lane_c * K * K + (FLIP ? K * K - 1 - t : t)];
+  acc_t acc[TH];
+#pragma unroll
+  for (int t = 0; t < TH; ++t) acc[t] = acc_t(0);
+
+  const scalar_t* plane = x + n * sx.n + c * sx.c;
+  const Columns<K> columns(ow * S - P, e.w, sx.w);
+  const int ih0 = oh0 * S - P;
+  if (columns.all_inside && ih0 >= 0 && ih0 + ROWS <= e.h)
+    convolve_strip<false, K, S, TH>(plane, sx.h, ih0, e.h, columns, f, acc);
+  else
+    convolve_strip<true, K, S, TH>(plane, sx.h, ih0, e.h, columns, f, acc);
+  scalar_t* out = y + n * sy.n + c * sy.c + ow * sy.w;
+#pragma unroll
+  for (int t = 0; t < TH; ++t)
+    if (oh0 + t < e.oh) out[(oh0 + t) * sy.h] = static_cast<scalar_t>(acc[t]);
+}
+
+// Input gradient of a stride-2 conv: dx[h][w] = Σ_{i,j} F[i][j] · dy[(h + P − i)/2][(w + P − j)/2]
+// over even, in-range numerators. A thread's strip starts at an even row, so which taps i meet an
+// even numerator for each row of the strip is known at compile time; for the columns it is fixed per
+// thread (`Columns` with parity). Grid as forward_kernel's over (H, W): e.oh/e.ow are dy's sizes.
+template <typename scalar_t, typename acc_t, int K>
+__global__ void __launch_bounds__(kThreads)
+    grad_input_stride2_kernel(const scalar_t* __restrict__ gy, Strides sg, const acc_t* __restrict__ filters,
+                              scalar_t* __restrict__ gx, Strides sx, Extents e, TileShape tile) {
+  constexpr int P = K / 2, TH = kForwardRows;
+  static_assert(TH % 2 == 0, "strips must start at even rows");
+  // dy rows touched by the strip, relative to h0 / 2: (t + P − i) / 2 over t < TH, i < K; numerators
+  // run from P − (K − 1) = −P up, and the lowest even one is −2·⌊P/2⌋.
+  constexpr int LO = -(P / 2), HI = (TH - 1 + P) / 2;
+  int64_t c0;
+  int w0;
+  block_origin(tile, e.w, c0, w0);
+  const acc_t* staged = stage_filters<acc_t, K>(filters, c0, e.c, tile);
+  const int lane_c = tile.channel_of(threadIdx.x);
+  const int64_t c = c0 + lane_c;
+  const int w = w0 + tile.column_of(threadIdx.x);
+  if (c >= e.c || w >= e.w) return;
+  const int h0 = blockIdx.y * TH;
+  const int64_t n = blockIdx.z;
+
+  acc_t f[K * K];
+#pragma unroll
+  for (int t = 0; t < K * K; ++t) f[t] = staged[lane_c * K * K + t];
+  acc_t acc[TH];
+#pragma unroll
+  for (int t = 0; t < TH; ++t) acc[t] = acc_t(0);
+
+  const scalar_t* plane = gy + n * sg.n + c * sg.c;
+  const Columns<K> columns(w + P, e.ow, sg.w, /*parity=*/true);  // column j: dy[.][(w + P − j)/2]
+#pragma unroll
+  for (int rho = LO; rho <= HI; ++rho) {
+    const int q = h0 / 2 + rho;
+    if (q < 0 || q >= e.oh) continue;
+    acc_t row[K];
+    load_row<true>(plane + q * sg.h, columns, row);
+#pragma unroll
+    for (int t = 0; t < TH; ++t) {
+      const int i = t + P - 2 * rho;  // the tap that maps row h0 + t onto dy row q
+      if (i < 0 || i >= K) continue;
+#pragma unroll
+      for (int j = 0; j < K; ++j) acc[t] += f[i * K + j] * row[j];
+    }
+  }
+  scalar_t* out = gx + n * sx.n + c * sx.c + w * sx.w;
+#pragma unroll
+  for (int t = 0; t < TH; ++t)
+    if (h0 + t < e.h) out[(h0 + t) * sx.h] = static_cast<scalar_t>(acc[t]);
+}
+
+// acc[i][j] += Σ_t g[t] · x[ih0 + t·S + i][columns j]: the filter gradient's share of one strip.
+template <bool CHECKED, int K, int S, int TH, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void correlate_strip(const scalar_t* __restrict__ plane, int stride_h, int ih0, int height,
+                                                const Columns<K>& columns, const acc_t (&g)[TH],
+                                                acc_t (&acc)[K * K]) {
+  constexpr int ROWS = (TH - 1) * S + K;
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    const int ih = ih0 + r;
+    if (CHECKED && (ih < 0 || ih >= height)) continue;
+    acc_t row[K];
+    load_row<CHECKED>(plane + ih * stride_h, columns, row);
+#pragma unroll
+    for (int t = 0; t < TH; ++t) {
+      const int i = r - t * S;
+      if (i < 0 || i >= K) continue;
+#pragma unroll
+      for (int j = 0; j < K; ++j) acc[i * K + j] += g[t] * row[j];
+    }
+  }
+}
+
+// dF[c][i][j] = Σ_{n, oh, ow} dy[n, c, oh, ow] · x[n, c, oh·S + i − P, ow·S + j − P].
+// Grid: (channel tiles × column tiles, batch chunks). Each thread sums K×K products in registers over
+// its column, all output rows, and the batch chunk's images; the block then sums its columns and
+// writes partials[(chunk × column tiles + column tile), c, tap] for its channels.
+// At most 128 registers (4 blocks per multiprocessor): left free, ptxas hoists whole strips of loads
+// for K = 3 and 5 and spills.
+template <typename scalar_t, typename acc_t, int K, int S>
+__global__ void __launch_bounds__(kThreads, 4)
+    grad_filter_kernel(const scalar_t* __restrict__ x, Strides sx, const scalar_t* __restrict__ gy, Strides sg,
+                       acc_t* __restrict__ partials, Extents e, TileShape tile, int64_t images_per_chunk) {
+  constexpr int P = K / 2, TH = kFilterRows, ROWS = (TH - 1) * S + K;
+  __shared__ acc_t row_sums[K * kThreads];
+  int64_t c0;
+  int w0;
+  block_origin(tile, e.ow, c0, w0);
+  const int lane_c = tile.channel_of(threadIdx.x);
+  const int64_t c = c0 + lane_c;
+  const int ow = w0 + tile.column_of(threadIdx.x);
+  const bool active = c < e.c && ow < e.ow;
+
+  acc_t acc[K * K];
+#pragma unroll
+  for (int t = 0; t < K * K; ++t) acc[t] = acc_t(0);
+  if (active) {
+    const int64_t n_begin = int64_t(blockIdx.y) * images_per_chunk;
+    const int64_t n_end = n_begin + images_per_chunk < e.n ? n_begin + images_per_chunk : e.n;
+    const Columns<K> columns(ow * S - P, e.w, sx.w);
+    // Not unrolled: unrolling these hoists loads of the next strip and spills the K×K accumulators.
+#pragma unroll 1
+    for (int64_t n = n_begin; n < n_end; ++n) {
+      const scalar_t* plane = x + n * sx.n + c * sx.c;
+      const scalar_t* grad = gy + n * sg.n + c * sg.c + ow * sg.w;
+#pragma unroll 1
+      for (int oh0 = 0; oh0 < e.oh; oh0 += TH) {
+        const bool full = oh0 + TH <= e.oh;
+        acc_t g[TH];
+#pragma unroll
+        for (int t = 0; t < TH; ++t) g[t] = full || oh0 + t < e.oh ? static_cast<acc_t>(grad[(oh0 + t) * sg.h]) : acc_t(0);
+        const int ih0 = oh0 * S - P;
+        if (columns.all_inside && ih0 >= 0 && ih0 + ROWS <= e.h)
+          correlate_strip<false, K, S, TH>(plane, sx.h, ih0, e.h, columns, g, acc);
+        else
+          correlate_strip<true, K, S, TH>(plane, sx.h, ih0, e.h, columns, g, acc);
+      }
+    }
+  }
+  // Sum over the block's columns, one filter row (K taps) at a time through shared memory.
+  const int column_tiles = (e.ow + tile.columns - 1) / tile.columns;
+  const int64_t partial_row = int64_t(blockIdx.y) * column_tiles + blockIdx.x % column_tiles;
+#pragma unroll
+  for (int i = 0; i < K; ++i) {
+#pragma unroll
+    for (int j = 0; j < K; ++j) row_sums[j * kThreads + threadIdx.x] = acc[i * K + j];
+    __syncthreads();
+    for (int slot = threadIdx.x; slot < K * tile.channels; slot += kThreads) {
+      const int j = slot / tile.channels, channel = slot % tile.channels;
+      if (c0 + channel >= e.c) continue;
+      acc_t sum = 0;
+      for (int column = 0; column < tile.columns; ++column)
+        sum += row_sums[j * kThreads + tile.thread_of(channel, column)];
+      partials[(partial_row * e.c + c0 + channel) * (K * K) + i * K + j] = sum;
+    }
+    __syncthreads();
+  }
+}
+
+// Calls f(std::integral_constant<int, K>{}, std::integral_constant<int, S>{}) for the (k, stride)
+// pairs with a tiled kernel; false (nothing called) for the others.
+template <typename F>
+bool with_tiled_shape(int64_t k, int64_t stride, F&& f) {
+  using std::integral_constant;
+  if (stride == 1) {
+    if (k == 3) return f(integral_constant<int, 3>{}, integral_constant<int, 1>{}), true;
+    if (k == 5) return f(integral_constant<int, 5>{}, integral_constant<int, 1>{}), true;
+    if (k == 7) return f(integral_constant<int, 7>{}, integral_constant<int, 1>{}), true;
+  } else if (stride == 2) {
+    if (k == 3) return f(integral_constant<int, 3>{}, integral_constant<int, 2>{}), true;
+    if (k == 5) return f(integral_constant<int, 5>{}, integral_constant<int, 2>{}), true;
+    if (k == 7) return f(integral_constant<int, 7>{}, integral_constant<int, 2>{}), true;
+  }
+  return false;
+}
+
+// Grid limits: rows and batch ride on gridDim.y / .z (≤ 65535).
+inline bool fits_grid(int64_t rows, int64_t batch) {
+  return (rows + kForwardRows - 1) / kForwardRows <= 65535 && batch <= 65535;
+}
+
+inline Strides strides_of(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), static_cast<int>(t.stride(2)), static_cast<int>(t.stride(3))};
+}
+
+// Whether one image-channel plane of t is addressed in 32 bits (offsets up to (h−1)·stride_h +
+// (w−1)·stride_w), as the tiled kernels do; anything larger takes the per-element kernels.
+inline bool fits_int32(const at::Tensor& t) {
+  constexpr int64_t limit = int64_t(1) << 31;
+  const int64_t last = (t.size(2) - 1) * t.stride(2) + (t.size(3) - 1) * t.stride(3);
+  return t.size(2) < limit && t.size(3) < limit && t.stride(2) < limit && t.stride(3) < limit && last < limit;
+}
+
+inline Extents extents_of(const Problem& p) {
+  return {p.n, p.c, static_cast<int>(p.h), static_cast<int>(p.w), static_cast<int>(p.oh), static_cast<int>(p.ow)};
+}
+
+// The current device's multiprocessor count (ATen's device-properties cache lives in a header that
+// pulls in cuSPARSE; these files compile against c10/cuda alone).
+#ifndef TOFA_FAST_CUDA_EMULATION
+inline int multiprocessors() {
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  return count;
+}
+
+// kernel<<<grid, kThreads, shared, stream>>>(args...), checked.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, size_t shared, cudaStream_t stream, Args... args) {
+  kernel<<<grid, kThreads, shared, stream>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+#else
+inline int multiprocessors() { return emulation::multiprocessors; }
+
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, size_t shared, cudaStream_t, Args... args) {
+  emulation::run_grid(grid, kThreads, shared, [&] { kernel(args...); });
+}
+#endif
+
+template <typename scalar_t>
+bool forward(const at::Tensor& x, const at::Tensor& filters, at::Tensor& y, const Problem& p, cudaStream_t stream) {
+  using acc_t = float;
+  if (!fits_grid(p.oh, p.n) || !fits_int32(x) || !fits_int32(y)) return false;
+  const TileShape tile = TileShape::of(p.c, p.ow, p.channels_last);
+  const Extents e = extents_of(p);
+  return with_tiled_shape(p.k, p.stride, [&](auto K, auto S) {
+    const dim3 grid(tile.channel_tiles(p.c) * tile.column_tiles(p.ow), (p.oh + kForwardRows - 1) / kForwardRows, p.n);
+    launch(forward_kernel<scalar_t, acc_t, K(), S(), false>, grid, staged_filter_bytes<acc_t, K()>(tile), stream,
+           x.data_ptr<scalar_t>(), strides_of(x), filters.data_ptr<acc_t>(), y.data_ptr<scalar_t>(), strides_of(y), e,
+           tile);
+  });
+}
+
+template <typename scalar_t>
+bool grad_input(const at::Tensor& grad_y, const at::Tensor& filters, at::Tensor& grad_x, const Problem& p,
+                cudaStream_t stream) {
+  using acc_t = float;
+  if (!fits_grid(p.h, p.n) || !fits_int32(grad_y) || !fits_int32(grad_x)) return false;
+  const TileShape tile = TileShape::of(p.c, p.w, p.channels_last);
+  const dim3 grid(tile.channel_tiles(p.c) * tile.column_tiles(p.w), (p.h + kForwardRows - 1) / kForwardRows, p.n);
+  return with_tiled_shape(p.k, p.stride, [&](auto K, auto S) {
+    const size_t shared = staged_filter_bytes<acc_t, K()>(tile);
+    if constexpr (S() == 1) {
+      // The forward kernel reads dy as its input (oh × ow) and writes dx (h × w).
+      const Extents e{p.n, p.c, static_cast<int>(p.oh), static_cast<int>(p.ow), static_cast<int>(p.h),
+                      static_cast<int>(p.w)};
+      launch(forward_kernel<scalar_t, acc_t, K(), 1, true>, grid, shared, stream, grad_y.data_ptr<scalar_t>(),
+             strides_of(grad_y), filters.data_ptr<acc_t>(), grad_x.data_ptr<scalar_t>(), strides_of(grad_x), e, tile);
+    } else {
+      const Extents e = extents_of(p);
+      launch(grad_input_stride2_kernel<scalar_t, acc_t, K()>, grid, shared, stream, grad_y.data_ptr<scalar_t>(),
+             strides_of(grad_y), filters.data_ptr<acc_t>(), grad_x.data_ptr<scalar_t>(), strides_of(grad_x), e, tile);
+    }
+  });
+}
+
+template <typename scalar_t>
+at::Tensor grad_filters(const at::Tensor& x, const at::Tensor& grad_y, const Problem& p, cudaStream_t stream) {
+  using acc_t = float;
+  if (p.n > 65535 || p.n == 0 || p.c == 0 || p.oh == 0 || p.ow == 0 || !fits_int32(x) || !fits_int32(grad_y)) return {};
+  const TileShape tile = TileShape::of(p.c, p.ow, p.channels_last);
+  const int64_t column_tiles = tile.column_tiles(p.ow), base_blocks = tile.channel_tiles(p.c) * column_tiles;
+  // Batch chunks: about 8 blocks per multiprocessor in all.
+  const int64_t wanted_chunks = std::min<int64_t>(p.n, std::max<int64_t>(1, 8 * multiprocessors() / base_blocks));
+  const int64_t images_per_chunk = (p.n + wanted_chunks - 1) / wanted_chunks;
+  const int64_t chunks = (p.n + images_per_chunk - 1) / images_per_chunk;
+  const Extents e = extents_of(p);
+  at::Tensor result;
+  with_tiled_shape(p.k, p.stride, [&](auto K, auto S) {
+    at::Tensor partials = at::empty({chunks * column_tiles, p.c, K() * K()}, x.options().dtype(at::kFloat));
+    launch(grad_filter_kernel<scalar_t, acc_t, K(), S()>, dim3(base_blocks, chunks), 0, stream, x.data_ptr<scalar_t>(),
+           strides_of(x), grad_y.data_ptr<scalar_t>(), strides_of(grad_y), partials.data_ptr<acc_t>(), e, tile,
+           images_per_chunk);
+    result = partials.size(0) == 1 ? partials[0] : partials.sum(0);
+  });
+  return result;
+}
+
+// One translation unit per dtype (elastic_dwconv_tiled_<dtype>.cu), so that the build compiles them in parallel.
+#define TOFA_FAST_INSTANTIATE_TILED(scalar_t)                                                                    \
+  template bool forward<scalar_t>(const at::Tensor&, const at::Tensor&, at::Tensor&, const Problem&, cudaStream_t); \
+  template bool grad_input<scalar_t>(const at::Tensor&, const at::Tensor&, at::Tensor&, const Problem&,           \
+                                     cudaStream_t);                                                             \
+  template at::Tensor grad_filters<scalar_t>(const at::Tensor&, const at::Tensor&, const Problem&, cudaStream_t);
+
+}  // namespace tiled
+}  // namespace tofa_fast
