@@ -65,6 +65,12 @@ def _cases() -> list[tuple]:
                         torch.float32,
                     )
                 )
+    # channels_last with ≥ 24 channels: the shared-memory tile kernel (two channel tiles here)
+    cases += [
+        (2, 40, rng.randint(1, 12), rng.randint(1, 20), k, s, "channels_last", torch.float32)
+        for k in (3, 5, 7)
+        for s in (1, 2)
+    ]
     cases += [
         (2, 40, 13, 37, 7, 1, "contiguous", torch.float32),  # two column tiles of 32 lanes
         (2, 70, 9, 9, 5, 2, "channels_last", torch.float32),  # three channel tiles of 32 lanes

@@ -11,6 +11,11 @@
 // channels in channels_last, consecutive columns in NCHW (`TileShape`), so every load is coalesced in
 // both layouts. The overlap between neighbouring threads' windows is served by L1.
 //
+// channels_last with ≥ 24 channels (what training on CUDA uses) goes one step further: the forward,
+// the stride-1 input gradient and the filter gradient copy a block's input window into shared
+// memory first (`NhwcTile`, `forward_nhwc_kernel`, `grad_filter_nhwc_kernel`), and each thread then
+// reads its K-wide rows there at compile-time offsets, for several output columns at once.
+//
 // Filter gradient: no atomics. Each block reduces its threads' K×K sums over the columns it covers
 // (shared memory, one filter row at a time) and writes one partial per (block, channel, tap); the
 // host sums the partials (a deterministic reduction over a small buffer).
@@ -18,14 +23,13 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#ifdef TOFA_FAST_CUDA_EMULATION
-// The same source compiled by a host compiler, each CUDA thread an OS thread (tests/cuda_emulation):
-// the kernels' indexing, tiling and block reduction are tested on machines without a GPU.
-#include "../../tests/cuda_emulation/cuda_emulation.h"
-#else
+#ifndef TOFA_FAST_CUDA_EMULATION
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #endif
+// TOFA_FAST_CUDA_EMULATION: the same source compiled by a host compiler, each CUDA thread an OS
+// thread (tests/cuda_emulation/cuda_emulation.h, included first), so that the kernels' indexing,
+// tiling and block reductions are tested on machines without a GPU.
 
 #include <algorithm>
 #include <cstddef>
@@ -217,6 +221,130 @@ __global__ void __launch_bounds__(kThreads)
     if (oh0 + t < e.oh) out[(oh0 + t) * sy.h] = static_cast<scalar_t>(acc[t]);
 }
 
+// channels_last forward through a shared-memory input tile. A block covers 32 channels (the lanes of
+// a warp) × nhwc_columns(S) output columns × kForwardRows output rows; it first copies the input
+// window of that tile into shared memory as float (each warp load: 32 contiguous channels of one
+// pixel), then every thread computes nhwc_columns_per_thread(S) neighbouring columns × kForwardRows
+// rows of its channel, reading the tile at offsets known at compile time: no address arithmetic or
+// bounds tests in the inner loop, and each input row it reads serves all of its columns. FLIP as in
+// forward_kernel. Grid: (channel tiles × ⌈OW / nhwc_columns(S)⌉, ⌈OH / kForwardRows⌉, N).
+constexpr int kNhwcLanes = 32;
+// Output columns per thread: 4 at stride 1; 2 at stride 2, whose input tile is twice as wide (the
+// tile must fit the 48 KB of static shared memory with the staged filters).
+constexpr int nhwc_columns_per_thread(int stride) { return stride == 1 ? 4 : 2; }
+constexpr int nhwc_columns(int stride) { return kThreads / kNhwcLanes * nhwc_columns_per_thread(stride); }
+
+// The shared-memory input tile of the channels_last kernels: [ROWS][PADDED_COLS][32 channels] floats,
+// the input window of kForwardRows × nhwc_columns(S) outputs. An instance holds one thread's share
+// of the copy: warp `group` takes tile columns group, group + GROUPS, … of every row (the tile is
+// padded to a multiple of GROUPS columns). Column offsets and bounds are worked out once; in `copy`
+// the rows are unrolled, so the loads are independent and in flight together, the shared-memory
+// addresses are constants past a per-thread base, and no load is conditional: one outside the image
+// reads a valid element (row 0, column 0 of the plane) and stores a zero instead.
+template <int K, int S>
+struct NhwcTile {
+  static constexpr int P = K / 2, TH = kForwardRows, CPT = nhwc_columns_per_thread(S);
+  static constexpr int GROUPS = kThreads / kNhwcLanes, BLOCK_COLUMNS = nhwc_columns(S);
+  static constexpr int ROWS = (TH - 1) * S + K, COLS = (BLOCK_COLUMNS - 1) * S + K;
+  static constexpr int SPAN = (CPT - 1) * S + K;  // input columns under one thread's CPT outputs
+  static constexpr int COLUMNS_PER_GROUP = (COLS + GROUPS - 1) / GROUPS, PADDED_COLS = COLUMNS_PER_GROUP * GROUPS;
+  static constexpr int ELEMENTS = ROWS * PADDED_COLS * kNhwcLanes;
+
+  int column_offset[COLUMNS_PER_GROUP];
+  bool column_inside[COLUMNS_PER_GROUP];
+
+  // iw0: the image column of tile column 0.
+  __device__ __forceinline__ NhwcTile(int iw0, int width, int stride_w, int group) {
+#pragma unroll
+    for (int m = 0; m < COLUMNS_PER_GROUP; ++m) {
+      const int iw = iw0 + group + m * GROUPS;
+      column_inside[m] = iw >= 0 && iw < width;
+      column_offset[m] = column_inside[m] ? iw * stride_w : 0;
+    }
+  }
+
+  // tile_column: the tile + group·32 + lane. ih0: the image row of tile row 0.
+  template <typename scalar_t, typename acc_t>
+  __device__ __forceinline__ void copy(const scalar_t* __restrict__ plane, int stride_h, int ih0, int height,
+                                       acc_t* tile_column) const {
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      const int ih = ih0 + r;
+      const bool row_inside = ih >= 0 && ih < height;
+      const scalar_t* row = plane + (row_inside ? ih : 0) * stride_h;
+#pragma unroll
+      for (int m = 0; m < COLUMNS_PER_GROUP; ++m) {
+        const acc_t value = static_cast<acc_t>(row[column_offset[m]]);
+        tile_column[(r * PADDED_COLS + m * GROUPS) * kNhwcLanes] = row_inside && column_inside[m] ? value : acc_t(0);
+      }
+    }
+  }
+
+  // window[q] = tile row r, column q of this thread's span; mine: the tile + group·CPT·S·32 + lane.
+  template <typename acc_t>
+  __device__ __forceinline__ static void read(const acc_t* mine, int r, acc_t (&window)[SPAN]) {
+#pragma unroll
+    for (int q = 0; q < SPAN; ++q) window[q] = mine[(r * PADDED_COLS + q) * kNhwcLanes];
+  }
+};
+
+template <typename scalar_t, typename acc_t, int K, int S, bool FLIP>
+__global__ void __launch_bounds__(kThreads)
+    forward_nhwc_kernel(const scalar_t* __restrict__ x, Strides sx, const acc_t* __restrict__ filters,
+                        scalar_t* __restrict__ y, Strides sy, Extents e) {
+  using Tile = NhwcTile<K, S>;
+  constexpr int P = K / 2, TH = kForwardRows, CPT = Tile::CPT, BLOCK_COLUMNS = Tile::BLOCK_COLUMNS;
+  __shared__ acc_t tile[Tile::ELEMENTS];
+  const int column_tiles = (e.ow + BLOCK_COLUMNS - 1) / BLOCK_COLUMNS;
+  const int64_t c0 = int64_t(blockIdx.x / column_tiles) * kNhwcLanes;
+  const int w0 = (blockIdx.x % column_tiles) * BLOCK_COLUMNS, oh0 = blockIdx.y * TH;
+  const int64_t n = blockIdx.z;
+  const int lane = threadIdx.x % kNhwcLanes, group = threadIdx.x / kNhwcLanes;
+  const int64_t c = c0 + lane;
+  const bool channel_inside = c < e.c;
+
+  const acc_t* staged = stage_filters<acc_t, K>(filters, c0, e.c, TileShape{kNhwcLanes, Tile::GROUPS, true});
+  const scalar_t* plane = x + n * sx.n + (channel_inside ? c : c0) * sx.c;
+  const Tile copier(w0 * S - P, e.w, sx.w, group);
+  copier.copy(plane, sx.h, oh0 * S - P, e.h, tile + group * kNhwcLanes + lane);
+  __syncthreads();
+  if (!channel_inside) return;
+
+  acc_t f[K * K];
+#pragma unroll
+  for (int t = 0; t < K * K; ++t) f[t] = staged[lane * K * K + (FLIP ? K * K - 1 - t : t)];
+  acc_t acc[CPT][TH];
+#pragma unroll
+  for (int u = 0; u < CPT; ++u)
+#pragma unroll
+    for (int t = 0; t < TH; ++t) acc[u][t] = acc_t(0);
+
+  const acc_t* mine = tile + group * CPT * S * kNhwcLanes + lane;  // this thread's first input column
+#pragma unroll
+  for (int r = 0; r < Tile::ROWS; ++r) {
+    acc_t row[Tile::SPAN];
+    Tile::read(mine, r, row);
+#pragma unroll
+    for (int t = 0; t < TH; ++t) {
+      const int i = r - t * S;
+      if (i < 0 || i >= K) continue;
+#pragma unroll
+      for (int u = 0; u < CPT; ++u)
+#pragma unroll
+        for (int j = 0; j < K; ++j) acc[u][t] += f[i * K + j] * row[u * S + j];
+    }
+  }
+  scalar_t* out = y + n * sy.n + c * sy.c;
+#pragma unroll
+  for (int u = 0; u < CPT; ++u) {
+    const int ow = w0 + group * CPT + u;
+    if (ow >= e.ow) continue;
+#pragma unroll
+    for (int t = 0; t < TH; ++t)
+      if (oh0 + t < e.oh) out[(oh0 + t) * sy.h + ow * sy.w] = static_cast<scalar_t>(acc[u][t]);
+  }
+}
+
 // Input gradient of a stride-2 conv: dx[h][w] = Σ_{i,j} F[i][j] · dy[(h + P − i)/2][(w + P − j)/2]
 // over even, in-range numerators. A thread's strip starts at an even row, so which taps i meet an
 // even numerator for each row of the strip is known at compile time; for the columns it is fixed per
@@ -358,6 +486,99 @@ __global__ void __launch_bounds__(kThreads, 4)
   }
 }
 
+// channels_last filter gradient through the same shared-memory input tiles as forward_nhwc_kernel.
+// A block covers 32 channels × nhwc_columns(S) output columns and walks all output rows of its batch
+// chunk's images, kForwardRows at a time: copy the strip's input window to shared memory, then each
+// thread adds g · window for its nhwc_columns_per_thread(S) columns × kForwardRows rows into K×K sums
+// held in registers. Last, the block sums its four warps' sums per channel (shared memory again) and
+// writes partials[(chunk × column tiles + column tile), c, tap]; the host adds the partials.
+// Grid: (channel tiles × ⌈OW / nhwc_columns(S)⌉, batch chunks).
+template <typename scalar_t, typename acc_t, int K, int S>
+__global__ void __launch_bounds__(kThreads, 4)
+    grad_filter_nhwc_kernel(const scalar_t* __restrict__ x, Strides sx, const scalar_t* __restrict__ gy,
+                            Strides sg, acc_t* __restrict__ partials, Extents e, int64_t images_per_chunk) {
+  using Tile = NhwcTile<K, S>;
+  constexpr int P = K / 2, TH = kForwardRows, CPT = Tile::CPT, GROUPS = Tile::GROUPS;
+  constexpr int BLOCK_COLUMNS = Tile::BLOCK_COLUMNS, TILE = Tile::ELEMENTS, SUMS = K * K * kThreads;
+  __shared__ acc_t shared[TILE > SUMS ? TILE : SUMS];  // the input tile, then the warps' sums
+  const int column_tiles = (e.ow + BLOCK_COLUMNS - 1) / BLOCK_COLUMNS;
+  const int64_t c0 = int64_t(blockIdx.x / column_tiles) * kNhwcLanes;
+  const int w0 = (blockIdx.x % column_tiles) * BLOCK_COLUMNS;
+  const int lane = threadIdx.x % kNhwcLanes, group = threadIdx.x / kNhwcLanes;
+  const int64_t c = c0 + lane;
+  const bool channel_inside = c < e.c;
+  const Tile copier(w0 * S - P, e.w, sx.w, group);  // fixed for the whole walk
+  // This thread's output columns (dy reads) and its first input column in the tile.
+  int grad_column_offset[CPT];
+  bool grad_column_inside[CPT];
+#pragma unroll
+  for (int u = 0; u < CPT; ++u) {
+    const int ow = w0 + group * CPT + u;
+    grad_column_inside[u] = channel_inside && ow < e.ow;
+    grad_column_offset[u] = grad_column_inside[u] ? ow * sg.w : 0;
+  }
+  acc_t* tile_column = shared + group * kNhwcLanes + lane;
+  const acc_t* mine = shared + group * CPT * S * kNhwcLanes + lane;
+
+  acc_t acc[K * K];
+#pragma unroll
+  for (int t = 0; t < K * K; ++t) acc[t] = acc_t(0);
+  const int64_t n_begin = int64_t(blockIdx.y) * images_per_chunk;
+  const int64_t n_end = n_begin + images_per_chunk < e.n ? n_begin + images_per_chunk : e.n;
+  const int64_t channel = channel_inside ? c : c0;
+#pragma unroll 1
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const scalar_t* plane = x + n * sx.n + channel * sx.c;
+    const scalar_t* grad = gy + n * sg.n + channel * sg.c;
+#pragma unroll 1
+    for (int oh0 = 0; oh0 < e.oh; oh0 += TH) {
+      const int ih0 = oh0 * S - P;
+      __syncthreads();  // every thread is done with the previous strip's tile
+      copier.copy(plane, sx.h, ih0, e.h, tile_column);
+      acc_t g[CPT][TH];
+#pragma unroll
+      for (int t = 0; t < TH; ++t) {
+        const bool row_inside = oh0 + t < e.oh;
+        const scalar_t* row = grad + (row_inside ? oh0 + t : 0) * sg.h;
+#pragma unroll
+        for (int u = 0; u < CPT; ++u) {
+          const acc_t value = static_cast<acc_t>(row[grad_column_offset[u]]);
+          g[u][t] = row_inside && grad_column_inside[u] ? value : acc_t(0);
+        }
+      }
+      __syncthreads();
+#pragma unroll
+      for (int r = 0; r < Tile::ROWS; ++r) {
+        acc_t window[Tile::SPAN];
+        Tile::read(mine, r, window);
+#pragma unroll
+        for (int t = 0; t < TH; ++t) {
+          const int i = r - t * S;
+          if (i < 0 || i >= K) continue;
+#pragma unroll
+          for (int u = 0; u < CPT; ++u)
+#pragma unroll
+            for (int j = 0; j < K; ++j) acc[i * K + j] += g[u][t] * window[u * S + j];
+        }
+      }
+    }
+  }
+  // Sum the four warps' K×K sums per channel.
+  __syncthreads();
+#pragma unroll
+  for (int t = 0; t < K * K; ++t) shared[t * kThreads + threadIdx.x] = acc[t];
+  __syncthreads();
+  const int64_t partial_row = int64_t(blockIdx.y) * column_tiles + blockIdx.x % column_tiles;
+  for (int slot = threadIdx.x; slot < K * K * kNhwcLanes; slot += kThreads) {
+    const int tap = slot / kNhwcLanes, channel_lane = slot % kNhwcLanes;
+    if (c0 + channel_lane >= e.c) continue;
+    acc_t sum = 0;
+#pragma unroll
+    for (int other = 0; other < GROUPS; ++other) sum += shared[tap * kThreads + other * kNhwcLanes + channel_lane];
+    partials[(partial_row * e.c + c0 + channel_lane) * (K * K) + tap] = sum;
+  }
+}
+
 // Calls f(std::integral_constant<int, K>{}, std::integral_constant<int, S>{}) for the (k, stride)
 // pairs with a tiled kernel; false (nothing called) for the others.
 template <typename F>
@@ -420,6 +641,18 @@ void launch(void (*kernel)(Params...), dim3 grid, size_t shared, cudaStream_t, A
 }
 #endif
 
+// channels_last with at least 24 channels takes forward_nhwc_kernel (32 channel lanes a block; fewer
+// channels leave too many lanes idle, and take the register-only kernel's narrower tiles).
+inline bool uses_nhwc_tile(const Problem& p) { return p.channels_last && p.c >= 24; }
+
+inline TileShape nhwc_filter_tile() { return {kNhwcLanes, kThreads / kNhwcLanes, true}; }
+
+inline dim3 nhwc_grid(int64_t channels, int64_t out_height, int64_t out_width, int64_t batch, int stride) {
+  const int64_t channel_tiles = (channels + kNhwcLanes - 1) / kNhwcLanes;
+  const int64_t column_tiles = (out_width + nhwc_columns(stride) - 1) / nhwc_columns(stride);
+  return dim3(channel_tiles * column_tiles, (out_height + kForwardRows - 1) / kForwardRows, batch);
+}
+
 template <typename scalar_t>
 bool forward(const at::Tensor& x, const at::Tensor& filters, at::Tensor& y, const Problem& p, cudaStream_t stream) {
   using acc_t = float;
@@ -427,6 +660,12 @@ bool forward(const at::Tensor& x, const at::Tensor& filters, at::Tensor& y, cons
   const TileShape tile = TileShape::of(p.c, p.ow, p.channels_last);
   const Extents e = extents_of(p);
   return with_tiled_shape(p.k, p.stride, [&](auto K, auto S) {
+    if (uses_nhwc_tile(p)) {
+      launch(forward_nhwc_kernel<scalar_t, acc_t, K(), S(), false>, nhwc_grid(p.c, p.oh, p.ow, p.n, S()),
+             staged_filter_bytes<acc_t, K()>(nhwc_filter_tile()), stream, x.data_ptr<scalar_t>(), strides_of(x),
+             filters.data_ptr<acc_t>(), y.data_ptr<scalar_t>(), strides_of(y), e);
+      return;
+    }
     const dim3 grid(tile.channel_tiles(p.c) * tile.column_tiles(p.ow), (p.oh + kForwardRows - 1) / kForwardRows, p.n);
     launch(forward_kernel<scalar_t, acc_t, K(), S(), false>, grid, staged_filter_bytes<acc_t, K()>(tile), stream,
            x.data_ptr<scalar_t>(), strides_of(x), filters.data_ptr<acc_t>(), y.data_ptr<scalar_t>(), strides_of(y), e,
@@ -447,6 +686,12 @@ bool grad_input(const at::Tensor& grad_y, const at::Tensor& filters, at::Tensor&
       // The forward kernel reads dy as its input (oh × ow) and writes dx (h × w).
       const Extents e{p.n, p.c, static_cast<int>(p.oh), static_cast<int>(p.ow), static_cast<int>(p.h),
                       static_cast<int>(p.w)};
+      if (uses_nhwc_tile(p)) {
+        launch(forward_nhwc_kernel<scalar_t, acc_t, K(), 1, true>, nhwc_grid(p.c, p.h, p.w, p.n, 1),
+               staged_filter_bytes<acc_t, K()>(nhwc_filter_tile()), stream, grad_y.data_ptr<scalar_t>(),
+               strides_of(grad_y), filters.data_ptr<acc_t>(), grad_x.data_ptr<scalar_t>(), strides_of(grad_x), e);
+        return;
+      }
       launch(forward_kernel<scalar_t, acc_t, K(), 1, true>, grid, shared, stream, grad_y.data_ptr<scalar_t>(),
              strides_of(grad_y), filters.data_ptr<acc_t>(), grad_x.data_ptr<scalar_t>(), strides_of(grad_x), e, tile);
     } else {
@@ -461,8 +706,13 @@ template <typename scalar_t>
 at::Tensor grad_filters(const at::Tensor& x, const at::Tensor& grad_y, const Problem& p, cudaStream_t stream) {
   using acc_t = float;
   if (p.n > 65535 || p.n == 0 || p.c == 0 || p.oh == 0 || p.ow == 0 || !fits_int32(x) || !fits_int32(grad_y)) return {};
+  if (p.stride != 1 && p.stride != 2) return {};
   const TileShape tile = TileShape::of(p.c, p.ow, p.channels_last);
-  const int64_t column_tiles = tile.column_tiles(p.ow), base_blocks = tile.channel_tiles(p.c) * column_tiles;
+  const bool nhwc = uses_nhwc_tile(p);
+  const int64_t column_tiles = nhwc ? (p.ow + nhwc_columns(int(p.stride)) - 1) / nhwc_columns(int(p.stride))
+                                    : tile.column_tiles(p.ow);
+  const int64_t channel_tiles = nhwc ? (p.c + kNhwcLanes - 1) / kNhwcLanes : tile.channel_tiles(p.c);
+  const int64_t base_blocks = channel_tiles * column_tiles;
   // Batch chunks: about 8 blocks per multiprocessor in all.
   const int64_t wanted_chunks = std::min<int64_t>(p.n, std::max<int64_t>(1, 8 * multiprocessors() / base_blocks));
   const int64_t images_per_chunk = (p.n + wanted_chunks - 1) / wanted_chunks;
@@ -471,9 +721,14 @@ at::Tensor grad_filters(const at::Tensor& x, const at::Tensor& grad_y, const Pro
   at::Tensor result;
   with_tiled_shape(p.k, p.stride, [&](auto K, auto S) {
     at::Tensor partials = at::empty({chunks * column_tiles, p.c, K() * K()}, x.options().dtype(at::kFloat));
-    launch(grad_filter_kernel<scalar_t, acc_t, K(), S()>, dim3(base_blocks, chunks), 0, stream, x.data_ptr<scalar_t>(),
-           strides_of(x), grad_y.data_ptr<scalar_t>(), strides_of(grad_y), partials.data_ptr<acc_t>(), e, tile,
-           images_per_chunk);
+    if (nhwc)
+      launch(grad_filter_nhwc_kernel<scalar_t, acc_t, K(), S()>, dim3(base_blocks, chunks), 0, stream,
+             x.data_ptr<scalar_t>(), strides_of(x), grad_y.data_ptr<scalar_t>(), strides_of(grad_y),
+             partials.data_ptr<acc_t>(), e, images_per_chunk);
+    else
+      launch(grad_filter_kernel<scalar_t, acc_t, K(), S()>, dim3(base_blocks, chunks), 0, stream,
+             x.data_ptr<scalar_t>(), strides_of(x), grad_y.data_ptr<scalar_t>(), strides_of(grad_y),
+             partials.data_ptr<acc_t>(), e, tile, images_per_chunk);
     result = partials.size(0) == 1 ? partials[0] : partials.sum(0);
   });
   return result;

@@ -2,7 +2,10 @@
 // (cuda_emulation.h); tests/test_elastic_dwconv_cuda_emulated.py builds and checks them.
 #include <torch/extension.h>
 
+// clang-format off: the emulation's CUDA stand-ins must come before the kernels
+#include "cuda_emulation.h"
 #include "../../kernels/cuda/elastic_dwconv_tiled.cuh"
+// clang-format on
 
 namespace {
 

@@ -235,8 +235,8 @@ TRITON = TritonBackend()
 # channel counts and kernel sizes, and with cuDNN first the default digits run took 7-20 s a step
 # instead of 0.26 s, and the ofa_mbv3 fused step 349 ms instead of 254 ms (likely cuDNN's set-up of an
 # execution plan for every new shape; a kernel of our own has none). Since then the tiled kernels
-# (kernels/cuda/elastic_dwconv_tiled.cuh) run forward + backward at 1.05x the speed of cuDNN in its best layout,
-# geometric mean on an H100, launch for launch (bench/results/gpu_check_h100.md).
+# (kernels/cuda/elastic_dwconv_tiled.cuh) run forward + backward at 1.36x the speed of cuDNN in its
+# best layout, geometric mean on an H100, launch for launch (bench/results/gpu_check_h100.md).
 DISPATCH_TABLE: dict[str, tuple[ElasticDwconvBackend, ...]] = {
     "cpu": (CPP, REFERENCE),
     "cuda": (CUDA, TRITON, REFERENCE),
