@@ -10,7 +10,8 @@ it: forward bandwidth (bytes the op must move: read x, write y) against the devi
 and forward + backward time at k = 7 in bfloat16 against cuDNN's best layout.
 
 Every tofa_fast case also checks its outputs against a float64 cuDNN convolution, so a fast wrong
-kernel fails the suite. Shapes: OFA MobileNetV3 w1.2's depthwise layers at 224 px, batch 32.
+kernel fails the suite; ``test_targets`` fails it while a target is missed, and records the figures
+under ``meta.targets``. Shapes: OFA MobileNetV3 w1.2's depthwise layers at 224 px, batch 32.
 
 Skipped without a CUDA device. Run: ``python -m pytest bench/test_dwconv_kernels_gpu.py -p no:cacheprovider``
 """
@@ -150,3 +151,43 @@ def test_dwconv_kernel(benchmark, bench_registry, copy_bandwidth, shape, kernel,
         "CUDA op (forward; backward = grad input + grad weight) vs cuDNN, back-to-back launches, "
         f"median of {ROUNDS} rounds. GBps counts the bytes the op must move (forward: x + y; backward: x, dy, dx)."
     )
+
+
+# Issue 11's targets, read off the run above.
+TARGET_FORWARD_SHARE_OF_COPY = 0.70  # forward: bytes moved / time, median over the cases
+TARGET_K7_BF16_VS_CUDNN = 1.5  # k = 7 bf16 forward + backward, each side in its best layout, every shape
+
+
+def kernel_targets(medians: dict, gbps: dict, copy_gbps: float) -> dict:
+    """The target figures from a run's medians ((case, mode) -> {impl: seconds}) and achieved GB/s
+    ("<case> <mode> <impl>" -> GB/s): each side in its best layout (for forward + backward the layout
+    with the smaller sum)."""
+
+    def best(case: str, name: str, modes: tuple[str, ...]) -> float:
+        return min(sum(medians[(case, mode)][f"{name}{layout}"] for mode in modes) for layout in LAYOUTS)
+
+    cases = sorted({case for case, _ in medians})
+    shares = sorted(max(gbps[f"{case} forward tofa_fast{layout}"] for layout in LAYOUTS) / copy_gbps for case in cases)
+    k7 = {case: best(case, "cudnn", MODES) / best(case, "tofa_fast", MODES) for case in cases if " k7 bfloat16" in case}
+    ratios = [best(c, "cudnn", MODES) / best(c, "tofa_fast", MODES) for c in cases]
+    return {
+        "forward_share_of_copy_median": shares[len(shares) // 2],
+        "forward_share_of_copy_range": [shares[0], shares[-1]],
+        "k7_bf16_fwd_bwd_vs_cudnn_best": k7,
+        "fwd_bwd_vs_cudnn_best_geomean": math.exp(sum(map(math.log, ratios)) / len(ratios)),
+    }
+
+
+def test_targets(bench_registry):
+    """Fails the run while either of issue 11's kernel targets is missed (needs the benchmark above)."""
+    if not bench_registry.complete(SUITE):
+        pytest.skip("the benchmark did not run completely (filtered, or --benchmark-disable)")
+    meta = bench_registry.REGISTRY[SUITE]["meta"]
+    figures = kernel_targets(bench_registry.REGISTRY[SUITE]["medians"], meta["GBps"], meta["copy_GBps"])
+    meta["targets"] = figures
+    missed = []
+    if figures["forward_share_of_copy_median"] < TARGET_FORWARD_SHARE_OF_COPY:
+        missed.append(f"forward at {figures['forward_share_of_copy_median']:.0%} of copy bandwidth (median)")
+    if (worst := min(figures["k7_bf16_fwd_bwd_vs_cudnn_best"].values())) < TARGET_K7_BF16_VS_CUDNN:
+        missed.append(f"k=7 bf16 fwd+bwd down to {worst:.2f}x cuDNN's best layout")
+    assert not missed, "; ".join(missed)

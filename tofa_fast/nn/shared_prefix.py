@@ -141,15 +141,17 @@ def build_tree(net, images: Sequence[torch.Tensor], archs: Sequence[Arch]) -> li
             mid = {m: layer.middle_channels(width[m], choices[m].expand[j]) for m in members}
             if layer.expand_conv is not None:
                 advance("expand", members, width.__getitem__, mid.__getitem__, layer)
-            advance("dw", members, lambda m: choices[m].kernel[j], mid.__getitem__, layer)
+            # advance calls its key functions before returning: binding this iteration's loop
+            # variables late is what is meant (ruff's B023 cannot see that).
+            advance("dw", members, lambda m: choices[m].kernel[j], mid.__getitem__, layer)  # noqa: B023
             noisy = layer.training and layer.residual and layer.drop_connect_rate > 0
             advance(
                 "tail",
                 members,
                 mid.__getitem__,
-                lambda m: choices[m].width,
+                lambda m: choices[m].width,  # noqa: B023
                 layer,
-                shares=lambda m: not noisy,
+                shares=lambda m: not noisy,  # noqa: B023
                 residual_of=layer_input.__getitem__ if layer.residual else None,
             )
             for m in members:
@@ -176,7 +178,9 @@ class _StatsRecorder:
     def __init__(self):
         self.entries: list[tuple[ElasticBatchNorm2d, list[int], list[int], torch.Tensor, torch.Tensor]] = []
 
-    def batch_norm(self, bn: ElasticBatchNorm2d, x: torch.Tensor, node: Node, activation=None, widths=None) -> torch.Tensor:
+    def batch_norm(
+        self, bn: ElasticBatchNorm2d, x: torch.Tensor, node: Node, activation=None, widths=None
+    ) -> torch.Tensor:
         """``bn(x, activation)`` for ``node``'s members, member i on its first ``widths[i]``
         (default: the node's widths) channels of x."""
         if not (bn.training and bn.update_running_stats):
