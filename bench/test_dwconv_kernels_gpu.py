@@ -24,7 +24,12 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from test_elastic_dwconv_gpu import RESOLUTION, copy_bandwidth, mobilenet_v3_depthwise_shapes  # noqa: F401
+from test_elastic_dwconv_gpu import (  # noqa: F401 (copy_bandwidth: a fixture)
+    RESOLUTION,
+    _case_id,
+    copy_bandwidth,
+    mobilenet_v3_depthwise_shapes,
+)
 
 from tofa_fast.ops.elastic_dwconv_dispatch import CUDA, DwconvProblem
 
@@ -42,11 +47,6 @@ ROUNDS = 10
 SHAPES = mobilenet_v3_depthwise_shapes(RESOLUTION) if torch.cuda.is_available() else []
 # float64 cuDNN as the oracle: relative error ‖ours − oracle‖ / ‖oracle‖ allowed per dtype.
 RELATIVE_ERROR = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-
-
-def _case_id(shape, kernel, dtype) -> str:
-    channels, size, stride = shape
-    return f"C{channels} {size}x{size} s{stride} k{kernel} {str(dtype).removeprefix('torch.')}"
 
 
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -122,6 +122,32 @@ size_t staged_filter_bytes(const TileShape& tile) {
   return size_t(tile.channels) * K * K * sizeof(acc_t);
 }
 
+// f = this lane's K×K filter out of the block's staged filters, rotated by 180° with FLIP.
+template <bool FLIP, int K, typename acc_t>
+__device__ __forceinline__ void load_filter(const acc_t* staged, int lane, acc_t (&f)[K * K]) {
+#pragma unroll
+  for (int t = 0; t < K * K; ++t) f[t] = staged[lane * K * K + (FLIP ? K * K - 1 - t : t)];
+}
+
+// A thread of the register-tiled kernels: its block's first channel, its own channel and output
+// column (`TileShape`), and the block's staged filters (so every thread of the block constructs one).
+template <typename acc_t, int K>
+struct StripThread {
+  int64_t c0, c;
+  int lane_c, column;
+  const acc_t* staged;
+
+  __device__ __forceinline__ StripThread(const acc_t* __restrict__ filters, int out_width, int64_t channels,
+                                         const TileShape& tile) {
+    int w0;
+    block_origin(tile, out_width, c0, w0);
+    staged = stage_filters<acc_t, K>(filters, c0, channels, tile);
+    lane_c = tile.channel_of(threadIdx.x);
+    c = c0 + lane_c;
+    column = w0 + tile.column_of(threadIdx.x);
+  }
+};
+
 // A thread's K input columns, fixed for its whole strip: the offset of each within a row and whether
 // it lies inside the image (`offset` holds 0 where it does not, so a load there stays in bounds).
 template <int K>
@@ -190,20 +216,15 @@ __global__ void __launch_bounds__(kThreads)
     forward_kernel(const scalar_t* __restrict__ x, Strides sx, const acc_t* __restrict__ filters,
                    scalar_t* __restrict__ y, Strides sy, Extents e, TileShape tile) {
   constexpr int P = K / 2, TH = kForwardRows, ROWS = (TH - 1) * S + K;
-  int64_t c0;
-  int w0;
-  block_origin(tile, e.ow, c0, w0);
-  const acc_t* staged = stage_filters<acc_t, K>(filters, c0, e.c, tile);
-  const int lane_c = tile.channel_of(threadIdx.x);
-  const int64_t c = c0 + lane_c;
-  const int ow = w0 + tile.column_of(threadIdx.x);
+  const StripThread<acc_t, K> me(filters, e.ow, e.c, tile);
+  const int64_t c = me.c;
+  const int ow = me.column;
   if (c >= e.c || ow >= e.ow) return;
   const int oh0 = blockIdx.y * TH;
   const int64_t n = blockIdx.z;
 
   acc_t f[K * K];
-#pragma unroll
-  for (int t = 0; t < K * K; ++t) f[t] = staged[lane_c * K * K + (FLIP ? K * K - 1 - t : t)];
+  load_filter<FLIP, K>(me.staged, me.lane_c, f);
   acc_t acc[TH];
 #pragma unroll
   for (int t = 0; t < TH; ++t) acc[t] = acc_t(0);
@@ -311,8 +332,7 @@ __global__ void __launch_bounds__(kThreads)
   if (!channel_inside) return;
 
   acc_t f[K * K];
-#pragma unroll
-  for (int t = 0; t < K * K; ++t) f[t] = staged[lane * K * K + (FLIP ? K * K - 1 - t : t)];
+  load_filter<FLIP, K>(staged, lane, f);
   acc_t acc[CPT][TH];
 #pragma unroll
   for (int u = 0; u < CPT; ++u)
@@ -358,20 +378,15 @@ __global__ void __launch_bounds__(kThreads)
   // dy rows touched by the strip, relative to h0 / 2: (t + P − i) / 2 over t < TH, i < K; numerators
   // run from P − (K − 1) = −P up, and the lowest even one is −2·⌊P/2⌋.
   constexpr int LO = -(P / 2), HI = (TH - 1 + P) / 2;
-  int64_t c0;
-  int w0;
-  block_origin(tile, e.w, c0, w0);
-  const acc_t* staged = stage_filters<acc_t, K>(filters, c0, e.c, tile);
-  const int lane_c = tile.channel_of(threadIdx.x);
-  const int64_t c = c0 + lane_c;
-  const int w = w0 + tile.column_of(threadIdx.x);
+  const StripThread<acc_t, K> me(filters, e.w, e.c, tile);
+  const int64_t c = me.c;
+  const int w = me.column;
   if (c >= e.c || w >= e.w) return;
   const int h0 = blockIdx.y * TH;
   const int64_t n = blockIdx.z;
 
   acc_t f[K * K];
-#pragma unroll
-  for (int t = 0; t < K * K; ++t) f[t] = staged[lane_c * K * K + t];
+  load_filter<false, K>(me.staged, me.lane_c, f);
   acc_t acc[TH];
 #pragma unroll
   for (int t = 0; t < TH; ++t) acc[t] = acc_t(0);
@@ -706,7 +721,6 @@ template <typename scalar_t>
 at::Tensor grad_filters(const at::Tensor& x, const at::Tensor& grad_y, const Problem& p, cudaStream_t stream) {
   using acc_t = float;
   if (p.n > 65535 || p.n == 0 || p.c == 0 || p.oh == 0 || p.ow == 0 || !fits_int32(x) || !fits_int32(grad_y)) return {};
-  if (p.stride != 1 && p.stride != 2) return {};
   const TileShape tile = TileShape::of(p.c, p.ow, p.channels_last);
   const bool nhwc = uses_nhwc_tile(p);
   const int64_t column_tiles = nhwc ? (p.ow + nhwc_columns(int(p.stride)) - 1) / nhwc_columns(int(p.stride))
