@@ -81,6 +81,14 @@ def _cases() -> list[tuple]:
         (2, 33, 14, 14, 7, 1, "channels_last", torch.bfloat16),
         (3, 12, 15, 13, 5, 2, "contiguous", torch.bfloat16),
         (2, 20, 9, 10, 3, 2, "channels_last", torch.float16),
+        # channels_last, 16-byte channel groups (NhwcTile::PackedCopier): a partial second channel
+        # tile, whole interior tiles (the unchecked stores), float16 at stride 2
+        (2, 48, 11, 18, 7, 1, "channels_last", torch.bfloat16),
+        (1, 32, 19, 35, 3, 1, "channels_last", torch.bfloat16),
+        (2, 40, 13, 21, 5, 2, "channels_last", torch.float16),
+        # maps at most 8 wide: 2 columns per thread at stride 1
+        (2, 40, 7, 7, 7, 1, "channels_last", torch.bfloat16),
+        (1, 36, 9, 8, 5, 1, "channels_last", torch.float32),
     ]
     return cases
 

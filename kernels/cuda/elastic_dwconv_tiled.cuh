@@ -13,8 +13,9 @@
 //
 // channels_last with ≥ 24 channels (what training on CUDA uses) goes one step further: the forward,
 // the stride-1 input gradient and the filter gradient copy a block's input window into shared
-// memory first (`NhwcTile`, `forward_nhwc_kernel`, `grad_filter_nhwc_kernel`), and each thread then
-// reads its K-wide rows there at compile-time offsets, for several output columns at once.
+// memory first (`NhwcTile`, `forward_nhwc_kernel`, `grad_filter_nhwc_kernel`; 16 bytes of channels
+// per load where the layout allows), and each thread then reads its K-wide rows there at
+// compile-time offsets, for a 4 × 8 (2 × 4 at stride 2) block of outputs at once.
 //
 // Filter gradient: no atomics. Each block reduces its threads' K×K sums over the columns it covers
 // (shared memory, one filter row at a time) and writes one partial per (block, channel, tap); the
@@ -34,13 +35,14 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "elastic_dwconv_tiled.h"
 
 #ifndef TOFA_FAST_CUDA_EMULATION
 // The launch's dynamic shared memory (the emulation gives each emulated block its own buffer).
-extern __shared__ unsigned char tofa_fast_tiled_dynamic_shared[];
+extern __shared__ __align__(16) unsigned char tofa_fast_tiled_dynamic_shared[];
 #define TOFA_FAST_DYNAMIC_SHARED tofa_fast_tiled_dynamic_shared
 #endif
 
@@ -104,15 +106,53 @@ __device__ __forceinline__ void block_origin(const TileShape& tile, int out_widt
   w0 = (blockIdx.x % column_tiles) * tile.columns;
 }
 
-// The block's filters, [tile.channels][K·K], staged in dynamic shared memory: one coalesced read of
+// 16 bytes: the unit of the vectorised loads and stores (LDG.128 / STS.128).
+struct alignas(16) Bytes16 {
+  unsigned int word[4];
+};
+
+__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// The 16 / sizeof(scalar_t) values packed in `raw`, converted.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void unpack(const Bytes16& raw, acc_t (&out)[sizeof(Bytes16) / sizeof(scalar_t)]) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    // bfloat16 is the upper half of a float: one shift or mask per value (the generic conversion
+    // takes a byte permute and a shift).
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const unsigned int low = raw.word[k] << 16, high = raw.word[k] & 0xffff0000u;
+      memcpy(&out[2 * k], &low, sizeof(float));
+      memcpy(&out[2 * k + 1], &high, sizeof(float));
+    }
+  } else {
+    constexpr int N = sizeof(Bytes16) / sizeof(scalar_t);
+    scalar_t values[N];
+    memcpy(values, &raw, sizeof(raw));
+#pragma unroll
+    for (int v = 0; v < N; ++v) out[v] = static_cast<acc_t>(values[v]);
+  }
+}
+
+// The block's filters, [tile.channels][K·K], staged in shared memory: one coalesced read of
 // the contiguous [C, K·K] rows instead of K·K loads per thread strided by K·K across a warp's
 // channels (channels_last). K·K is odd, so a warp reading one tap of 32 channels hits 32 banks.
+// staged: where (16-byte aligned); the launch's dynamic shared memory unless given.
 template <typename acc_t, int K>
 __device__ __forceinline__ acc_t* stage_filters(const acc_t* __restrict__ filters, int64_t c0, int64_t channels,
-                                                const TileShape& tile) {
-  acc_t* staged = reinterpret_cast<acc_t*>(TOFA_FAST_DYNAMIC_SHARED);
+                                                const TileShape& tile, acc_t* staged = nullptr) {
+  if (staged == nullptr) staged = reinterpret_cast<acc_t*>(TOFA_FAST_DYNAMIC_SHARED);
   const int count = int(c0 + tile.channels <= channels ? tile.channels : channels - c0) * K * K;
-  for (int e = threadIdx.x; e < count; e += kThreads) staged[e] = filters[c0 * K * K + e];
+  const acc_t* source = filters + c0 * K * K;
+  int first_scalar = 0;
+  if (aligned16(source)) {  // the usual case (c0 a multiple of 32): 16 bytes a load, a few per thread
+    constexpr int PER = sizeof(Bytes16) / sizeof(acc_t);
+    const int packs = count / PER;
+    for (int e = threadIdx.x; e < packs; e += kThreads)
+      reinterpret_cast<Bytes16*>(staged)[e] = reinterpret_cast<const Bytes16*>(source)[e];
+    first_scalar = packs * PER;
+  }
+  for (int e = first_scalar + threadIdx.x; e < count; e += kThreads) staged[e] = source[e];
   __syncthreads();
   return staged;
 }
@@ -243,62 +283,147 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // channels_last forward through a shared-memory input tile. A block covers 32 channels (the lanes of
-// a warp) × nhwc_columns(S) output columns × kForwardRows output rows; it first copies the input
-// window of that tile into shared memory as float (each warp load: 32 contiguous channels of one
-// pixel), then every thread computes nhwc_columns_per_thread(S) neighbouring columns × kForwardRows
-// rows of its channel, reading the tile at offsets known at compile time: no address arithmetic or
-// bounds tests in the inner loop, and each input row it reads serves all of its columns. FLIP as in
-// forward_kernel. Grid: (channel tiles × ⌈OW / nhwc_columns(S)⌉, ⌈OH / kForwardRows⌉, N).
+// a warp) × 4·CPT output columns × nhwc_rows(S) output rows; it first copies the input window of
+// that tile into shared memory as float (NhwcTile), then every thread computes CPT neighbouring
+// columns × nhwc_rows(S) rows of its channel, reading the tile at offsets known at compile time: no
+// address arithmetic or bounds tests in the inner loop, and each input row it reads serves all of
+// its columns. FLIP as in forward_kernel.
+// Grid: (channel tiles × ⌈OW / (4·CPT)⌉, ⌈OH / nhwc_rows(S)⌉, N).
 constexpr int kNhwcLanes = 32;
-// Output columns per thread: 4 at stride 1; 2 at stride 2, whose input tile is twice as wide (the
-// tile must fit the 48 KB of static shared memory with the staged filters).
-constexpr int nhwc_columns_per_thread(int stride) { return stride == 1 ? 4 : 2; }
-constexpr int nhwc_columns(int stride) { return kThreads / kNhwcLanes * nhwc_columns_per_thread(stride); }
+// Outputs per thread (CPT columns × nhwc_rows(S) rows): 4 × 8 at stride 1; 2 × 4 at stride 2, whose
+// input window per output is four times larger (the tile must fit the 48 KB of static shared
+// memory); and 2 × 8 at stride 1 for maps at most 8 wide (7 × 7), which would leave 9 of a 16-column
+// block's columns idle. Every output costs K² FMAs; the more outputs a thread owns, the fewer
+// shared-memory reads, filter loads and copy instructions each carries (at K = 7 the kernels are
+// bound by instruction issue, not memory).
+constexpr int nhwc_columns_per_thread(int stride, int64_t out_width) {
+  return stride == 1 && out_width > 2 * kThreads / kNhwcLanes ? 4 : 2;
+}
+constexpr int nhwc_rows(int stride) { return stride == 1 ? 8 : 4; }
+constexpr int nhwc_block_columns(int columns_per_thread) { return kThreads / kNhwcLanes * columns_per_thread; }
 
 // The shared-memory input tile of the channels_last kernels: [ROWS][PADDED_COLS][32 channels] floats,
-// the input window of kForwardRows × nhwc_columns(S) outputs. An instance holds one thread's share
-// of the copy: warp `group` takes tile columns group, group + GROUPS, … of every row (the tile is
-// padded to a multiple of GROUPS columns). Column offsets and bounds are worked out once; in `copy`
-// the rows are unrolled, so the loads are independent and in flight together, the shared-memory
-// addresses are constants past a per-thread base, and no load is conditional: one outside the image
-// reads a valid element (row 0, column 0 of the plane) and stores a zero instead.
-template <int K, int S>
+// the input window of nhwc_rows(S) × 4·CPT outputs, and the two ways to fill it.
+//
+// `Copier` (any strides): warp `group` takes tile columns group, group + GROUPS, … of every row, one
+// element per lane (the tile is padded to a multiple of GROUPS columns).
+// `PackedCopier` (`packed_channels`: channels contiguous, every pixel's channels 16-byte aligned):
+// 16 bytes of channels per load, N = 16 / sizeof(scalar_t) of them, so a pixel's 32 channels take
+// 32 / N threads and a block copies 4·N pixels of a row per step: per N elements a load, N
+// conversions and N / 4 shared stores, against a load, a conversion, a select and a store each.
+// Both work out column offsets and bounds once (a thread's columns are fixed for the whole walk);
+// in `copy` the rows are unrolled, so the loads are independent and in flight together and the
+// shared-memory addresses are constants past a per-thread base.
+template <int K, int S, int CPT_>
 struct NhwcTile {
-  static constexpr int P = K / 2, TH = kForwardRows, CPT = nhwc_columns_per_thread(S);
-  static constexpr int GROUPS = kThreads / kNhwcLanes, BLOCK_COLUMNS = nhwc_columns(S);
+  static constexpr int P = K / 2, TH = nhwc_rows(S), CPT = CPT_;
+  static constexpr int GROUPS = kThreads / kNhwcLanes, BLOCK_COLUMNS = nhwc_block_columns(CPT);
   static constexpr int ROWS = (TH - 1) * S + K, COLS = (BLOCK_COLUMNS - 1) * S + K;
   static constexpr int SPAN = (CPT - 1) * S + K;  // input columns under one thread's CPT outputs
   static constexpr int COLUMNS_PER_GROUP = (COLS + GROUPS - 1) / GROUPS, PADDED_COLS = COLUMNS_PER_GROUP * GROUPS;
   static constexpr int ELEMENTS = ROWS * PADDED_COLS * kNhwcLanes;
 
-  int column_offset[COLUMNS_PER_GROUP];
-  bool column_inside[COLUMNS_PER_GROUP];
+  struct Copier {
+    int column_offset[COLUMNS_PER_GROUP];
+    bool column_inside[COLUMNS_PER_GROUP];
+    int lane_offset;  // of this thread's first tile element
 
-  // iw0: the image column of tile column 0.
-  __device__ __forceinline__ NhwcTile(int iw0, int width, int stride_w, int group) {
-#pragma unroll
-    for (int m = 0; m < COLUMNS_PER_GROUP; ++m) {
-      const int iw = iw0 + group + m * GROUPS;
-      column_inside[m] = iw >= 0 && iw < width;
-      column_offset[m] = column_inside[m] ? iw * stride_w : 0;
-    }
-  }
-
-  // tile_column: the tile + group·32 + lane. ih0: the image row of tile row 0.
-  template <typename scalar_t, typename acc_t>
-  __device__ __forceinline__ void copy(const scalar_t* __restrict__ plane, int stride_h, int ih0, int height,
-                                       acc_t* tile_column) const {
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-      const int ih = ih0 + r;
-      const bool row_inside = ih >= 0 && ih < height;
-      const scalar_t* row = plane + (row_inside ? ih : 0) * stride_h;
+    // iw0: the image column of tile column 0.
+    __device__ __forceinline__ Copier(int iw0, int width, int stride_w) {
+      const int group = threadIdx.x / kNhwcLanes;
 #pragma unroll
       for (int m = 0; m < COLUMNS_PER_GROUP; ++m) {
-        const acc_t value = static_cast<acc_t>(row[column_offset[m]]);
-        tile_column[(r * PADDED_COLS + m * GROUPS) * kNhwcLanes] = row_inside && column_inside[m] ? value : acc_t(0);
+        const int iw = iw0 + group + m * GROUPS;
+        column_inside[m] = iw >= 0 && iw < width;
+        column_offset[m] = column_inside[m] ? iw * stride_w : 0;
+      }
+      lane_offset = group * kNhwcLanes + threadIdx.x % kNhwcLanes;
+    }
+
+    // plane: this thread's channel of the image (a channel of the tile that does not exist may pass
+    // any valid one: its column is never read). ih0: the image row of tile row 0. No load is
+    // conditional: one outside the image reads row 0, column 0 and stores a zero instead.
+    template <typename scalar_t, typename acc_t>
+    __device__ __forceinline__ void copy(const scalar_t* __restrict__ plane, int stride_h, int ih0, int height,
+                                         acc_t* tile) const {
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        const int ih = ih0 + r;
+        const bool row_inside = ih >= 0 && ih < height;
+        const scalar_t* row = plane + (row_inside ? ih : 0) * stride_h;
+#pragma unroll
+        for (int m = 0; m < COLUMNS_PER_GROUP; ++m) {
+          const acc_t value = static_cast<acc_t>(row[column_offset[m]]);
+          tile[lane_offset + (r * PADDED_COLS + m * GROUPS) * kNhwcLanes] =
+              row_inside && column_inside[m] ? value : acc_t(0);
+        }
       }
     }
+  };
+
+  template <typename scalar_t>
+  struct PackedCopier {
+    static constexpr int N = sizeof(Bytes16) / sizeof(scalar_t), THREADS_PER_PIXEL = kNhwcLanes / N;
+    static constexpr int PIXELS_PER_STEP = kThreads / THREADS_PER_PIXEL;
+    static constexpr int COLUMN_STEPS = (COLS + PIXELS_PER_STEP - 1) / PIXELS_PER_STEP;
+    int column_offset[COLUMN_STEPS];
+    bool column_inside[COLUMN_STEPS];
+    int tile_offset;  // of this thread's first tile element (tile column `first_column`)
+    int first_column;
+
+    // (iw0: as Copier's) channels: those of the tile that exist (≤ 32, a multiple of N).
+    __device__ __forceinline__ PackedCopier(int iw0, int width, int stride_w, int channels) {
+      const int part = threadIdx.x % THREADS_PER_PIXEL;
+      first_column = threadIdx.x / THREADS_PER_PIXEL;
+#pragma unroll
+      for (int m = 0; m < COLUMN_STEPS; ++m) {
+        const int iw = iw0 + first_column + m * PIXELS_PER_STEP;
+        column_inside[m] = part * N < channels && iw >= 0 && iw < width;
+        column_offset[m] = iw * stride_w + part * N;
+      }
+      tile_offset = first_column * kNhwcLanes + part * N;
+    }
+
+    // channel_base: the image at the tile's first channel; ih0 as Copier's.
+    template <typename acc_t>
+    __device__ __forceinline__ void copy(const scalar_t* __restrict__ channel_base, int stride_h, int ih0, int height,
+                                         acc_t* tile) const {
+      constexpr int OUT_PACKS = N * sizeof(acc_t) / sizeof(Bytes16);
+      static_assert(N * sizeof(acc_t) % sizeof(Bytes16) == 0, "whole 16-byte shared stores");
+      const scalar_t* column_base[COLUMN_STEPS];  // per row, one 32-bit multiply-add off these
+#pragma unroll
+      for (int m = 0; m < COLUMN_STEPS; ++m) column_base[m] = channel_base + column_offset[m];
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        const int ih = ih0 + r;
+        const bool row_inside = ih >= 0 && ih < height;
+#pragma unroll
+        for (int m = 0; m < COLUMN_STEPS; ++m) {
+          if (COLS % PIXELS_PER_STEP != 0 && first_column + m * PIXELS_PER_STEP >= COLS) continue;
+          Bytes16 raw{{0, 0, 0, 0}};  // all-zero bits are 0.0 in every floating type
+          if (row_inside && column_inside[m]) raw = *reinterpret_cast<const Bytes16*>(column_base[m] + ih * stride_h);
+          acc_t converted[N];
+          unpack<scalar_t>(raw, converted);
+          Bytes16* out =
+              reinterpret_cast<Bytes16*>(tile + tile_offset + (r * PADDED_COLS + m * PIXELS_PER_STEP) * kNhwcLanes);
+#pragma unroll
+          for (int o = 0; o < OUT_PACKS; ++o) memcpy(&out[o], &converted[o * N / OUT_PACKS], sizeof(Bytes16));
+        }
+      }
+    }
+  };
+
+  // Fill the tile for the strip whose tile row 0 is image row ih0: x_image is the image, c0 the
+  // tile's first channel, `packed` whether PackedCopier applies (uniform over the launch).
+  template <typename scalar_t, typename acc_t>
+  __device__ __forceinline__ static void fill(bool packed, const PackedCopier<scalar_t>& packed_copier,
+                                              const Copier& copier, const scalar_t* __restrict__ x_image,
+                                              const Strides& sx, int64_t c0, int64_t channel, int ih0, int height,
+                                              acc_t* tile) {
+    if (packed)
+      packed_copier.copy(x_image + c0, sx.h, ih0, height, tile);
+    else
+      copier.copy(x_image + channel * sx.c, sx.h, ih0, height, tile);
   }
 
   // window[q] = tile row r, column q of this thread's span; mine: the tile + group·CPT·S·32 + lane.
@@ -309,13 +434,16 @@ struct NhwcTile {
   }
 };
 
-template <typename scalar_t, typename acc_t, int K, int S, bool FLIP>
+// The filters go through the tile's shared memory before the input does (so the kernel needs no
+// more than the tile): staged there, read into registers, then overwritten.
+template <typename scalar_t, typename acc_t, int K, int S, bool FLIP, int CPT_>
 __global__ void __launch_bounds__(kThreads)
     forward_nhwc_kernel(const scalar_t* __restrict__ x, Strides sx, const acc_t* __restrict__ filters,
-                        scalar_t* __restrict__ y, Strides sy, Extents e) {
-  using Tile = NhwcTile<K, S>;
-  constexpr int P = K / 2, TH = kForwardRows, CPT = Tile::CPT, BLOCK_COLUMNS = Tile::BLOCK_COLUMNS;
-  __shared__ acc_t tile[Tile::ELEMENTS];
+                        scalar_t* __restrict__ y, Strides sy, Extents e, bool packed) {
+  using Tile = NhwcTile<K, S, CPT_>;
+  constexpr int P = K / 2, TH = Tile::TH, CPT = Tile::CPT, BLOCK_COLUMNS = Tile::BLOCK_COLUMNS;
+  static_assert(Tile::ELEMENTS >= kNhwcLanes * K * K, "the tile holds the block's filters first");
+  __shared__ __align__(16) acc_t tile[Tile::ELEMENTS];
   const int column_tiles = (e.ow + BLOCK_COLUMNS - 1) / BLOCK_COLUMNS;
   const int64_t c0 = int64_t(blockIdx.x / column_tiles) * kNhwcLanes;
   const int w0 = (blockIdx.x % column_tiles) * BLOCK_COLUMNS, oh0 = blockIdx.y * TH;
@@ -324,15 +452,17 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t c = c0 + lane;
   const bool channel_inside = c < e.c;
 
-  const acc_t* staged = stage_filters<acc_t, K>(filters, c0, e.c, TileShape{kNhwcLanes, Tile::GROUPS, true});
-  const scalar_t* plane = x + n * sx.n + (channel_inside ? c : c0) * sx.c;
-  const Tile copier(w0 * S - P, e.w, sx.w, group);
-  copier.copy(plane, sx.h, oh0 * S - P, e.h, tile + group * kNhwcLanes + lane);
+  acc_t f[K * K];
+  stage_filters<acc_t, K>(filters, c0, e.c, TileShape{kNhwcLanes, Tile::GROUPS, true}, tile);
+  load_filter<FLIP, K>(tile, lane, f);
+  __syncthreads();  // every thread has its filter: the tile may take the input
+  const typename Tile::Copier copier(w0 * S - P, e.w, sx.w);
+  const typename Tile::template PackedCopier<scalar_t> packed_copier(
+      w0 * S - P, e.w, sx.w, int(e.c - c0 < kNhwcLanes ? e.c - c0 : kNhwcLanes));
+  Tile::fill(packed, packed_copier, copier, x + n * sx.n, sx, c0, channel_inside ? c : c0, oh0 * S - P, e.h, tile);
   __syncthreads();
   if (!channel_inside) return;
 
-  acc_t f[K * K];
-  load_filter<FLIP, K>(staged, lane, f);
   acc_t acc[CPT][TH];
 #pragma unroll
   for (int u = 0; u < CPT; ++u)
@@ -354,15 +484,20 @@ __global__ void __launch_bounds__(kThreads)
         for (int j = 0; j < K; ++j) acc[u][t] += f[i * K + j] * row[u * S + j];
     }
   }
-  scalar_t* out = y + n * sy.n + c * sy.c;
-#pragma unroll
-  for (int u = 0; u < CPT; ++u) {
-    const int ow = w0 + group * CPT + u;
-    if (ow >= e.ow) continue;
+  const int ow0 = w0 + group * CPT;
+  scalar_t* out = y + n * sy.n + c * sy.c + oh0 * sy.h + ow0 * sy.w;
+  if (ow0 + CPT <= e.ow && oh0 + TH <= e.oh) {  // all of this thread's outputs exist: no tests
 #pragma unroll
     for (int t = 0; t < TH; ++t)
-      if (oh0 + t < e.oh) out[(oh0 + t) * sy.h + ow * sy.w] = static_cast<scalar_t>(acc[u][t]);
+#pragma unroll
+      for (int u = 0; u < CPT; ++u) out[t * sy.h + u * sy.w] = static_cast<scalar_t>(acc[u][t]);
+    return;
   }
+#pragma unroll
+  for (int t = 0; t < TH; ++t)
+#pragma unroll
+    for (int u = 0; u < CPT; ++u)
+      if (oh0 + t < e.oh && ow0 + u < e.ow) out[t * sy.h + u * sy.w] = static_cast<scalar_t>(acc[u][t]);
 }
 
 // Input gradient of a stride-2 conv: dx[h][w] = Σ_{i,j} F[i][j] · dy[(h + P − i)/2][(w + P − j)/2]
@@ -502,27 +637,31 @@ __global__ void __launch_bounds__(kThreads, 4)
 }
 
 // channels_last filter gradient through the same shared-memory input tiles as forward_nhwc_kernel.
-// A block covers 32 channels × nhwc_columns(S) output columns and walks all output rows of its batch
-// chunk's images, kForwardRows at a time: copy the strip's input window to shared memory, then each
-// thread adds g · window for its nhwc_columns_per_thread(S) columns × kForwardRows rows into K×K sums
+// A block covers 32 channels × 4·CPT output columns and walks all output rows of its batch chunk's
+// images, nhwc_rows(S) at a time: copy the strip's input window to shared memory, then each thread
+// adds g · window for its CPT columns × nhwc_rows(S) rows into K×K sums
 // held in registers. Last, the block sums its four warps' sums per channel (shared memory again) and
 // writes partials[(chunk × column tiles + column tile), c, tap]; the host adds the partials.
-// Grid: (channel tiles × ⌈OW / nhwc_columns(S)⌉, batch chunks).
-template <typename scalar_t, typename acc_t, int K, int S>
+// Grid: (channel tiles × ⌈OW / (4·CPT)⌉, batch chunks).
+template <typename scalar_t, typename acc_t, int K, int S, int CPT_>
 __global__ void __launch_bounds__(kThreads, 4)
     grad_filter_nhwc_kernel(const scalar_t* __restrict__ x, Strides sx, const scalar_t* __restrict__ gy,
-                            Strides sg, acc_t* __restrict__ partials, Extents e, int64_t images_per_chunk) {
-  using Tile = NhwcTile<K, S>;
-  constexpr int P = K / 2, TH = kForwardRows, CPT = Tile::CPT, GROUPS = Tile::GROUPS;
+                            Strides sg, acc_t* __restrict__ partials, Extents e, int64_t images_per_chunk,
+                            bool packed) {
+  using Tile = NhwcTile<K, S, CPT_>;
+  constexpr int P = K / 2, TH = Tile::TH, CPT = Tile::CPT, GROUPS = Tile::GROUPS;
   constexpr int BLOCK_COLUMNS = Tile::BLOCK_COLUMNS, TILE = Tile::ELEMENTS, SUMS = K * K * kThreads;
-  __shared__ acc_t shared[TILE > SUMS ? TILE : SUMS];  // the input tile, then the warps' sums
+  __shared__ __align__(16) acc_t shared[TILE > SUMS ? TILE : SUMS];  // the input tile, then the warps' sums
   const int column_tiles = (e.ow + BLOCK_COLUMNS - 1) / BLOCK_COLUMNS;
   const int64_t c0 = int64_t(blockIdx.x / column_tiles) * kNhwcLanes;
   const int w0 = (blockIdx.x % column_tiles) * BLOCK_COLUMNS;
   const int lane = threadIdx.x % kNhwcLanes, group = threadIdx.x / kNhwcLanes;
   const int64_t c = c0 + lane;
   const bool channel_inside = c < e.c;
-  const Tile copier(w0 * S - P, e.w, sx.w, group);  // fixed for the whole walk
+  // Both copiers' columns are fixed for the whole walk.
+  const typename Tile::Copier copier(w0 * S - P, e.w, sx.w);
+  const typename Tile::template PackedCopier<scalar_t> packed_copier(
+      w0 * S - P, e.w, sx.w, int(e.c - c0 < kNhwcLanes ? e.c - c0 : kNhwcLanes));
   // This thread's output columns (dy reads) and its first input column in the tile.
   int grad_column_offset[CPT];
   bool grad_column_inside[CPT];
@@ -532,7 +671,6 @@ __global__ void __launch_bounds__(kThreads, 4)
     grad_column_inside[u] = channel_inside && ow < e.ow;
     grad_column_offset[u] = grad_column_inside[u] ? ow * sg.w : 0;
   }
-  acc_t* tile_column = shared + group * kNhwcLanes + lane;
   const acc_t* mine = shared + group * CPT * S * kNhwcLanes + lane;
 
   acc_t acc[K * K];
@@ -543,13 +681,12 @@ __global__ void __launch_bounds__(kThreads, 4)
   const int64_t channel = channel_inside ? c : c0;
 #pragma unroll 1
   for (int64_t n = n_begin; n < n_end; ++n) {
-    const scalar_t* plane = x + n * sx.n + channel * sx.c;
     const scalar_t* grad = gy + n * sg.n + channel * sg.c;
 #pragma unroll 1
     for (int oh0 = 0; oh0 < e.oh; oh0 += TH) {
       const int ih0 = oh0 * S - P;
       __syncthreads();  // every thread is done with the previous strip's tile
-      copier.copy(plane, sx.h, ih0, e.h, tile_column);
+      Tile::fill(packed, packed_copier, copier, x + n * sx.n, sx, c0, channel, ih0, e.h, shared);
       acc_t g[CPT][TH];
 #pragma unroll
       for (int t = 0; t < TH; ++t) {
@@ -621,10 +758,11 @@ inline Strides strides_of(const at::Tensor& t) {
 }
 
 // Whether one image-channel plane of t is addressed in 32 bits (offsets up to (h−1)·stride_h +
-// (w−1)·stride_w), as the tiled kernels do; anything larger takes the per-element kernels.
+// (w−1)·stride_w, plus the < 32 channels past a tile's first that PackedCopier adds), as the tiled
+// kernels do; anything larger takes the per-element kernels.
 inline bool fits_int32(const at::Tensor& t) {
   constexpr int64_t limit = int64_t(1) << 31;
-  const int64_t last = (t.size(2) - 1) * t.stride(2) + (t.size(3) - 1) * t.stride(3);
+  const int64_t last = (t.size(2) - 1) * t.stride(2) + (t.size(3) - 1) * t.stride(3) + kNhwcLanes;
   return t.size(2) < limit && t.size(3) < limit && t.stride(2) < limit && t.stride(3) < limit && last < limit;
 }
 
@@ -656,16 +794,38 @@ void launch(void (*kernel)(Params...), dim3 grid, size_t shared, cudaStream_t, A
 }
 #endif
 
+// Whether the channels_last tile kernels may copy t 16 bytes of channels at a time
+// (NhwcTile::PackedCopier): channels contiguous, their count and every pixel's offset a multiple of
+// 16 bytes, and the data 16-byte aligned.
+template <typename scalar_t>
+bool packed_channels(const at::Tensor& t) {
+  constexpr int64_t N = sizeof(Bytes16) / sizeof(scalar_t);
+  return t.stride(1) == 1 && t.size(1) % N == 0 && t.stride(0) % N == 0 && t.stride(2) % N == 0 &&
+         t.stride(3) % N == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % sizeof(Bytes16) == 0;
+}
+
 // channels_last with at least 24 channels takes forward_nhwc_kernel (32 channel lanes a block; fewer
 // channels leave too many lanes idle, and take the register-only kernel's narrower tiles).
 inline bool uses_nhwc_tile(const Problem& p) { return p.channels_last && p.c >= 24; }
 
-inline TileShape nhwc_filter_tile() { return {kNhwcLanes, kThreads / kNhwcLanes, true}; }
+inline int64_t nhwc_column_tiles(int64_t out_width, int stride) {
+  const int columns = nhwc_block_columns(nhwc_columns_per_thread(stride, out_width));
+  return (out_width + columns - 1) / columns;
+}
 
 inline dim3 nhwc_grid(int64_t channels, int64_t out_height, int64_t out_width, int64_t batch, int stride) {
   const int64_t channel_tiles = (channels + kNhwcLanes - 1) / kNhwcLanes;
-  const int64_t column_tiles = (out_width + nhwc_columns(stride) - 1) / nhwc_columns(stride);
-  return dim3(channel_tiles * column_tiles, (out_height + kForwardRows - 1) / kForwardRows, batch);
+  return dim3(channel_tiles * nhwc_column_tiles(out_width, stride),
+              (out_height + nhwc_rows(stride) - 1) / nhwc_rows(stride), batch);
+}
+
+// Calls f(std::integral_constant<int, CPT>{}) with the channels_last kernels' columns per thread.
+template <int S, typename F>
+void with_nhwc_columns_per_thread(int64_t out_width, F&& f) {
+  if constexpr (S == 1) {
+    if (nhwc_columns_per_thread(S, out_width) == 4) return f(std::integral_constant<int, 4>{});
+  }
+  f(std::integral_constant<int, 2>{});
 }
 
 template <typename scalar_t>
@@ -676,9 +836,11 @@ bool forward(const at::Tensor& x, const at::Tensor& filters, at::Tensor& y, cons
   const Extents e = extents_of(p);
   return with_tiled_shape(p.k, p.stride, [&](auto K, auto S) {
     if (uses_nhwc_tile(p)) {
-      launch(forward_nhwc_kernel<scalar_t, acc_t, K(), S(), false>, nhwc_grid(p.c, p.oh, p.ow, p.n, S()),
-             staged_filter_bytes<acc_t, K()>(nhwc_filter_tile()), stream, x.data_ptr<scalar_t>(), strides_of(x),
-             filters.data_ptr<acc_t>(), y.data_ptr<scalar_t>(), strides_of(y), e);
+      with_nhwc_columns_per_thread<S()>(p.ow, [&](auto CPT) {
+        launch(forward_nhwc_kernel<scalar_t, acc_t, K(), S(), false, CPT()>, nhwc_grid(p.c, p.oh, p.ow, p.n, S()),
+               /*shared=*/0, stream, x.data_ptr<scalar_t>(), strides_of(x), filters.data_ptr<acc_t>(),
+               y.data_ptr<scalar_t>(), strides_of(y), e, packed_channels<scalar_t>(x));
+      });
       return;
     }
     const dim3 grid(tile.channel_tiles(p.c) * tile.column_tiles(p.ow), (p.oh + kForwardRows - 1) / kForwardRows, p.n);
@@ -702,9 +864,11 @@ bool grad_input(const at::Tensor& grad_y, const at::Tensor& filters, at::Tensor&
       const Extents e{p.n, p.c, static_cast<int>(p.oh), static_cast<int>(p.ow), static_cast<int>(p.h),
                       static_cast<int>(p.w)};
       if (uses_nhwc_tile(p)) {
-        launch(forward_nhwc_kernel<scalar_t, acc_t, K(), 1, true>, nhwc_grid(p.c, p.h, p.w, p.n, 1),
-               staged_filter_bytes<acc_t, K()>(nhwc_filter_tile()), stream, grad_y.data_ptr<scalar_t>(),
-               strides_of(grad_y), filters.data_ptr<acc_t>(), grad_x.data_ptr<scalar_t>(), strides_of(grad_x), e);
+        with_nhwc_columns_per_thread<1>(p.w, [&](auto CPT) {
+          launch(forward_nhwc_kernel<scalar_t, acc_t, K(), 1, true, CPT()>, nhwc_grid(p.c, p.h, p.w, p.n, 1),
+                 /*shared=*/0, stream, grad_y.data_ptr<scalar_t>(), strides_of(grad_y), filters.data_ptr<acc_t>(),
+                 grad_x.data_ptr<scalar_t>(), strides_of(grad_x), e, packed_channels<scalar_t>(grad_y));
+        });
         return;
       }
       launch(forward_kernel<scalar_t, acc_t, K(), 1, true>, grid, shared, stream, grad_y.data_ptr<scalar_t>(),
@@ -723,8 +887,7 @@ at::Tensor grad_filters(const at::Tensor& x, const at::Tensor& grad_y, const Pro
   if (p.n > 65535 || p.n == 0 || p.c == 0 || p.oh == 0 || p.ow == 0 || !fits_int32(x) || !fits_int32(grad_y)) return {};
   const TileShape tile = TileShape::of(p.c, p.ow, p.channels_last);
   const bool nhwc = uses_nhwc_tile(p);
-  const int64_t column_tiles = nhwc ? (p.ow + nhwc_columns(int(p.stride)) - 1) / nhwc_columns(int(p.stride))
-                                    : tile.column_tiles(p.ow);
+  const int64_t column_tiles = nhwc ? nhwc_column_tiles(p.ow, int(p.stride)) : tile.column_tiles(p.ow);
   const int64_t channel_tiles = nhwc ? (p.c + kNhwcLanes - 1) / kNhwcLanes : tile.channel_tiles(p.c);
   const int64_t base_blocks = channel_tiles * column_tiles;
   // Batch chunks: about 8 blocks per multiprocessor in all.
@@ -736,9 +899,11 @@ at::Tensor grad_filters(const at::Tensor& x, const at::Tensor& grad_y, const Pro
   with_tiled_shape(p.k, p.stride, [&](auto K, auto S) {
     at::Tensor partials = at::empty({chunks * column_tiles, p.c, K() * K()}, x.options().dtype(at::kFloat));
     if (nhwc)
-      launch(grad_filter_nhwc_kernel<scalar_t, acc_t, K(), S()>, dim3(base_blocks, chunks), 0, stream,
-             x.data_ptr<scalar_t>(), strides_of(x), grad_y.data_ptr<scalar_t>(), strides_of(grad_y),
-             partials.data_ptr<acc_t>(), e, images_per_chunk);
+      with_nhwc_columns_per_thread<S()>(p.ow, [&](auto CPT) {
+        launch(grad_filter_nhwc_kernel<scalar_t, acc_t, K(), S(), CPT()>, dim3(base_blocks, chunks), 0, stream,
+               x.data_ptr<scalar_t>(), strides_of(x), grad_y.data_ptr<scalar_t>(), strides_of(grad_y),
+               partials.data_ptr<acc_t>(), e, images_per_chunk, packed_channels<scalar_t>(x));
+      });
     else
       launch(grad_filter_kernel<scalar_t, acc_t, K(), S()>, dim3(base_blocks, chunks), 0, stream,
              x.data_ptr<scalar_t>(), strides_of(x), grad_y.data_ptr<scalar_t>(), strides_of(grad_y),

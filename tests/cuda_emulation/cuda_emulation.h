@@ -61,4 +61,5 @@ void run_grid(dim3 grid, int threads, size_t shared_bytes, const Body& body) {
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 #define TOFA_FAST_DYNAMIC_SHARED (::emulation::dynamic_shared.data())
