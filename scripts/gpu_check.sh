@@ -19,6 +19,9 @@
 #   kernel-bench bench/test_dwconv_kernels_gpu.py: the compiled CUDA op vs cuDNN, launch for launch
 #               (issue 11's kernel targets; outputs checked against float64)
 #                                                                        -> kernel-bench.log, dwconv_kernels_gpu.{json,md}
+#   kernel-profile bench/profile_dwconv_kernels.py under Nsight Compute (`ncu`, skipped without it):
+#               per kernel of the op's forward and backward, duration, occupancy, throughput and what
+#               the warps stall on, for k = 7 / 3 MobileNetV3 shapes     -> kernel-profile.log, kernel-profile.txt
 #   gpu-bench   bench/test_elastic_dwconv_gpu.py (needs pytest-benchmark; skipped without it)
 #                                                                        -> gpu-bench.log, elastic_dwconv_gpu.{json,md}
 #   fused-bench bench/test_bench_fused_step_gpu.py: the fused and shared vs sequential sandwich step, ofa_mbv3
@@ -185,6 +188,25 @@ for split, count in (("train", 4), ("test", 2)):
 EOF
 }
 
+stage_kernel_profile() {
+    if [ "$DRY_RUN" = 1 ]; then
+        "$PY" bench/profile_dwconv_kernels.py --help >/dev/null && echo "dry: bench/profile_dwconv_kernels.py imports"
+        return
+    fi
+    local ncu
+    ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -n 1)
+    if [ -z "$ncu" ]; then
+        echo "skipped: Nsight Compute (ncu) is not installed"
+        return 77
+    fi
+    # Only the launches between torch.cuda.profiler.start() and stop() (the script's own cases).
+    "$ncu" --profile-from-start off --section SpeedOfLight --section Occupancy --section LaunchStats \
+        --section WarpStateStats --section SchedulerStats "$PY" bench/profile_dwconv_kernels.py >"$OUT/kernel-profile.txt"
+    local rc=$?
+    grep -E '^  [a-z_]+.*\(|Duration|Achieved Occupancy|Issue Slots Busy|Stall' "$OUT/kernel-profile.txt" | head -n 60
+    return $rc
+}
+
 stage_step_profile() {
     if [ "$DRY_RUN" = 1 ]; then
         "$PY" bench/profile_step_gpu.py --help >/dev/null && echo "dry: bench/profile_step_gpu.py imports"
@@ -239,6 +261,7 @@ STAGES=(
     "info|stage_info|30|10|60"
     "gpu-tests|stage_gpu_tests|150|60|150"
     "kernel-bench|run_bench test_dwconv_kernels_gpu.py dwconv_kernels_gpu|90|30|60"
+    "kernel-profile|stage_kernel_profile|90|30|60"
     "gpu-bench|run_bench test_elastic_dwconv_gpu.py elastic_dwconv_gpu|150|30|60"
     "fused-bench|run_bench test_bench_fused_step_gpu.py fused_step_gpu|150|20|60"
     "step-profile|stage_step_profile|60|20|60"
@@ -250,9 +273,10 @@ STAGES=(
 )
 
 # Run on a GPU only when --only names them: gpu-bench times the whole op through autograd on 360
-# cases (more than its cap; the kernel-bench stage measures the kernels themselves). The dry run
-# runs every stage.
-OPT_IN=",gpu-bench,"
+# cases (more than its cap; the kernel-bench stage measures the kernels themselves); kernel-profile
+# replays each kernel many times under ncu (about a minute), for a session that works on the kernels.
+# The dry run runs every stage.
+OPT_IN=",gpu-bench,kernel-profile,"
 
 selected() {
     if [ -n "$ONLY" ]; then [[ ",$ONLY," == *",$1,"* ]]; return; fi

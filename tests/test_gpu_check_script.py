@@ -22,6 +22,7 @@ STAGES = [
     "info",
     "gpu-tests",
     "kernel-bench",
+    "kernel-profile",
     "gpu-bench",
     "fused-bench",
     "step-profile",
