@@ -86,6 +86,10 @@ def _cases() -> list[tuple]:
         (2, 48, 11, 18, 7, 1, "channels_last", torch.bfloat16),
         (1, 32, 19, 35, 3, 1, "channels_last", torch.bfloat16),
         (2, 40, 13, 21, 5, 2, "channels_last", torch.float16),
+        # the stride-2 input gradient's dy tile (grad_input_stride2_nhwc_kernel): whole interior
+        # tiles, odd sizes
+        (1, 32, 17, 35, 7, 2, "channels_last", torch.bfloat16),
+        (2, 48, 11, 9, 3, 2, "channels_last", torch.bfloat16),
         # maps at most 8 wide: 2 columns per thread at stride 1
         (2, 40, 7, 7, 7, 1, "channels_last", torch.bfloat16),
         (1, 36, 9, 8, 5, 1, "channels_last", torch.float32),

@@ -12,10 +12,10 @@
 // both layouts. The overlap between neighbouring threads' windows is served by L1.
 //
 // channels_last with ≥ 24 channels (what training on CUDA uses) goes one step further: the forward,
-// the stride-1 input gradient and the filter gradient copy a block's input window into shared
-// memory first (`NhwcTile`, `forward_nhwc_kernel`, `grad_filter_nhwc_kernel`; 16 bytes of channels
-// per load where the layout allows), and each thread then reads its K-wide rows there at
-// compile-time offsets, for a 4 × 8 (2 × 4 at stride 2) block of outputs at once.
+// both input gradients and the filter gradient copy a block's input window into shared memory
+// first (`SharedTile`: 16 bytes of channels per load where the layout allows; `forward_nhwc_kernel`,
+// `grad_input_stride2_nhwc_kernel`, `grad_filter_nhwc_kernel`), and each thread then reads its rows
+// there at compile-time offsets, for a 4 × 8 (2 × 4 at stride 2) block of outputs at once.
 //
 // Filter gradient: no atomics. Each block reduces its threads' K×K sums over the columns it covers
 // (shared memory, one filter row at a time) and writes one partial per (block, channel, tap); the
@@ -302,8 +302,8 @@ constexpr int nhwc_columns_per_thread(int stride, int64_t out_width) {
 constexpr int nhwc_rows(int stride) { return stride == 1 ? 8 : 4; }
 constexpr int nhwc_block_columns(int columns_per_thread) { return kThreads / kNhwcLanes * columns_per_thread; }
 
-// The shared-memory input tile of the channels_last kernels: [ROWS][PADDED_COLS][32 channels] floats,
-// the input window of nhwc_rows(S) × 4·CPT outputs, and the two ways to fill it.
+// A shared-memory tile of the channels_last kernels: [ROWS][PADDED_COLS][32 channels] floats, a
+// window of the image of those sizes, and the two ways to fill it.
 //
 // `Copier` (any strides): warp `group` takes tile columns group, group + GROUPS, … of every row, one
 // element per lane (the tile is padded to a multiple of GROUPS columns).
@@ -314,12 +314,9 @@ constexpr int nhwc_block_columns(int columns_per_thread) { return kThreads / kNh
 // Both work out column offsets and bounds once (a thread's columns are fixed for the whole walk);
 // in `copy` the rows are unrolled, so the loads are independent and in flight together and the
 // shared-memory addresses are constants past a per-thread base.
-template <int K, int S, int CPT_>
-struct NhwcTile {
-  static constexpr int P = K / 2, TH = nhwc_rows(S), CPT = CPT_;
-  static constexpr int GROUPS = kThreads / kNhwcLanes, BLOCK_COLUMNS = nhwc_block_columns(CPT);
-  static constexpr int ROWS = (TH - 1) * S + K, COLS = (BLOCK_COLUMNS - 1) * S + K;
-  static constexpr int SPAN = (CPT - 1) * S + K;  // input columns under one thread's CPT outputs
+template <int ROWS_, int COLS_>
+struct SharedTile {
+  static constexpr int ROWS = ROWS_, COLS = COLS_, GROUPS = kThreads / kNhwcLanes;
   static constexpr int COLUMNS_PER_GROUP = (COLS + GROUPS - 1) / GROUPS, PADDED_COLS = COLUMNS_PER_GROUP * GROUPS;
   static constexpr int ELEMENTS = ROWS * PADDED_COLS * kNhwcLanes;
 
@@ -426,48 +423,99 @@ struct NhwcTile {
       copier.copy(x_image + channel * sx.c, sx.h, ih0, height, tile);
   }
 
-  // window[q] = tile row r, column q of this thread's span; mine: the tile + group·CPT·S·32 + lane.
-  template <typename acc_t>
+  // The prologue of the kernels that compute one tile: the block's filters are staged in the tile's
+  // own shared memory and read into f (FLIP: rotated by 180°), then the tile takes the image window
+  // whose row 0, column 0 is image position (ih0, iw0). So the kernel needs no more shared memory
+  // than the tile. image: the image of the block; c0: its first channel.
+  template <bool FLIP, int K, typename scalar_t, typename acc_t>
+  __device__ __forceinline__ static void filters_then_window(const acc_t* __restrict__ filters,
+                                                             const scalar_t* __restrict__ image, const Strides& s,
+                                                             int64_t c0, int64_t channels, int ih0, int iw0,
+                                                             int height, int width, bool packed, acc_t (&f)[K * K],
+                                                             acc_t* tile) {
+    static_assert(ELEMENTS >= kNhwcLanes * K * K, "the tile holds the block's filters first");
+    const int lane = threadIdx.x % kNhwcLanes;
+    stage_filters<acc_t, K>(filters, c0, channels, TileShape{kNhwcLanes, GROUPS, true}, tile);
+    load_filter<FLIP, K>(tile, lane, f);
+    __syncthreads();  // every thread has its filter: the tile may take the window
+    const int tile_channels = int(channels - c0 < kNhwcLanes ? channels - c0 : kNhwcLanes);
+    const Copier copier(iw0, width, s.w);
+    const PackedCopier<scalar_t> packed_copier(iw0, width, s.w, tile_channels);
+    fill(packed, packed_copier, copier, image, s, c0, lane < tile_channels ? c0 + lane : c0, ih0, height, tile);
+    __syncthreads();
+  }
+
+  // window[q] = tile row r, column q past `mine` (a thread's first column + its lane), q < SPAN.
+  template <int SPAN, typename acc_t>
   __device__ __forceinline__ static void read(const acc_t* mine, int r, acc_t (&window)[SPAN]) {
 #pragma unroll
     for (int q = 0; q < SPAN; ++q) window[q] = mine[(r * PADDED_COLS + q) * kNhwcLanes];
   }
 };
 
-// The filters go through the tile's shared memory before the input does (so the kernel needs no
-// more than the tile): staged there, read into registers, then overwritten.
+// The input tile of nhwc_rows(S) × 4·CPT outputs of a K×K, stride-S convolution.
+template <int K, int S, int CPT_>
+struct NhwcTile : SharedTile<(nhwc_rows(S) - 1) * S + K, (nhwc_block_columns(CPT_) - 1) * S + K> {
+  static constexpr int P = K / 2, TH = nhwc_rows(S), CPT = CPT_, BLOCK_COLUMNS = nhwc_block_columns(CPT);
+  static constexpr int SPAN = (CPT - 1) * S + K;  // input columns under one thread's CPT outputs
+};
+
+// out[t·row_stride + u·column_stride] ← acc[u][t] for a thread's TH rows × CPT columns of outputs,
+// those of them that exist (rows_left, columns_left: how many rows and columns the output has from
+// the thread's first on); no tests when all do.
+template <int CPT, int TH, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_outputs(const acc_t (&acc)[CPT][TH], scalar_t* __restrict__ out, int row_stride,
+                                              int column_stride, int rows_left, int columns_left) {
+  if (rows_left >= TH && columns_left >= CPT) {
+#pragma unroll
+    for (int t = 0; t < TH; ++t)
+#pragma unroll
+      for (int u = 0; u < CPT; ++u) out[t * row_stride + u * column_stride] = static_cast<scalar_t>(acc[u][t]);
+    return;
+  }
+#pragma unroll
+  for (int t = 0; t < TH; ++t)
+#pragma unroll
+    for (int u = 0; u < CPT; ++u)
+      if (t < rows_left && u < columns_left) out[t * row_stride + u * column_stride] = static_cast<scalar_t>(acc[u][t]);
+}
+
+// A thread of a kernel that computes one channels_last tile: its block's first channel, output
+// column and row, and image (blockIdx.x = channel tile × column tiles + column tile, blockIdx.y =
+// row tile, blockIdx.z = image), its lane (its channel: c = c0 + lane) and its group (its warp).
+struct TileThread {
+  int64_t c0, c, n;
+  int w0, h0, lane, group;
+
+  __device__ __forceinline__ TileThread(int out_width, int block_columns, int block_rows) {
+    const int column_tiles = (out_width + block_columns - 1) / block_columns;
+    c0 = int64_t(blockIdx.x / column_tiles) * kNhwcLanes;
+    w0 = (blockIdx.x % column_tiles) * block_columns;
+    h0 = blockIdx.y * block_rows;
+    n = blockIdx.z;
+    lane = threadIdx.x % kNhwcLanes;
+    group = threadIdx.x / kNhwcLanes;
+    c = c0 + lane;
+  }
+};
+
 template <typename scalar_t, typename acc_t, int K, int S, bool FLIP, int CPT_>
 __global__ void __launch_bounds__(kThreads)
     forward_nhwc_kernel(const scalar_t* __restrict__ x, Strides sx, const acc_t* __restrict__ filters,
                         scalar_t* __restrict__ y, Strides sy, Extents e, bool packed) {
   using Tile = NhwcTile<K, S, CPT_>;
   constexpr int P = K / 2, TH = Tile::TH, CPT = Tile::CPT, BLOCK_COLUMNS = Tile::BLOCK_COLUMNS;
-  static_assert(Tile::ELEMENTS >= kNhwcLanes * K * K, "the tile holds the block's filters first");
   __shared__ __align__(16) acc_t tile[Tile::ELEMENTS];
-  const int column_tiles = (e.ow + BLOCK_COLUMNS - 1) / BLOCK_COLUMNS;
-  const int64_t c0 = int64_t(blockIdx.x / column_tiles) * kNhwcLanes;
-  const int w0 = (blockIdx.x % column_tiles) * BLOCK_COLUMNS, oh0 = blockIdx.y * TH;
-  const int64_t n = blockIdx.z;
-  const int lane = threadIdx.x % kNhwcLanes, group = threadIdx.x / kNhwcLanes;
-  const int64_t c = c0 + lane;
-  const bool channel_inside = c < e.c;
+  const TileThread me(e.ow, BLOCK_COLUMNS, TH);
+  const int64_t c = me.c, n = me.n;
+  const int w0 = me.w0, oh0 = me.h0, lane = me.lane, group = me.group;
 
   acc_t f[K * K];
-  stage_filters<acc_t, K>(filters, c0, e.c, TileShape{kNhwcLanes, Tile::GROUPS, true}, tile);
-  load_filter<FLIP, K>(tile, lane, f);
-  __syncthreads();  // every thread has its filter: the tile may take the input
-  const typename Tile::Copier copier(w0 * S - P, e.w, sx.w);
-  const typename Tile::template PackedCopier<scalar_t> packed_copier(
-      w0 * S - P, e.w, sx.w, int(e.c - c0 < kNhwcLanes ? e.c - c0 : kNhwcLanes));
-  Tile::fill(packed, packed_copier, copier, x + n * sx.n, sx, c0, channel_inside ? c : c0, oh0 * S - P, e.h, tile);
-  __syncthreads();
-  if (!channel_inside) return;
+  Tile::template filters_then_window<FLIP, K>(filters, x + n * sx.n, sx, me.c0, e.c, oh0 * S - P, w0 * S - P, e.h,
+                                              e.w, packed, f, tile);
+  if (c >= e.c) return;
 
-  acc_t acc[CPT][TH];
-#pragma unroll
-  for (int u = 0; u < CPT; ++u)
-#pragma unroll
-    for (int t = 0; t < TH; ++t) acc[u][t] = acc_t(0);
+  acc_t acc[CPT][TH] = {};
 
   const acc_t* mine = tile + group * CPT * S * kNhwcLanes + lane;  // this thread's first input column
 #pragma unroll
@@ -485,19 +533,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   const int ow0 = w0 + group * CPT;
-  scalar_t* out = y + n * sy.n + c * sy.c + oh0 * sy.h + ow0 * sy.w;
-  if (ow0 + CPT <= e.ow && oh0 + TH <= e.oh) {  // all of this thread's outputs exist: no tests
-#pragma unroll
-    for (int t = 0; t < TH; ++t)
-#pragma unroll
-      for (int u = 0; u < CPT; ++u) out[t * sy.h + u * sy.w] = static_cast<scalar_t>(acc[u][t]);
-    return;
-  }
-#pragma unroll
-  for (int t = 0; t < TH; ++t)
-#pragma unroll
-    for (int u = 0; u < CPT; ++u)
-      if (oh0 + t < e.oh && ow0 + u < e.ow) out[t * sy.h + u * sy.w] = static_cast<scalar_t>(acc[u][t]);
+  store_outputs(acc, y + n * sy.n + c * sy.c + oh0 * sy.h + ow0 * sy.w, sy.h, sy.w, e.oh - oh0, e.ow - ow0);
 }
 
 // Input gradient of a stride-2 conv: dx[h][w] = Σ_{i,j} F[i][j] · dy[(h + P − i)/2][(w + P − j)/2]
@@ -546,6 +582,72 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int t = 0; t < TH; ++t)
     if (h0 + t < e.h) out[(h0 + t) * sx.h] = static_cast<scalar_t>(acc[t]);
+}
+
+// The stride-2 input gradient in channels_last through a shared-memory tile of dy: the counterpart of
+// forward_nhwc_kernel for grad_input_stride2_kernel's formula. A block covers 32 channels × 16 dx
+// columns × 8 dx rows, starting at an even row and column, so which taps (i, j) meet an even
+// numerator for each of a thread's 4 columns × 8 rows is known at compile time, and so is where
+// in the tile each of them reads: every FMA does work (the register kernel multiplies the taps of
+// odd numerators by zeros), about K²/4 per dx element. The dy window of the block is ~half its size
+// in each direction plus the filter's reach: (8 + P)/2 + ⌊P/2⌋ + 1 rows by (16 + P)/2 + ⌊P/2⌋ + 1
+// columns (7 × 11 for K = 7). The filters go through the tile first, as in forward_nhwc_kernel.
+// Grid: (channel tiles × ⌈W / 16⌉, ⌈H / 8⌉, N); e.h, e.w are dx's sizes, e.oh, e.ow dy's.
+constexpr int kStride2Rows = 8, kStride2ColumnsPerThread = 4;
+constexpr int kStride2BlockColumns = kThreads / kNhwcLanes * kStride2ColumnsPerThread;
+
+// Tile sizes: dy rows (h + P − i)/2 over the block's rows h and taps i run from −⌊P/2⌋ to
+// (rows − 1 + P)/2 past the block's first row / 2 (and so for columns).
+constexpr int stride2_tile_extent(int outputs, int k) { return (outputs - 1 + k / 2) / 2 + (k / 2) / 2 + 1; }
+
+template <int K>
+struct Stride2GradTile
+    : SharedTile<stride2_tile_extent(kStride2Rows, K), stride2_tile_extent(kStride2BlockColumns, K)> {
+  static constexpr int P = K / 2, HALF = P / 2;  // tile row 0 is dy row h0 / 2 − HALF
+  static constexpr int TH = kStride2Rows, CPT = kStride2ColumnsPerThread;
+  static constexpr int SPAN = (CPT - 1 + P) / 2 + HALF + 1;  // dy columns under one thread's CPT dx columns
+};
+
+template <typename scalar_t, typename acc_t, int K>
+__global__ void __launch_bounds__(kThreads)
+    grad_input_stride2_nhwc_kernel(const scalar_t* __restrict__ gy, Strides sg, const acc_t* __restrict__ filters,
+                                   scalar_t* __restrict__ gx, Strides sx, Extents e, bool packed) {
+  using Tile = Stride2GradTile<K>;
+  constexpr int P = Tile::P, HALF = Tile::HALF, TH = Tile::TH, CPT = Tile::CPT;
+  static_assert(TH % 2 == 0 && CPT % 2 == 0, "threads start at even rows and columns");
+  __shared__ __align__(16) acc_t tile[Tile::ELEMENTS];
+  const TileThread me(e.w, kStride2BlockColumns, TH);
+  const int64_t c = me.c, n = me.n;
+  const int w0 = me.w0, h0 = me.h0, lane = me.lane, group = me.group;
+
+  acc_t f[K * K];
+  // Tile row 0, column 0: dy position (h0 / 2 − HALF, w0 / 2 − HALF).
+  Tile::template filters_then_window<false, K>(filters, gy + n * sg.n, sg, me.c0, e.c, h0 / 2 - HALF, w0 / 2 - HALF,
+                                               e.oh, e.ow, packed, f, tile);
+  if (c >= e.c) return;
+
+  acc_t acc[CPT][TH] = {};
+  // This thread's dx columns start at w0 + group·CPT (even): its first dy column is group·CPT/2 in the tile.
+  const acc_t* mine = tile + group * (CPT / 2) * kNhwcLanes + lane;
+#pragma unroll
+  for (int r = 0; r < Tile::ROWS; ++r) {
+    acc_t row[Tile::SPAN];
+    Tile::read(mine, r, row);
+#pragma unroll
+    for (int t = 0; t < TH; ++t) {
+      const int i = t + P - 2 * (r - HALF);  // the tap that maps dx row h0 + t onto tile row r
+      if (i < 0 || i >= K) continue;
+#pragma unroll
+      for (int u = 0; u < CPT; ++u)
+#pragma unroll
+        for (int j = 0; j < K; ++j) {
+          if ((u + P - j) % 2 != 0) continue;  // odd numerator: no dy column
+          acc[u][t] += f[i * K + j] * row[(u + P - j) / 2 + HALF];
+        }
+    }
+  }
+  const int w = w0 + group * CPT;
+  store_outputs(acc, gx + n * sx.n + c * sx.c + h0 * sx.h + w * sx.w, sx.h, sx.w, e.h - h0, e.w - w);
 }
 
 // acc[i][j] += Σ_t g[t] · x[ih0 + t·S + i][columns j]: the filter gradient's share of one strip.
@@ -875,6 +977,15 @@ bool grad_input(const at::Tensor& grad_y, const at::Tensor& filters, at::Tensor&
              strides_of(grad_y), filters.data_ptr<acc_t>(), grad_x.data_ptr<scalar_t>(), strides_of(grad_x), e, tile);
     } else {
       const Extents e = extents_of(p);
+      if (uses_nhwc_tile(p)) {
+        const int64_t channel_tiles = (p.c + kNhwcLanes - 1) / kNhwcLanes;
+        const dim3 tile_grid(channel_tiles * ((p.w + kStride2BlockColumns - 1) / kStride2BlockColumns),
+                             (p.h + kStride2Rows - 1) / kStride2Rows, p.n);
+        launch(grad_input_stride2_nhwc_kernel<scalar_t, acc_t, K()>, tile_grid, /*shared=*/0, stream,
+               grad_y.data_ptr<scalar_t>(), strides_of(grad_y), filters.data_ptr<acc_t>(),
+               grad_x.data_ptr<scalar_t>(), strides_of(grad_x), e, packed_channels<scalar_t>(grad_y));
+        return;
+      }
       launch(grad_input_stride2_kernel<scalar_t, acc_t, K()>, grid, shared, stream, grad_y.data_ptr<scalar_t>(),
              strides_of(grad_y), filters.data_ptr<acc_t>(), grad_x.data_ptr<scalar_t>(), strides_of(grad_x), e, tile);
     }
