@@ -590,7 +590,7 @@ __global__ void __launch_bounds__(kThreads)
 // numerator for each of a thread's 4 columns × 8 rows is known at compile time, and so is where
 // in the tile each of them reads: every FMA does work (the register kernel multiplies the taps of
 // odd numerators by zeros), about K²/4 per dx element. The dy window of the block is ~half its size
-// in each direction plus the filter's reach: (8 + P)/2 + ⌊P/2⌋ + 1 rows by (16 + P)/2 + ⌊P/2⌋ + 1
+// in each direction plus the filter's reach: (7 + P)/2 + ⌊P/2⌋ + 1 rows by (15 + P)/2 + ⌊P/2⌋ + 1
 // columns (7 × 11 for K = 7). The filters go through the tile first, as in forward_nhwc_kernel.
 // Grid: (channel tiles × ⌈W / 16⌉, ⌈H / 8⌉, N); e.h, e.w are dx's sizes, e.oh, e.ow dy's.
 constexpr int kStride2Rows = 8, kStride2ColumnsPerThread = 4;
