@@ -14,7 +14,7 @@
 #               (dry: no compile; checks the installed package imports)
 #   info        `tofa-fast info`: which backend serves what, and why     -> info.log
 #   gpu-tests   `pytest -m gpu tests` (op vs reference fp32/bf16/mixed, NCHW and channels_last,
-#               opcheck on cuda, Triton in process, autocast training)   -> gpu-tests.log, gpu-tests.xml
+#               opcheck on cuda, Triton in process, autocast training; dry: one file) -> gpu-tests.log, gpu-tests.xml
 #               (TOFA_FAST_GPU_CHECK_TESTS: other test paths, e.g. tests/test_elastic_dwconv_cuda.py)
 #   kernel-bench bench/test_dwconv_kernels_gpu.py: the compiled CUDA op vs cuDNN, launch for launch
 #               (issue 11's kernel targets; outputs checked against float64)
@@ -147,8 +147,11 @@ stage_info() {
 }
 
 stage_gpu_tests() {
+    # Dry: one test file (collecting the whole suite takes ~15 s on two cores; the suite runs in CI anyway).
+    local tests=tests
+    [ "$DRY_RUN" = 1 ] && tests=tests/test_elastic_dwconv_cuda.py
     # shellcheck disable=SC2086
-    "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider ${TOFA_FAST_GPU_CHECK_TESTS:-tests} --junitxml="$OUT/gpu-tests.xml"
+    "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider ${TOFA_FAST_GPU_CHECK_TESTS:-$tests} --junitxml="$OUT/gpu-tests.xml"
     local rc=$?
     # 5: nothing collected (no test marked gpu here).
     if [ $rc = 5 ]; then echo "skipped: no test marked gpu was collected"; return 77; fi

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
 import pytest
 import torch
+
+# The README's test command runs the suite on two pytest-xdist workers (one test file each at a
+# time: `-n 2 --dist loadfile`). Each worker gets its share of the cores for torch's intra-op pool:
+# two workers with a full pool each oversubscribe the cores, and OpenMP's spinning threads then
+# make compute-bound tests several times slower. Tests that need a pool of 2 set it themselves.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 # (rtol, atol) per dtype for comparisons of a kernel / extracted module against its reference.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {

@@ -41,7 +41,12 @@ def _compile_skip_reason() -> str | None:
 @pytest.mark.skipif(_compile_skip_reason() is not None, reason=_compile_skip_reason() or "")
 def test_cuda_sources_compile(tmp_path):
     """Every kernels/cuda/*.cu compiles for sm_90, as many at once as there are cores (one
-    translation unit per dtype for the tiled kernels: minutes one after another on two cores)."""
+    translation unit per dtype for the tiled kernels: minutes one after another on two cores).
+
+    Device code is compiled without optimisation (``-Xcicc -O0 -Xptxas -O0``): the front end, the
+    PTX generator and ptxas still see every kernel, so syntax, template, API and resource errors
+    (static shared memory, launch bounds) fail here as they would in the real build, at 37 s a
+    translation unit instead of 65 s. The real build (setup.py, scripts/gpu_check.sh) optimises."""
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
 
     assert CUDA_SOURCES, "no kernels/cuda/*.cu found"
@@ -59,6 +64,10 @@ def test_cuda_sources_compile(tmp_path):
             "-Xcompiler",
             "-fPIC",
             f"-gencode=arch=compute_{arch},code=sm_{arch}",
+            "-Xcicc",
+            "-O0",
+            "-Xptxas",
+            "-O0",
             "-DTORCH_API_INCLUDE_EXTENSION_H",
             "-DTORCH_EXTENSION_NAME=_C",
             f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
