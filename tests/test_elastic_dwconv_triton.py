@@ -3,7 +3,7 @@ elastic_dwconv_triton_training_checks.py: the kernels inside a few supernet trai
 can run.
 
 * GPU present, or the whole run started with TRITON_INTERPRET=1: in this process.
-* Otherwise: in a pytest subprocess with TRITON_INTERPRET=1 set before anything imports triton
+* Otherwise: in pytest subprocesses (one per file, side by side) with TRITON_INTERPRET=1 set before anything imports triton
   (Triton fixes interpreter vs compiler mode at import), on CPU tensors.
 """
 
@@ -30,15 +30,34 @@ else:
 
     @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
     def test_triton_kernels_under_interpreter():
+        """Both check files at once, one pytest process each: the interpreter runs Python on one
+        core, and this test is often the last one left running (about 50 s each)."""
         env = dict(os.environ, TRITON_INTERPRET="1")
-        checks = [os.path.join(HERE, name) for name in CHECKS]
-        result = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", *checks],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=1200,
-            cwd=os.path.dirname(HERE),
-        )
-        print(result.stdout[-4000:])
-        assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-4000:]
+        runs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "pytest",
+                    "-q",
+                    "-p",
+                    "no:cacheprovider",
+                    "-p",
+                    "no:randomly",
+                    os.path.join(HERE, name),
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=os.path.dirname(HERE),
+            )
+            for name in CHECKS
+        ]
+        failures = []
+        for name, run in zip(CHECKS, runs):
+            stdout, stderr = run.communicate(timeout=1200)
+            print(stdout[-4000:])
+            if run.returncode != 0:
+                failures.append(f"{name}:\n{stdout[-8000:]}{stderr[-4000:]}")
+        assert not failures, "\n\n".join(failures)
