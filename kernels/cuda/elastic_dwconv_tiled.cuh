@@ -290,6 +290,11 @@ __global__ void __launch_bounds__(kThreads)
 // its columns. FLIP as in forward_kernel.
 // Grid: (channel tiles × ⌈OW / (4·CPT)⌉, ⌈OH / nhwc_rows(S)⌉, N).
 constexpr int kNhwcLanes = 32;
+
+// Channels of the channel tile that starts at c0: kNhwcLanes, fewer in the last tile.
+__host__ __device__ __forceinline__ int tile_channel_count(int64_t channels, int64_t c0) {
+  return int(channels - c0 < kNhwcLanes ? channels - c0 : kNhwcLanes);
+}
 // Outputs per thread (CPT columns × nhwc_rows(S) rows): 4 × 8 at stride 1; 2 × 4 at stride 2, whose
 // input window per output is four times larger (the tile must fit the 48 KB of static shared
 // memory); and 2 × 8 at stride 1 for maps at most 8 wide (7 × 7), which would leave 9 of a 16-column
@@ -438,7 +443,7 @@ struct SharedTile {
     stage_filters<acc_t, K>(filters, c0, channels, TileShape{kNhwcLanes, GROUPS, true}, tile);
     load_filter<FLIP, K>(tile, lane, f);
     __syncthreads();  // every thread has its filter: the tile may take the window
-    const int tile_channels = int(channels - c0 < kNhwcLanes ? channels - c0 : kNhwcLanes);
+    const int tile_channels = tile_channel_count(channels, c0);
     const Copier copier(iw0, width, s.w);
     const PackedCopier<scalar_t> packed_copier(iw0, width, s.w, tile_channels);
     fill(packed, packed_copier, copier, image, s, c0, lane < tile_channels ? c0 + lane : c0, ih0, height, tile);
@@ -480,22 +485,33 @@ __device__ __forceinline__ void store_outputs(const acc_t (&acc)[CPT][TH], scala
       if (t < rows_left && u < columns_left) out[t * row_stride + u * column_stride] = static_cast<scalar_t>(acc[u][t]);
 }
 
-// A thread of a kernel that computes one channels_last tile: its block's first channel, output
-// column and row, and image (blockIdx.x = channel tile × column tiles + column tile, blockIdx.y =
-// row tile, blockIdx.z = image), its lane (its channel: c = c0 + lane) and its group (its warp).
+// A thread of a channels_last tile kernel: its block's first channel and output column
+// (blockIdx.x = channel tile × column tiles + column tile), its lane (its channel: c = c0 + lane)
+// and its group (its warp); for the kernels that compute one tile, also the block's first output
+// row and image (blockIdx.y = row tile, blockIdx.z = image).
 struct TileThread {
   int64_t c0, c, n;
-  int w0, h0, lane, group;
+  int w0, h0, lane, group, column_tiles, column_tile;
 
-  __device__ __forceinline__ TileThread(int out_width, int block_columns, int block_rows) {
-    const int column_tiles = (out_width + block_columns - 1) / block_columns;
+  // A block that walks every row of its images (the filter gradient; blockIdx.y is its batch
+  // chunk): h0 and n are 0.
+  __device__ __forceinline__ TileThread(int out_width, int block_columns) {
+    column_tiles = (out_width + block_columns - 1) / block_columns;
+    column_tile = blockIdx.x % column_tiles;
     c0 = int64_t(blockIdx.x / column_tiles) * kNhwcLanes;
-    w0 = (blockIdx.x % column_tiles) * block_columns;
-    h0 = blockIdx.y * block_rows;
-    n = blockIdx.z;
+    w0 = column_tile * block_columns;
+    h0 = 0;
+    n = 0;
     lane = threadIdx.x % kNhwcLanes;
     group = threadIdx.x / kNhwcLanes;
     c = c0 + lane;
+  }
+
+  // A block that computes one tile: rows [h0, h0 + block_rows) of image n.
+  __device__ __forceinline__ TileThread(int out_width, int block_columns, int block_rows)
+      : TileThread(out_width, block_columns) {
+    h0 = blockIdx.y * block_rows;
+    n = blockIdx.z;
   }
 };
 
@@ -754,16 +770,14 @@ __global__ void __launch_bounds__(kThreads, 4)
   constexpr int P = K / 2, TH = Tile::TH, CPT = Tile::CPT, GROUPS = Tile::GROUPS;
   constexpr int BLOCK_COLUMNS = Tile::BLOCK_COLUMNS, TILE = Tile::ELEMENTS, SUMS = K * K * kThreads;
   __shared__ __align__(16) acc_t shared[TILE > SUMS ? TILE : SUMS];  // the input tile, then the warps' sums
-  const int column_tiles = (e.ow + BLOCK_COLUMNS - 1) / BLOCK_COLUMNS;
-  const int64_t c0 = int64_t(blockIdx.x / column_tiles) * kNhwcLanes;
-  const int w0 = (blockIdx.x % column_tiles) * BLOCK_COLUMNS;
-  const int lane = threadIdx.x % kNhwcLanes, group = threadIdx.x / kNhwcLanes;
-  const int64_t c = c0 + lane;
+  const TileThread me(e.ow, BLOCK_COLUMNS);
+  const int64_t c0 = me.c0, c = me.c;
+  const int w0 = me.w0, lane = me.lane, group = me.group;
   const bool channel_inside = c < e.c;
   // Both copiers' columns are fixed for the whole walk.
   const typename Tile::Copier copier(w0 * S - P, e.w, sx.w);
-  const typename Tile::template PackedCopier<scalar_t> packed_copier(
-      w0 * S - P, e.w, sx.w, int(e.c - c0 < kNhwcLanes ? e.c - c0 : kNhwcLanes));
+  const typename Tile::template PackedCopier<scalar_t> packed_copier(w0 * S - P, e.w, sx.w,
+                                                                      tile_channel_count(e.c, c0));
   // This thread's output columns (dy reads) and its first input column in the tile.
   int grad_column_offset[CPT];
   bool grad_column_inside[CPT];
@@ -822,7 +836,7 @@ __global__ void __launch_bounds__(kThreads, 4)
 #pragma unroll
   for (int t = 0; t < K * K; ++t) shared[t * kThreads + threadIdx.x] = acc[t];
   __syncthreads();
-  const int64_t partial_row = int64_t(blockIdx.y) * column_tiles + blockIdx.x % column_tiles;
+  const int64_t partial_row = int64_t(blockIdx.y) * me.column_tiles + me.column_tile;
   for (int slot = threadIdx.x; slot < K * K * kNhwcLanes; slot += kThreads) {
     const int tap = slot / kNhwcLanes, channel_lane = slot % kNhwcLanes;
     if (c0 + channel_lane >= e.c) continue;
