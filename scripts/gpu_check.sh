@@ -14,7 +14,8 @@
 #               (dry: no compile; checks the installed package imports)
 #   info        `tofa-fast info`: which backend serves what, and why     -> info.log
 #   gpu-tests   `pytest -m gpu tests` (op vs reference fp32/bf16/mixed, NCHW and channels_last,
-#               opcheck on cuda, Triton in process, autocast training; dry: one file) -> gpu-tests.log, gpu-tests.xml
+#               opcheck on cuda, Triton in process, autocast training)   -> gpu-tests.log, gpu-tests.xml
+#               (dry: tests/test_elastic_dwconv_cuda.py only)
 #               (TOFA_FAST_GPU_CHECK_TESTS: other test paths, e.g. tests/test_elastic_dwconv_cuda.py)
 #   kernel-bench bench/test_dwconv_kernels_gpu.py: the compiled CUDA op vs cuDNN, launch for launch
 #               (issue 11's kernel targets; outputs checked against float64)

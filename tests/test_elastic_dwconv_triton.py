@@ -3,8 +3,8 @@ elastic_dwconv_triton_training_checks.py: the kernels inside a few supernet trai
 can run.
 
 * GPU present, or the whole run started with TRITON_INTERPRET=1: in this process.
-* Otherwise: in pytest subprocesses (one per file, side by side) with TRITON_INTERPRET=1 set before anything imports triton
-  (Triton fixes interpreter vs compiler mode at import), on CPU tensors.
+* Otherwise: in pytest subprocesses (one per file, side by side) with TRITON_INTERPRET=1 set before
+  anything imports triton (Triton fixes interpreter vs compiler mode at import), on CPU tensors.
 """
 
 from __future__ import annotations
