@@ -118,6 +118,25 @@ def measure(
         record(suite, case, mode, impl, benchmark.stats.stats.median / per_round)
 
 
+def interleaved_ratios(baseline, ours, rounds: int) -> list[float]:
+    """Sorted per-round ratios baseline time / ours time, the two run alternately (A B B A ...) after
+    one warm-up call each: for gains smaller than the drift of a shared machine's load between two
+    benchmarks run one after the other."""
+    baseline()
+    ours()
+    ratios = []
+    for r in range(rounds):
+        times = {}
+        for name, fn in (
+            (("baseline", baseline), ("ours", ours)) if r % 2 == 0 else (("ours", ours), ("baseline", baseline))
+        ):
+            start = time.perf_counter()
+            fn()
+            times[name] = time.perf_counter() - start
+        ratios.append(times["baseline"] / times["ours"])
+    return sorted(ratios)
+
+
 def complete(suite: str) -> bool:
     entry = REGISTRY[suite]
     seen = {(case, mode, impl) for (case, mode), medians in entry["medians"].items() for impl in medians}
@@ -171,6 +190,8 @@ def _save(suite: str, lines: list[str], machine: dict) -> list[str]:
         f.write("Machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()) + "\n\n")
         f.write("Medians in milliseconds; `× vs X` = X's median / tofa_fast's median (higher is better).\n\n")
         f.write("\n".join(lines) + "\n")
+        if entry["meta"].get("notes"):  # figures a suite measures outside the table (e.g. interleaved A/B)
+            f.write("\nNotes:\n\n" + "".join(f"* {note}\n" for note in entry["meta"]["notes"]))
     return [json_path, md_path]
 
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 import os
 import random
 import sys
-import time
 
 import pytest
 import torch
@@ -301,18 +300,9 @@ def test_shared_vs_sequential_interleaved(bench_registry, case):
     machine's load between two benchmarks run one after the other. Here the two alternate round by
     round (A B B A ...), and the median of the per-round ratios goes into the results' ``meta``."""
     problem = _problem(case)
-    runs = {impl: problem.runner(impl) for impl in ("sequential", "shared")}
-    for run in runs.values():
-        run()  # warm-up
-    ratios = []
-    for r in range(INTERLEAVED_ROUNDS[case]):
-        times = {}
-        for impl in ("sequential", "shared") if r % 2 == 0 else ("shared", "sequential"):
-            start = time.perf_counter()
-            runs[impl]()
-            times[impl] = time.perf_counter() - start
-        ratios.append(times["sequential"] / times["shared"])
-    ratios.sort()
+    ratios = bench_registry.interleaved_ratios(
+        problem.runner("sequential"), problem.runner("shared"), INTERLEAVED_ROUNDS[case]
+    )
     bench_registry.REGISTRY[SUITE]["meta"].setdefault("interleaved_shared_vs_sequential", {})[case] = {
         "median": ratios[len(ratios) // 2],
         "rounds": ratios,

@@ -10,6 +10,10 @@ opaque op. Under ``torch.autocast`` (CPU and CUDA) its autocast kernel casts x t
 and leaves weight and transforms as they are: with fp32 master weights the active filter is formed
 in fp32 and cast to the compute dtype, and the gradients of weight and transforms come back in fp32.
 The same mixed-precision call works without autocast (x bfloat16/float16, weight float32).
+
+In plain eager mode :func:`elastic_dwconv2d` calls the selected backend through
+:class:`_EagerElasticDwconv2d` instead (:mod:`.eager_path`: the op's Python dispatch costs more than a
+small kernel); it applies the same autocast rule and the same backward.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .elastic_dwconv_dispatch import pinned_backend, select_backend, use_backend
+from .eager_path import takes_eager_path
+from .elastic_dwconv_dispatch import ElasticDwconvBackend, pinned_backend, select_backend, use_backend
 from .elastic_dwconv_reference import check_elastic_dwconv_args, output_memory_format
 
 __all__ = ["elastic_dwconv2d"]
@@ -90,11 +95,14 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, *transforms)
 
 
+def _backward_mask(needs_x: bool, needs_weight: bool, needs_transforms) -> list[bool]:
+    return [bool(needs_x), bool(needs_weight), any(needs_transforms)]
+
+
 def _backward(ctx, grad_output):
     x, weight, *transforms = ctx.saved_tensors
     needs_x, needs_weight, _, _, needs_transforms = ctx.needs_input_grad
-    needs_any_transform = any(needs_transforms)
-    mask = [bool(needs_x), bool(needs_weight), needs_any_transform]
+    mask = _backward_mask(needs_x, needs_weight, needs_transforms)
     with use_backend(ctx.pinned_backend) if ctx.pinned_backend else contextlib.nullcontext():
         grad_x, grad_weight, grad_transforms = _elastic_dwconv2d_backward_op(
             grad_output, x, weight, ctx.kernel_size, ctx.stride, transforms, mask
@@ -144,6 +152,58 @@ for _device_type, _key in AUTOCAST_KEYS.items():
     torch.library.impl("tofa_fast::elastic_dwconv2d_backward", _key, _autocast_backward(_device_type))
 
 
+# ---- the eager path (eager_path.py) ---------------------------------------------------------------
+
+
+class _EagerElasticDwconv2d(torch.autograd.Function):
+    """The op's forward and backward on one backend, without the custom op's dispatch; transforms
+    are trailing arguments (autograd sees tensors only at the top level)."""
+
+    @staticmethod
+    def forward(ctx, backend: ElasticDwconvBackend, x, weight, kernel_size, stride, *transforms):
+        ctx.backend, ctx.kernel_size, ctx.stride = backend, kernel_size, stride
+        ctx.save_for_backward(x, weight, *transforms)
+        return backend.forward(x, weight, kernel_size, stride, list(transforms))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # first order, as the op
+    def backward(ctx, grad_output):
+        x, weight, *transforms = ctx.saved_tensors
+        _, needs_x, needs_weight, _, _, *needs_transforms = ctx.needs_input_grad
+        mask = _backward_mask(needs_x, needs_weight, needs_transforms)
+        # As the op's autocast backward kernel: a backward run inside an autocast region computes as
+        # outside it.
+        with _autocast_off(x.device.type):
+            grad_x, grad_weight, grad_transforms = ctx.backend.backward(
+                grad_output, x, weight, ctx.kernel_size, ctx.stride, transforms, mask
+            )
+        return (
+            None,
+            grad_x if needs_x else None,
+            grad_weight if needs_weight else None,
+            None,
+            None,
+            *(g if need else None for g, need in zip(grad_transforms, needs_transforms)),
+        )
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast disabled for ``device_type`` (a no-op context where it is off already)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _eager_elastic_dwconv2d(x, weight, kernel_size, stride, transforms) -> torch.Tensor:
+    device_type = x.device.type
+    # The op's autocast forward kernel, written out.
+    if torch.is_autocast_enabled(device_type) and x.is_floating_point() and x.dtype != torch.float64:
+        x = x.to(torch.get_autocast_dtype(device_type))
+    with _autocast_off(device_type):
+        backend = select_backend(x, weight, kernel_size, stride, transforms)
+        return _EagerElasticDwconv2d.apply(backend, x, weight, kernel_size, stride, *transforms)
+
+
 def elastic_dwconv2d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -171,4 +231,7 @@ def elastic_dwconv2d(
     to every transform matrix, each in its own dtype (first order: the backward is itself an opaque op).
     """
     check_elastic_dwconv_args(x, weight, kernel_size, stride, transforms)
-    return _elastic_dwconv2d_op(x, weight, kernel_size, stride, list(transforms) if transforms else [])
+    transforms = list(transforms) if transforms else []
+    if takes_eager_path(x, weight, *transforms):
+        return _eager_elastic_dwconv2d(x, weight, kernel_size, stride, transforms)
+    return _elastic_dwconv2d_op(x, weight, kernel_size, stride, transforms)

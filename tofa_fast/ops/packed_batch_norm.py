@@ -27,6 +27,11 @@ the op hands it the copies.) Gradients are first order (the backward is itself a
 Mixed precision works without autocast: bfloat16 (or float16) x with float32 weight, bias and running
 statistics; the compute and every sum run in float32, y and grad_x come back in x's dtype, the
 parameter gradients in float32.
+
+In plain eager mode :func:`packed_batch_norm_act` calls the selected backend through
+:class:`_EagerPackedBatchNormAct` instead (:mod:`.eager_path`: the op's Python dispatch costs more
+than the kernel on all but large inputs); the backend then updates the running statistics in place,
+as ``F.batch_norm`` does, where the op path updates copies and writes them back.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import torch
 
 from .. import backends
 from .dispatch_table import Backend, BackendTable
+from .eager_path import takes_eager_path
 from .packed_batch_norm_reference import check_packed_batch_norm_args, packed_batch_norm_act_reference
 
 __all__ = ["describe_dispatch", "packed_batch_norm_act", "select_backend", "use_backend"]
@@ -398,7 +404,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y, *_grads_of_non_differentiable_outputs):
     x, weight, bias, save_mean, save_rstd = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    mask = [bool(needs[0]), bool(needs[3]), bool(needs[4])]
+    mask = [bool(needs[0]), bool(needs[3]), bool(needs[4])]  # x, weight, bias
     grads: list[torch.Tensor | None] = [None] * len(needs)
     if not any(mask):
         return tuple(grads)
@@ -412,6 +418,38 @@ def _backward(ctx, grad_y, *_grads_of_non_differentiable_outputs):
 
 
 _packed_batch_norm_act_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- the eager path (eager_path.py) ---------------------------------------------------------------
+
+
+class _EagerPackedBatchNormAct(torch.autograd.Function):
+    """The op's forward and backward on one backend, without the custom op's dispatch.
+
+    ``args`` are the op's arguments in its order; x, weight and bias come again after them, where
+    autograd sees them. The running statistics are updated in place by the backend, as
+    ``F.batch_norm`` does: not graph inputs."""
+
+    @staticmethod
+    def forward(ctx, backend: PackedBatchNormBackend, args: tuple, x, weight, bias):
+        _, offsets, channels, _, _, _, _, training, _, _, activation, _ = args
+        y, save_mean, save_rstd = backend.forward(*args)
+        ctx.backend, ctx.layout = backend, (offsets, channels, training, activation)
+        ctx.save_for_backward(x, weight, bias, save_mean, save_rstd)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # first order, as the op
+    def backward(ctx, grad_y):
+        x, weight, bias, save_mean, save_rstd = ctx.saved_tensors
+        _, _, *needs = ctx.needs_input_grad  # x, weight, bias
+        if not any(needs):
+            return None, None, None, None, None
+        offsets, channels, training, activation = ctx.layout
+        grads = ctx.backend.backward(
+            grad_y, x, offsets, channels, weight, bias, save_mean, save_rstd, training, activation, needs
+        )
+        return (None, None, *(g if need else None for g, need in zip(grads, needs)))
 
 
 def packed_batch_norm_act(
@@ -454,20 +492,11 @@ def packed_batch_norm_act(
     factors = [float(f) for f in momentum_factors]
     offsets, channels = [int(o) for o in offsets], [int(c) for c in channels]
     _check(x, offsets, channels, weight, bias, running_mean, running_var, training, factors, eps, activation, order)
-    y, _, _, new_mean, new_var = _packed_batch_norm_act_op(
-        x,
-        offsets,
-        channels,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        bool(training),
-        factors,
-        float(eps),
-        activation,
-        order,
-    )
+    args = (x, offsets, channels, weight, bias, running_mean, running_var, bool(training), factors, float(eps))
+    args += (activation, order)
+    if takes_eager_path(x, weight, bias, running_mean, running_var):
+        return _EagerPackedBatchNormAct.apply(select_backend(x, weight), args, x, weight, bias)
+    y, _, _, new_mean, new_var = _packed_batch_norm_act_op(*args)
     if training and running_mean is not None and any(factors):
         with torch.no_grad():  # buffers: the write-back is not part of the graph
             running_mean.copy_(new_mean)
