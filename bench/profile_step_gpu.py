@@ -6,8 +6,10 @@ time per step (the sum of the kernels' own device time, from ``torch.profiler``)
 kernel launches, and the ops that cost the most device time and the most host time. Wall time far
 above the busy time means the step is bound by the host (Python, dispatch, launches), not the GPU.
 
-Variants: ``sequential`` and ``fused`` on the default dispatch (cuDNN's depthwise kernels), and
-``sequential, CUDA kernels`` with tofa_fast's own depthwise kernels pinned (when built).
+Variants: ``sequential``, ``shared`` and ``fused`` on the default dispatch, ``sequential, CUDA
+kernels`` with tofa_fast's own depthwise kernels pinned (when built), and ``sequential, library
+dispatch`` with every call of our ops through the ``torch.library`` custom op instead of the eager
+path (tofa_fast/ops/eager_path.py): the host time that path saves.
 
 Run (scripts/gpu_check.sh does, stage ``step-profile``):
 ``python bench/profile_step_gpu.py --out DIR`` → DIR/step_profile_gpu.json and the tables on stdout.
@@ -29,6 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from tofa_fast.ops.eager_path import use_library_dispatch  # noqa: E402
 from tofa_fast.ops.elastic_dwconv_dispatch import CUDA, DwconvProblem, use_backend  # noqa: E402
 from tofa_fast.train.step import ComputeFormat  # noqa: E402
 
@@ -89,14 +92,20 @@ def main(argv=None) -> int:
     import test_bench_fused_step_gpu as suite
 
     problem = suite.Problem(device=device, batch=args.batch)
-    variants = [("sequential", "sequential", None), ("shared", "shared", None), ("fused", "tofa_fast", None)]
+    # (name, step implementation, the context it runs in)
+    variants = [
+        ("sequential", "sequential", contextlib.nullcontext),
+        ("shared", "shared", contextlib.nullcontext),
+        ("fused", "tofa_fast", contextlib.nullcontext),
+        ("sequential, library dispatch", "sequential", use_library_dispatch),
+    ]
     if device.type == "cuda" and not CUDA.not_supported_reasons(DwconvProblem("cuda", torch.bfloat16, 3, 7, 1, 2)):
-        variants.append(("sequential, CUDA kernels", "sequential", "CUDA"))
+        variants.append(("sequential, CUDA kernels", "sequential", lambda: use_backend("CUDA")))
     os.makedirs(args.out, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
     reports = []
-    for name, impl, pin in variants:
-        with use_backend(pin) if pin else contextlib.nullcontext():
+    for name, impl, context in variants:
+        with context():
             cycle = problem.runner(impl, FMT)
             reports.append(measure(name, cycle, device, len(problem.plans), args.cycles))
         # after every variant: a run stopped by its time cap keeps what it measured
