@@ -228,3 +228,10 @@ def test_packed_plain_call_takes_the_eager_path(monkeypatch):
     with use_library_dispatch():
         packed_batch_norm_act(x, *args)
     assert op.calls == 1
+
+
+def test_info_says_which_calls_take_the_eager_path():
+    from tofa_fast.info import info_text
+    from tofa_fast.ops.eager_path import EAGER_PATH_LINE
+
+    assert f"op calls: {EAGER_PATH_LINE}" in info_text()

@@ -8,6 +8,7 @@ import torch
 
 from . import __version__, backends
 from .ops import packed_batch_norm
+from .ops.eager_path import EAGER_PATH_LINE
 from .ops.elastic_dwconv_dispatch import describe_dispatch
 
 
@@ -26,6 +27,7 @@ def info_text() -> str:
     lines.extend(f"  {line}" for line in describe_dispatch())
     lines.append("packed_batch_norm_act dispatch (the fused step's batch norm):")
     lines.extend(f"  {line}" for line in packed_batch_norm.describe_dispatch())
+    lines.append(f"op calls: {EAGER_PATH_LINE}")
     from .train.step import describe_step_backends  # the training layer: imported only here
 
     lines.append("training step (--step; auto takes the first entry that serves where it is measured faster):")

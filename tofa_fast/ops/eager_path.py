@@ -27,7 +27,13 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["takes_eager_path", "use_library_dispatch"]
+__all__ = ["EAGER_PATH_LINE", "takes_eager_path", "use_library_dispatch"]
+
+#: what ``tofa-fast info`` says of it
+EAGER_PATH_LINE = (
+    "plain eager calls run the selected backend through an autograd.Function; torch.compile, torch.export, "
+    "jit tracing, fake tensors and dispatch modes see the torch.library custom ops"
+)
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 _LIBRARY_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("tofa_fast_library_dispatch_only", default=False)
