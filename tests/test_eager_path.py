@@ -235,3 +235,29 @@ def test_info_says_which_calls_take_the_eager_path():
     from tofa_fast.ops.eager_path import EAGER_PATH_LINE
 
     assert f"op calls: {EAGER_PATH_LINE}" in info_text()
+
+
+def test_torch_export_records_the_custom_ops():
+    """Under torch.export the calls are the torch.library ops (an autograd.Function would be traced
+    through, or refused), and the exported program computes what the eager path does."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(6, 1, 5, 5))
+            self.gamma = torch.nn.Parameter(torch.rand(6) + 0.5)
+            self.beta = torch.nn.Parameter(torch.randn(6))
+
+        def forward(self, x):
+            y = elastic_dwconv2d(x, self.weight, 3, 2)
+            n, c, h, w = y.shape
+            rows = y.permute(0, 2, 3, 1).reshape(n * h * w, c)
+            z = packed_batch_norm_act(rows, [0, n * h * w], [c], self.gamma, self.beta, None, None, True, [0.0], 1e-5)
+            return z.view(n, h, w, c).permute(0, 3, 1, 2)
+
+    block, x = Block(), torch.randn(2, 6, 9, 9)
+    program = torch.export.export(block, (x,))
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert "tofa_fast.elastic_dwconv2d.default" in targets, targets
+    assert "tofa_fast.packed_batch_norm_act.default" in targets, targets
+    torch.testing.assert_close(program.module()(x), block(x), rtol=0, atol=0)
