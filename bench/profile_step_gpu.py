@@ -6,9 +6,9 @@ time per step (the sum of the kernels' own device time, from ``torch.profiler``)
 kernel launches, and the ops that cost the most device time and the most host time. Wall time far
 above the busy time means the step is bound by the host (Python, dispatch, launches), not the GPU.
 
-Variants: ``sequential``, ``shared`` and ``fused`` on the default dispatch, ``sequential, CUDA
-kernels`` with tofa_fast's own depthwise kernels pinned (when built), and ``sequential, library
-dispatch`` with every call of our ops through the ``torch.library`` custom op instead of the eager
+Variants: ``sequential``, ``shared``, ``fused`` and (on CUDA) ``graphed`` on the default dispatch,
+``sequential, CUDA kernels`` with tofa_fast's own depthwise kernels pinned (when built), and
+``sequential, library dispatch`` with every call of our ops through the ``torch.library`` custom op instead of the eager
 path (tofa_fast/ops/eager_path.py): the host time that path saves.
 
 Run (scripts/gpu_check.sh does, stage ``step-profile``):
@@ -99,6 +99,8 @@ def main(argv=None) -> int:
         ("fused", "tofa_fast", contextlib.nullcontext),
         ("sequential, library dispatch", "sequential", use_library_dispatch),
     ]
+    if device.type == "cuda":  # a_max and a_min replayed from CUDA graphs: what the host time was
+        variants.insert(3, ("graphed", "graphed", contextlib.nullcontext))
     if device.type == "cuda" and not CUDA.not_supported_reasons(DwconvProblem("cuda", torch.bfloat16, 3, 7, 1, 2)):
         variants.append(("sequential, CUDA kernels", "sequential", lambda: use_backend("CUDA")))
     os.makedirs(args.out, exist_ok=True)

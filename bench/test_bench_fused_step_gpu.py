@@ -10,9 +10,10 @@ medians are per step. Peak device memory of one step (``torch.cuda.max_memory_al
 weights and gradients) goes into the results' ``meta``.
 
 ``shared`` computes the stem, the first block and the first expansion of the four members once
-(they see the same images), ``tofa_fast`` all members in one packed pass.
+(they see the same images), ``tofa_fast`` all members in one packed pass, ``graphed`` replays a_max
+and a_min from CUDA graphs (tofa_fast/train/member_graphs.py; recorded in the warm-up round).
 
-Target (``test_targets``; the run fails when it is missed): the faster of the two, bf16, ≥ 2×
+Target (``test_targets``; the run fails when it is missed): the fastest of the three, bf16, ≥ 2×
 sequential.
 
 Skipped without a CUDA device; scripts/gpu_check.sh runs it (stage ``fused-bench``).
@@ -37,8 +38,8 @@ TARGET_BF16 = 2.0
 STEPS_PER_ROUND, ROUNDS, WARMUP_ROUNDS = 3, 10, 2
 FORMATS = {"bf16 channels_last": ComputeFormat("bf16", True), "fp32": ComputeFormat("fp32", False)}
 MODE = "step (fwd+bwd)"
-IMPLS = ("tofa_fast", "shared", "sequential")
-MULTI_MEMBER = ("tofa_fast", "shared")  # --step fused, --step shared
+IMPLS = ("tofa_fast", "shared", "graphed", "sequential")
+MULTI_MEMBER = ("tofa_fast", "shared", "graphed")  # --step fused, --step shared, --step graphed
 
 
 def _case(fmt_name: str) -> str:
@@ -105,7 +106,8 @@ def test_fused_step_gpu(benchmark, bench_registry, fmt_name, impl):
     bench_registry.REGISTRY[SUITE]["meta"]["description"] = (
         f"One sandwich training step (4 members fwd+bwd, CE) on ofa_mbv3 w1.2 at 128 px, batch 32, rounds of "
         f"{STEPS_PER_ROUND} steps (medians per step): tofa_fast = --step fused (Supernet.forward_many), "
-        "shared = --step shared (Supernet.backward_many), sequential = --step sequential. Run: python -m pytest bench/test_bench_fused_step_gpu.py -p no:cacheprovider"
+        "shared = --step shared (Supernet.backward_many), graphed = --step graphed (a_max and a_min "
+        "replayed from CUDA graphs), sequential = --step sequential. Run: python -m pytest bench/test_bench_fused_step_gpu.py -p no:cacheprovider"
     )
     problem = _problem()
     fmt = FORMATS[fmt_name]
@@ -124,7 +126,7 @@ def test_fused_step_gpu(benchmark, bench_registry, fmt_name, impl):
 
 
 def test_targets(bench_registry):
-    """Fails the run when neither bf16 multi-member step is ≥ 2× the sequential one (needs the benchmark above)."""
+    """Fails the run when no bf16 multi-member step is ≥ 2× the sequential one (needs the benchmark above)."""
     if not bench_registry.complete(SUITE):
         pytest.skip("the benchmark did not run completely (filtered, or --benchmark-disable)")
     medians = bench_registry.REGISTRY[SUITE]["medians"][(_case("bf16 channels_last"), MODE)]

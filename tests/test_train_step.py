@@ -69,7 +69,7 @@ def test_step_table_and_forward_members():
     assert backend is STEP_TABLE[0] and backend.name == "fused"
     with pytest.raises(ValueError, match="step must be 'auto' or one of"):
         choose_step_backend("warp", net, torch.device("cpu"))
-    assert {line.split()[0] for line in describe_step_backends()} == {"fused", "shared", "sequential"}
+    assert {line.split()[0] for line in describe_step_backends()} == {"fused", "shared", "graphed", "sequential"}
     archs = [SPACE.max_arch(), SPACE.min_arch(), SPACE.sample(3)]
     images = [torch.randn(2 + i, 3, a.resolution, a.resolution) for i, a in enumerate(archs)]
     with torch.no_grad():

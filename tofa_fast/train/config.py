@@ -21,7 +21,7 @@ STRATEGY_LOSSES: dict[str, tuple[str, ...]] = {
     "single": ("sup", "sup+fm"),
 }
 PRECISIONS = ("auto", "fp32", "bf16")
-STEP_MODES = ("auto", "fused", "shared", "sequential")
+STEP_MODES = ("auto", "fused", "shared", "graphed", "sequential")
 #: What one epoch is: a pass over the unlabelled pool (when the run has one, else over the labelled
 #: images: FixMatch's epoch), or a pass over the labelled images (a supervised paper's epoch).
 EPOCH_UNITS = ("unlabelled", "labelled")

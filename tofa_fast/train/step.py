@@ -9,7 +9,8 @@ each entry declares whether it can serve a network on a device and why not, and 
 takes the first that can. ``sequential`` runs one member per forward/backward pass (the graph of
 one member alive at a time); ``shared`` also runs the members one at a time but computes what
 members with the same images agree on once (``Supernet.backward_many``); ``fused`` computes all
-members in one packed pass (``Supernet.forward_many``). Every entry trains exactly the same.
+members in one packed pass (``Supernet.forward_many``); ``graphed`` replays the members every step
+has from CUDA graphs (:mod:`.member_graphs`). Every entry trains exactly the same.
 
 Loss terms stay on the device: :func:`train_step` returns 0-dim tensors summed over members, and
 the trainer reads them back once per logging interval, so a step makes no host synchronisation.
@@ -18,6 +19,7 @@ the trainer reads them back once per logging interval, so a step makes no host s
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -25,7 +27,7 @@ import torch
 
 from ..nn import Supernet, shared_prefix
 from ..spaces import Arch
-from . import losses
+from . import losses, member_graphs
 from .loaders import resize
 from .plan import Member, StepPlan
 
@@ -192,8 +194,71 @@ class SharedPrefixStep(SequentialStep):
         net.backward_many(images, archs, loss_of, autocast)
 
 
+class GraphedStep(SequentialStep):
+    """The sequential step with the members every step has — a_max, a_min, and a_max's pseudo-label
+    pass — replayed from CUDA graphs (:mod:`.member_graphs`): the GPU step is bound by the host's
+    launches, and a replayed member launches once. The random members run eagerly. Trains exactly
+    what ``sequential`` trains (running statistics and dropout masks included).
+
+    ``auto`` does not take it until ``bench/test_bench_fused_step_gpu.py`` has measured it on a GPU.
+    ``recorder`` (tests): a :class:`~.member_graphs.EagerRecorder` runs the same code on a CPU,
+    everything but the capture itself."""
+
+    name = "graphed"
+    supports = "CUDA: sequential, a_max / a_min and the pseudo-label pass replayed from CUDA graphs; not measured yet"
+    auto_device_types: tuple[str, ...] = ()
+
+    def __init__(self, recorder=None):
+        self._recorder = recorder
+        self._graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def not_supported_reasons(self, net: Supernet, device: torch.device) -> list[str]:
+        reasons = []
+        if device.type != "cuda" and self._recorder is None:
+            reasons.append(f"CUDA graphs need a CUDA device, not {device.type}")
+        if not isinstance(net, Supernet):
+            reasons.append(f"{type(net).__name__} is not a Supernet")
+        elif any(getattr(m, "momentum", 0.1) is None for m in net.modules()):
+            # the cumulative average's factor is read from a buffer on the host at every pass
+            reasons.append("a batch norm has momentum=None")
+        return reasons
+
+    def graphs_of(self, net: Supernet, device: torch.device) -> member_graphs.MemberGraphs:
+        """``net``'s recordings (made as its members are first met)."""
+        graphs = self._graphs.get(net)
+        if graphs is None:
+            recorder = self._recorder or member_graphs.CudaGraphRecorder(device)
+            graphs = self._graphs[net] = member_graphs.MemberGraphs(net, recorder)
+        return graphs
+
+    def forward_members(
+        self, net: Supernet, archs: Sequence[Arch], images: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        if torch.is_grad_enabled():
+            # A replayed member's activations live in its recording until its backward: a forward
+            # whose backward this step does not control runs eagerly.
+            return super().forward_members(net, archs, images)
+        logits = []
+        for arch, x in zip(archs, images):
+            graphs = self.graphs_of(net, x.device)
+            logits.append(graphs(arch, x) if graphs.recurs(arch) else super().forward_members(net, [arch], [x])[0])
+        return logits
+
+    def backward_members(self, net, archs, images, loss_of, autocast) -> None:
+        for i, (arch, x) in enumerate(zip(archs, images)):
+            graphs = self.graphs_of(net, x.device)
+            if not graphs.recurs(arch) or not torch.is_grad_enabled():
+                super().backward_members(net, [arch], [x], lambda _, logits, i=i: loss_of(i, logits), autocast)
+                continue
+            with autocast():
+                logits = graphs(arch, x)
+            loss = loss_of(i, logits)
+            if loss is not None:
+                loss.backward()
+
+
 #: in order of preference for ``--step auto`` (an entry with ``auto_device_types`` only where listed)
-STEP_TABLE: tuple[StepBackend, ...] = (FusedStep(), SharedPrefixStep(), SequentialStep())
+STEP_TABLE: tuple[StepBackend, ...] = (FusedStep(), SharedPrefixStep(), GraphedStep(), SequentialStep())
 
 
 def _auto_serves(backend: StepBackend, net: Supernet, device: torch.device) -> bool:

@@ -1,0 +1,225 @@
+"""The ``graphed`` step (tofa_fast/train/member_graphs.py): a_max, a_min and the pseudo-label pass
+replayed from recordings train exactly what the sequential step trains.
+
+On the CPU the recordings are :class:`EagerRecorder`'s (re-execution into static buffers: the CUDA
+recorder's contract), so everything but the capture is checked here — keys, the state a recording
+must not change (running statistics, RNG), static buffers that replays overwrite, gradients
+accumulated across replays — bit for bit against ``sequential``. The ``gpu`` tests run the CUDA
+graphs themselves against ``sequential`` on a GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+
+import tofa_fast
+from tofa_fast.ops import packed_batch_norm
+from tofa_fast.train.config import TrainConfig
+from tofa_fast.train.member_graphs import EagerRecorder
+from tofa_fast.train.step import (
+    ComputeFormat,
+    GraphedStep,
+    LossSettings,
+    StepBatch,
+    choose_step_backend,
+    describe_step_backends,
+    train_step,
+)
+from tofa_fast.train.strategies import build_strategy
+
+CPU = torch.device("cpu")
+
+
+class Run:
+    """A digits supernet, its TOFA plans and images; ``steps`` optimizer steps of a backend."""
+
+    def __init__(self, regularised: bool, steps: int = 3, labelled: int = 6, seed: int = 0, device=CPU):
+        torch.manual_seed(seed)
+        space = tofa_fast.spaces.get("digits")
+        self.net = tofa_fast.Supernet(space, 10).to(device).train()
+        config = TrainConfig(strategy="tofa", space="digits").resolved()
+        if regularised:
+            self.net.set_regularization(dropout=config.dropout, drop_connect=config.drop_connect)
+        else:
+            self.net.set_regularization(dropout=0.0, drop_connect=0.0)
+        strategy = build_strategy("tofa", space, 25, 10, config)
+        rng = random.Random(seed)
+        self.plans = [strategy.plan(rng) for _ in range(steps)]
+        g = torch.Generator().manual_seed(seed)
+        x, u_weak, u_strong = (torch.randn(labelled, 3, 32, 32, generator=g) for _ in range(3))
+        self.images = (x, torch.randint(0, 10, (labelled,), generator=g)), (u_weak, u_strong)
+        # a low threshold: some pseudo-labels pass, so the FixMatch term is not all zeros
+        self.settings = LossSettings(config.label_smoothing, 0.2)
+        self.device = device
+
+    def train(self, backend, fmt: ComputeFormat, zero_grad: bool = True, seed: int = 0):
+        """Trains a copy of the network; returns it and each step's loss terms."""
+        net = copy.deepcopy(self.net).to(memory_format=fmt.memory_format)
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        batch = StepBatch.to_device(*self.images, self.device, fmt)
+        torch.manual_seed(seed)  # the dropout and drop-connect masks
+        terms = []
+        for plan in self.plans:
+            if zero_grad:
+                optimizer.zero_grad(set_to_none=True)
+            terms.append(train_step(net, plan, batch, self.settings, fmt, backend))
+            optimizer.step()
+        return net, terms
+
+
+def assert_same_training(a, b, exact: bool = True, rtol: float = 0.0, atol: float = 0.0):
+    (net_a, terms_a), (net_b, terms_b) = a, b
+    for step, (ta, tb) in enumerate(zip(terms_a, terms_b)):
+        assert ta.keys() == tb.keys()
+        for name in ta:
+            torch.testing.assert_close(ta[name], tb[name], rtol=rtol, atol=atol, msg=f"step {step} term {name}")
+    for (name, pa), pb in zip(net_a.named_parameters(), net_b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=rtol, atol=atol, msg=f"parameter {name}")
+        if pa.grad is None or pb.grad is None:
+            assert pa.grad is None and pb.grad is None, name
+        else:
+            torch.testing.assert_close(pa.grad, pb.grad, rtol=rtol, atol=atol, msg=f"gradient {name}")
+    for (name, ba), bb in zip(net_a.named_buffers(), net_b.buffers()):
+        torch.testing.assert_close(ba, bb, rtol=rtol, atol=atol, msg=f"buffer {name}")
+
+
+def graphed_on_cpu() -> GraphedStep:
+    return GraphedStep(recorder=EagerRecorder())
+
+
+FORMATS = {
+    "fp32 channels_last": ComputeFormat("fp32", True),
+    "fp32 nchw": ComputeFormat("fp32", False),
+    "bf16 autocast": ComputeFormat("bf16", True),
+}
+
+
+@pytest.mark.parametrize("regularised", [False, True], ids=["plain", "dropout+drop_connect"])
+@pytest.mark.parametrize("fmt_name", list(FORMATS))
+def test_graphed_trains_what_sequential_trains(fmt_name, regularised):
+    """Terms, parameters after SGD steps, gradients, running statistics: equal bit for bit (the
+    recordings' warm-up passes leave no trace: dropout masks and running statistics included)."""
+    run = Run(regularised)
+    fmt = FORMATS[fmt_name]
+    graphed = graphed_on_cpu()
+    ours = run.train(graphed, fmt)
+    assert_same_training(ours, run.train(choose_step_backend("sequential", run.net, CPU), fmt))
+    # one recording each for the pseudo-label pass, a_max and a_min, reused by the later steps
+    assert graphed.graphs_of(ours[0], CPU).recorded == 3
+
+
+def test_gradients_accumulate_across_steps():
+    """Without zero_grad between steps, a replay must not overwrite an accumulated gradient (the
+    static gradient buffers are never adopted as ``.grad``)."""
+    run = Run(regularised=False)
+    fmt = FORMATS["fp32 channels_last"]
+    ours = run.train(graphed_on_cpu(), fmt, zero_grad=False)
+    assert_same_training(ours, run.train(choose_step_backend("sequential", run.net, CPU), fmt, zero_grad=False))
+
+
+def test_a_recording_is_made_per_key():
+    run = Run(regularised=False, steps=1)
+    fmt = FORMATS["fp32 channels_last"]
+    net = copy.deepcopy(run.net).to(memory_format=fmt.memory_format)
+    graphed = graphed_on_cpu()
+    batch = StepBatch.to_device(*run.images, CPU, fmt)
+    graphs = graphed.graphs_of(net, CPU)
+
+    def step():
+        net.zero_grad(set_to_none=True)
+        train_step(net, run.plans[0], batch, run.settings, fmt, graphed)
+
+    step()
+    assert graphs.recorded == 3
+    step()
+    assert graphs.recorded == 3, "a replay with the same key recorded again"
+    net.set_regularization(dropout=0.3)
+    step()
+    assert graphs.recorded == 5, "the dropout rate is read when recording: a new rate needs new recordings"
+    with packed_batch_norm.use_backend("reference"):
+        step()
+    assert graphs.recorded == 8, "a pinned backend is baked into a recording"
+    half = StepBatch(batch.x[:4], batch.y[:4], batch.u_weak[:4], batch.u_strong[:4])
+    net.zero_grad(set_to_none=True)
+    train_step(net, run.plans[0], half, run.settings, fmt, graphed)
+    assert graphs.recorded == 11, "another batch size is another shape"
+    assert not graphs.recurs(run.plans[0].members[2].arch) or run.plans[0].members[2].arch in (
+        net.space.max_arch(),
+        net.space.min_arch(),
+    )
+
+
+def test_forward_with_gradients_stays_eager():
+    """Outside the step's own forward-backward pairs, a forward with gradients records nothing (its
+    activations would live in a recording that the next replay overwrites)."""
+    run = Run(regularised=False, steps=1)
+    net = run.net
+    graphed = graphed_on_cpu()
+    x = torch.randn(3, 3, 32, 32)
+    archs = [net.space.max_arch(), net.space.max_arch()]
+    logits = graphed.forward_members(net, archs, [x, x])
+    assert graphed.graphs_of(net, CPU).recorded == 0
+    expected = choose_step_backend("sequential", net, CPU).forward_members(net, archs, [x, x])
+    for a, b in zip(logits, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with torch.no_grad():
+        first = graphed.forward_members(net, archs[:1], [x])[0]
+        second = graphed.forward_members(net, archs[:1], [2 * x])[0]
+    assert graphed.graphs_of(net, CPU).recorded == 1
+    assert not torch.equal(first, second), "a returned result must not be the recording's static output"
+
+
+def test_graphed_step_needs_cuda():
+    net = tofa_fast.Supernet("digits", 10)
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        choose_step_backend("graphed", net, CPU)
+    assert choose_step_backend("auto", net, CPU).name != "graphed"
+    assert any(line.startswith("graphed") and "auto: nowhere yet" in line for line in describe_step_backends())
+
+
+def test_graphed_is_a_train_flag(tmp_path):
+    from tofa_fast.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--step", "graphed", "--out", str(tmp_path)])
+    assert args.step == "graphed"
+
+
+# ------------------------------------------------------------------------------------------------
+# The CUDA graphs themselves
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("regularised", [False, True], ids=["plain", "dropout+drop_connect"])
+@pytest.mark.parametrize("fmt_name", ["fp32 nchw", "bf16 autocast"])
+def test_cuda_graphs_train_what_sequential_trains(fmt_name, regularised):
+    cuda = torch.device("cuda")
+    run = Run(regularised, labelled=16, device=cuda)
+    fmt = FORMATS[fmt_name]
+    backend = choose_step_backend("graphed", run.net, cuda)
+    ours = run.train(backend, fmt)
+    reference = run.train(choose_step_backend("sequential", run.net, cuda), fmt)
+    # The same kernels, replayed; cuDNN's and our grad-filter reductions may add in another order.
+    tol = dict(rtol=1e-4, atol=1e-5) if fmt.precision == "fp32" else dict(rtol=2e-2, atol=2e-3)
+    assert_same_training(ours, reference, **tol)
+    assert backend.graphs_of(ours[0], cuda).recorded == 3
+
+
+def test_recordings_do_not_keep_the_network_alive():
+    import gc
+    import weakref
+
+    run = Run(regularised=False, steps=1)
+    graphed = graphed_on_cpu()
+    fmt = FORMATS["fp32 channels_last"]
+    net, _ = run.train(graphed, fmt)
+    assert graphed.graphs_of(net, CPU).recorded == 3
+    ref = weakref.ref(net)
+    del net
+    gc.collect()
+    assert ref() is None and len(graphed._graphs) == 0

@@ -1,0 +1,341 @@
+"""The recurring members of a sandwich step, replayed from CUDA graphs (the ``graphed`` step, :mod:`.step`).
+
+Why: on a GPU the sequential step is bound by the host, not the device. On an H100 the ``ofa_mbv3``
+128 px batch-32 bf16 step keeps the GPU busy 26 ms of its 233 ms, through about 5,000 kernel launches
+(bench/results/step_profile_gpu_h100.json): Python, dispatch and launches take the rest. A CUDA
+graph replays a recorded sequence of kernels with one launch, so a member replayed from a graph
+costs the host almost nothing. Graphs need the same computation on same-shaped tensors at every
+replay, and the sandwich rule gives two such members in every step: a_max and a_min (and a_max's
+pseudo-label pass) compute the same layers on the same batch shapes step after step. The random
+members change every step and run eagerly.
+
+How (:class:`MemberGraphs`): the first time a recurring member is met with a given *key* (its arch,
+the images' shape, dtype and strides, grad mode, autocast dtype, and every switch the forward reads:
+train/eval, each batch norm's running-statistics flag, dropout and drop-connect rates, the ops'
+pinned backends and dispatch path, the parameters' addresses), its forward — and with gradients, the backward of its logits into every
+parameter — is recorded; later calls with the same key copy the images into the recording's static
+input and replay. Recording runs warm-up passes (as ``torch.cuda.make_graphed_callables`` does) that
+update batch-norm running statistics and draw dropout masks: the buffers and the RNG states are
+saved before and restored after, so the graphed step trains exactly what the sequential step
+trains. Replays update the running statistics inside the graph, as the eager pass does.
+
+Gradients: a backward replay writes each parameter's gradient into a static buffer of the
+recording. :class:`_Replay` hands autograd those buffers themselves (not detached aliases, as
+``make_graphed_callables`` does), so autograd copies them into a ``.grad`` that is None instead of
+adopting them, and the next replay cannot overwrite a gradient that is being accumulated (gradient
+accumulation across steps, ``zero_grad(set_to_none=False)``).
+
+Two recorders implement the same contract (static input, static outputs that every replay
+overwrites, an autograd graph to record the backward from): :class:`CudaGraphRecorder`, and
+:class:`EagerRecorder`, which re-runs the functions at every replay and copies their results into
+the static outputs. The latter makes everything above except the capture itself testable on a CPU
+(tests/test_member_graphs.py); the capture is tested on a GPU (``-m gpu``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..nn.elastic_batchnorm import ElasticBatchNorm2d
+from ..ops import elastic_dwconv_dispatch, packed_batch_norm
+from ..ops.eager_path import takes_eager_path
+from ..spaces import Arch
+
+#: recordings kept per network (least recently used dropped first): a_max, a_min and the pseudo-label
+#: pass, at the epoch's full and last batch sizes, with room to spare
+MAX_RECORDINGS = 8
+#: forward (+ backward) passes run before recording: lazy initialisation (cuDNN and cuBLAS plans,
+#: Triton compiles, the caching allocator) must not happen inside a capture
+WARMUP_PASSES = 2
+
+Outputs = tuple[torch.Tensor | None, ...]
+
+
+# ------------------------------------------------------------------------------------------------
+# Recorders: record a function's device work once, replay it
+# ------------------------------------------------------------------------------------------------
+
+
+class Recording:
+    """One recorded function: :meth:`replay` makes :attr:`outputs` (static tensors) hold its result for
+    the current contents of its static inputs. :attr:`live` is what a backward recording
+    differentiates: the outputs as autograd knows them from the latest run of the function."""
+
+    outputs: Outputs
+    live: Outputs
+
+    def replay(self) -> None:
+        raise NotImplementedError
+
+
+class CudaGraphRecorder:
+    """CUDA graphs: warm-up passes and captures run on a side stream; the forward and backward of one
+    member share a memory pool (captured and replayed in that order), members do not."""
+
+    name = "cuda graphs"
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+
+    def warm_up(self, fn: Callable[[], Any]) -> None:
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            for _ in range(WARMUP_PASSES):
+                fn()
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+
+    def record(self, fn: Callable[[], Outputs], after: Recording | None = None) -> Recording:
+        graph = torch.cuda.CUDAGraph()
+        pool = after.graph.pool() if isinstance(after, _CudaRecording) else None
+        torch.cuda.synchronize(self.device)
+        with torch.cuda.graph(graph, pool=pool, stream=self.stream):
+            outputs = tuple(fn())
+        return _CudaRecording(graph, outputs)
+
+
+class _CudaRecording(Recording):
+    def __init__(self, graph: torch.cuda.CUDAGraph, outputs: Outputs):
+        # The captured outputs are both: static memory, and the autograd graph the capture built.
+        self.graph, self.outputs, self.live = graph, outputs, outputs
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+class EagerRecorder:
+    """Records nothing: every replay re-runs the function and copies its results into the static
+    outputs. The :class:`CudaGraphRecorder`'s contract on any device, to test the rest on a CPU."""
+
+    name = "eager re-execution"
+
+    def warm_up(self, fn: Callable[[], Any]) -> None:
+        for _ in range(WARMUP_PASSES):
+            fn()
+
+    def record(self, fn: Callable[[], Outputs], after: Recording | None = None) -> Recording:
+        return _EagerRecording(fn)
+
+
+class _EagerRecording(Recording):
+    def __init__(self, fn: Callable[[], Outputs]):
+        self.fn = fn
+        # A graph keeps the grad mode and autocast state it was captured in; a re-execution restores
+        # them (a replay is called from an autograd Function, where grad mode is off).
+        self.grad = torch.is_grad_enabled()
+        self.autocast = [
+            (device, torch.get_autocast_dtype(device))
+            for device in ("cpu", "cuda")
+            if torch.is_autocast_enabled(device)
+        ]
+        # A capture runs the function's Python once, as this does; what it computes is overwritten
+        # by the first replay (the caller restores any state it changed).
+        self.live = tuple(fn())
+        self.outputs = tuple(None if t is None else t.detach().clone() for t in self.live)
+
+    def replay(self) -> None:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.set_grad_enabled(self.grad))
+            for device, dtype in self.autocast:
+                stack.enter_context(torch.autocast(device, dtype=dtype, cache_enabled=False))
+            self.live = tuple(self.fn())
+        for static, new in zip(self.outputs, self.live):
+            if static is not None:
+                static.copy_(new.detach())
+
+
+# ------------------------------------------------------------------------------------------------
+# One member's recordings
+# ------------------------------------------------------------------------------------------------
+
+
+class _Replay(torch.autograd.Function):
+    """A training recording as one autograd node: forward = the forward replay, backward = the
+    backward replay (module docstring for why the static gradient buffers are returned as they are)."""
+
+    @staticmethod
+    def forward(ctx, member: TrainingRecording, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        member.load(x)
+        member.forward.replay()
+        ctx.member = member
+        return member.forward.outputs[0].detach()  # static: valid until this member's next replay
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logits: torch.Tensor):
+        member = ctx.member
+        member.grad_logits.copy_(grad_logits)
+        member.backward.replay()
+        return (None, None, *member.backward.outputs)
+
+
+class TrainingRecording:
+    """A member's forward (images → logits) and the backward of its logits into ``params``."""
+
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], params: Sequence[torch.Tensor], x, recorder):
+        self.params = tuple(params)
+        self.static_x = x.detach().clone(memory_format=torch.preserve_format)
+
+        def forward_backward():
+            logits = forward(self.static_x)
+            torch.autograd.grad(logits, self.params, torch.ones_like(logits), allow_unused=True)
+
+        recorder.warm_up(forward_backward)
+        self.forward = recorder.record(lambda: (forward(self.static_x),))
+        self.grad_logits = torch.empty_like(self.forward.outputs[0])
+        self.backward = recorder.record(
+            lambda: torch.autograd.grad(self.forward.live[0], self.params, self.grad_logits, allow_unused=True),
+            after=self.forward,
+        )
+
+    def load(self, x: torch.Tensor) -> None:
+        if x.data_ptr() != self.static_x.data_ptr():
+            self.static_x.copy_(x)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return _Replay.apply(self, x, *self.params)
+
+
+class InferenceRecording:
+    """A member's forward without gradients (the pseudo-label pass)."""
+
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], x, recorder):
+        self.static_x = x.detach().clone(memory_format=torch.preserve_format)
+        recorder.warm_up(lambda: forward(self.static_x))
+        self.forward = recorder.record(lambda: (forward(self.static_x),))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.data_ptr() != self.static_x.data_ptr():
+            self.static_x.copy_(x)
+        self.forward.replay()
+        return self.forward.outputs[0].clone()  # the caller's: the next replay overwrites the static one
+
+
+# ------------------------------------------------------------------------------------------------
+# A network's recordings
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Key:
+    arch: Arch
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    grad: bool
+    autocast: torch.dtype | None
+    switches: tuple
+    params: tuple
+
+
+class MemberGraphs:
+    """The recordings of one supernet's recurring members (module docstring)."""
+
+    def __init__(self, net, recorder):
+        # Held weakly (here and in the recorded closures): the step's cache is keyed by the network.
+        self._net, self.recorder = weakref.ref(net), recorder
+        space = net.space
+        self._recurring = {_structure(space.max_arch()), _structure(space.min_arch())}
+        self._bns = [m for m in net.modules() if isinstance(m, ElasticBatchNorm2d)]
+        self._layers = [layer for stage in net.stages for layer in stage]
+        self._recordings: OrderedDict[_Key, TrainingRecording | InferenceRecording] = OrderedDict()
+        #: recordings made so far (the tests count them: a replay must not record again)
+        self.recorded = 0
+
+    def recurs(self, arch: Arch) -> bool:
+        """Whether ``arch`` is one of the members that every step has (a_max, a_min), at any resolution."""
+        return _structure(arch) in self._recurring
+
+    def __call__(self, arch: Arch, x: torch.Tensor) -> torch.Tensor:
+        """The logits of ``arch`` on ``x``, from its recording (made now if there is none for this key).
+        With gradients enabled, the result is valid until the same member is replayed again: call
+        backward (or drop the result) before that."""
+        key = self._key(arch, x)
+        recording = self._recordings.get(key)
+        if recording is None:
+            recording = self._record(key, arch, x)
+        self._recordings.move_to_end(key)
+        return recording(x)
+
+    @property
+    def net(self):
+        return self._net()
+
+    def _key(self, arch: Arch, x: torch.Tensor) -> _Key:
+        net = self.net
+        device = x.device.type
+        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        switches = (
+            # which kernels the ops' calls reach (a recording keeps the ones it was made with)
+            elastic_dwconv_dispatch.BACKEND_TABLE.pinned_backend(),
+            packed_batch_norm.BACKEND_TABLE.pinned_backend(),
+            takes_eager_path(),
+            net.training,
+            net.dropout.p,
+            tuple(layer.drop_connect_rate for layer in self._layers),
+            tuple((bn.training, bn.update_running_stats) for bn in self._bns),
+        )
+        params = tuple((p.data_ptr(), p.requires_grad) for p in net.parameters())
+        return _Key(arch, tuple(x.shape), x.stride(), x.dtype, torch.is_grad_enabled(), autocast, switches, params)
+
+    def _record(self, key: _Key, arch: Arch, x: torch.Tensor):
+        net, net_ref = self.net, self._net
+
+        def forward(images: torch.Tensor) -> torch.Tensor:
+            member = net_ref()
+            member.set_active(arch)
+            return member(images)
+
+        with _state_restored(net, x.device), _without_autocast_cache(x.device.type):
+            if key.grad:
+                params = [p for p in net.parameters() if p.requires_grad]
+                recording = TrainingRecording(forward, params, x, self.recorder)
+            else:
+                recording = InferenceRecording(forward, x, self.recorder)
+        self.recorded += 1
+        self._recordings[key] = recording
+        while len(self._recordings) > MAX_RECORDINGS:
+            self._recordings.popitem(last=False)
+        return recording
+
+
+def _structure(arch: Arch) -> str:
+    """An arch without its resolution (the key carries the images' shape)."""
+    d = arch.to_dict()
+    d.pop("resolution", None)
+    return repr(sorted(d.items()))
+
+
+@contextlib.contextmanager
+def _state_restored(net, device: torch.device):
+    """Around a recording: the warm-up passes' running-statistics updates and RNG draws undone."""
+    buffers = [(b, b.clone()) for b in net.buffers()]
+    cpu_rng = torch.random.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    active = net.active_arch
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        torch.random.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, device)
+        net.set_active(active)
+
+
+def _without_autocast_cache(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast's cache of cast weights lives outside the graph's memory and is freed when the
+    caller's autocast region ends: a recording must cast inside itself (``make_graphed_callables``
+    has the same rule)."""
+    if not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=False)
