@@ -11,7 +11,10 @@ weights and gradients) goes into the results' ``meta``.
 
 ``shared`` computes the stem, the first block and the first expansion of the four members once
 (they see the same images), ``tofa_fast`` all members in one packed pass, ``graphed`` replays a_max
-and a_min from CUDA graphs (tofa_fast/train/member_graphs.py; recorded in the warm-up round).
+and a_min from CUDA graphs and the random members layer by layer (tofa_fast/train/member_graphs.py;
+a layer is recorded the second time it is met, so the warm-up rounds record and the timed rounds
+replay: the cycle's random members repeat, as their layers' configurations do in training). The
+first round's time and the number of recordings go into the results' ``meta``.
 
 Target (``test_targets``; the run fails when it is missed): the fastest of the three, bf16, ≥ 2×
 sequential.
@@ -23,6 +26,7 @@ Run: ``python -m pytest bench/test_bench_fused_step_gpu.py -p no:cacheprovider``
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
@@ -106,13 +110,16 @@ def test_fused_step_gpu(benchmark, bench_registry, fmt_name, impl):
     bench_registry.REGISTRY[SUITE]["meta"]["description"] = (
         f"One sandwich training step (4 members fwd+bwd, CE) on ofa_mbv3 w1.2 at 128 px, batch 32, rounds of "
         f"{STEPS_PER_ROUND} steps (medians per step): tofa_fast = --step fused (Supernet.forward_many), "
-        "shared = --step shared (Supernet.backward_many), graphed = --step graphed (a_max and a_min "
-        "replayed from CUDA graphs), sequential = --step sequential. Run: python -m pytest bench/test_bench_fused_step_gpu.py -p no:cacheprovider"
+        "shared = --step shared (Supernet.backward_many), graphed = --step graphed (a_max and a_min whole, "
+        "the random members layer by layer, replayed from CUDA graphs), sequential = --step sequential. Run: python -m pytest bench/test_bench_fused_step_gpu.py -p no:cacheprovider"
     )
     problem = _problem()
     fmt = FORMATS[fmt_name]
     fn = problem.runner(impl, fmt)
-    fn()  # warm-up: cuDNN plans, Triton compiles, the caching allocator
+    start = time.perf_counter()
+    fn()  # warm-up: cuDNN plans, Triton compiles, the caching allocator, graphed's first recordings
+    meta = bench_registry.REGISTRY[SUITE]["meta"]
+    meta.setdefault("first_round_s", {})[f"{_case(fmt_name)} {impl}"] = round(time.perf_counter() - start, 2)
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     benchmark.group = _case(fmt_name)
@@ -121,6 +128,12 @@ def test_fused_step_gpu(benchmark, bench_registry, fmt_name, impl):
     bench_registry.REGISTRY[SUITE]["meta"].setdefault("peak_memory_MiB", {})[f"{_case(fmt_name)} {impl}"] = round(
         peak, 1
     )
+    if impl == "graphed":  # what the timed rounds replayed
+        graphs = choose_step_backend("graphed", problem.net, problem.device).graphs_of(problem.net, problem.device)
+        meta.setdefault("recordings", {})[_case(fmt_name)] = {
+            "members": len(graphs._members),
+            "layers and heads": len(graphs._layer_recordings),
+        }
     if benchmark.stats is not None:
         bench_registry.record(SUITE, _case(fmt_name), MODE, impl, benchmark.stats.stats.median / STEPS_PER_ROUND)
 

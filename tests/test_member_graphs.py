@@ -37,11 +37,13 @@ CPU = torch.device("cpu")
 class Run:
     """A digits supernet, its TOFA plans and images; ``steps`` optimizer steps of a backend."""
 
-    def __init__(self, regularised: bool, steps: int = 3, labelled: int = 6, seed: int = 0, device=CPU):
+    def __init__(
+        self, regularised: bool, steps: int = 3, labelled: int = 6, seed: int = 0, device=CPU, space: str = "digits"
+    ):
         torch.manual_seed(seed)
-        space = tofa_fast.spaces.get("digits")
+        space = tofa_fast.spaces.get(space, resolutions=(128,)) if space == "ofa_mbv3" else tofa_fast.spaces.get(space)
         self.net = tofa_fast.Supernet(space, 10).to(device).train()
-        config = TrainConfig(strategy="tofa", space="digits").resolved()
+        config = TrainConfig(strategy="tofa", space=space.name).resolved()
         if regularised:
             self.net.set_regularization(dropout=config.dropout, drop_connect=config.drop_connect)
         else:
@@ -108,8 +110,12 @@ def test_graphed_trains_what_sequential_trains(fmt_name, regularised):
     graphed = graphed_on_cpu()
     ours = run.train(graphed, fmt)
     assert_same_training(ours, run.train(choose_step_backend("sequential", run.net, CPU), fmt))
-    # one recording each for the pseudo-label pass, a_max and a_min, reused by the later steps
-    assert graphed.graphs_of(ours[0], CPU).recorded == 3
+    graphs = graphed.graphs_of(ours[0], CPU)
+    assert len(graphs._members) == 3, "one recording each for the pseudo-label pass, a_max and a_min"
+    layers_used = sum(a.stages[i].depth for plan in run.plans for a in plan.archs[2:] for i in range(len(a.stages)))
+    # the random members' layers and heads: distinct configurations only
+    assert 0 < len(graphs._layer_recordings) <= layers_used + 2 * len(run.plans)
+    assert graphs.recorded == len(graphs._members) + len(graphs._layer_recordings)
 
 
 def test_gradients_accumulate_across_steps():
@@ -129,28 +135,61 @@ def test_a_recording_is_made_per_key():
     batch = StepBatch.to_device(*run.images, CPU, fmt)
     graphs = graphed.graphs_of(net, CPU)
 
-    def step():
+    def step(batch=batch) -> int:
+        """Recordings made by one step."""
+        before = graphs.recorded
         net.zero_grad(set_to_none=True)
         train_step(net, run.plans[0], batch, run.settings, fmt, graphed)
+        return graphs.recorded - before
 
-    step()
-    assert graphs.recorded == 3
-    step()
-    assert graphs.recorded == 3, "a replay with the same key recorded again"
+    def settle(batch=batch) -> int:
+        """Recordings made until a step makes none (a layer is recorded when met a second time)."""
+        made = [step(batch) for _ in range(3)]
+        assert made[-1] == 0, f"still recording after {made}"
+        return sum(made)
+
+    everything = settle()
+    assert len(graphs._members) == 3 and everything > 3
+    assert step() == 0, "a replay with the same key recorded again"
     net.set_regularization(dropout=0.3)
-    step()
-    assert graphs.recorded == 5, "the dropout rate is read when recording: a new rate needs new recordings"
+    # a_max, a_min and the random members' heads read the dropout rate; the pseudo-label pass and the
+    # MBConv layers do not
+    assert 2 < settle() < everything
     with packed_batch_norm.use_backend("reference"):
-        step()
-    assert graphs.recorded == 8, "a pinned backend is baked into a recording"
+        assert settle() == everything, "a pinned backend is baked into every recording"
     half = StepBatch(batch.x[:4], batch.y[:4], batch.u_weak[:4], batch.u_strong[:4])
-    net.zero_grad(set_to_none=True)
-    train_step(net, run.plans[0], half, run.settings, fmt, graphed)
-    assert graphs.recorded == 11, "another batch size is another shape"
-    assert not graphs.recurs(run.plans[0].members[2].arch) or run.plans[0].members[2].arch in (
-        net.space.max_arch(),
-        net.space.min_arch(),
-    )
+    assert settle(half) == everything, "another batch size is another shape"
+
+
+def test_layer_recordings_stop_when_the_table_is_full(monkeypatch):
+    from tofa_fast.train import member_graphs
+
+    monkeypatch.setattr(member_graphs, "MAX_LAYER_RECORDINGS", 4)
+    run = Run(regularised=False, steps=3)
+    fmt = FORMATS["fp32 channels_last"]
+    graphed = graphed_on_cpu()
+    ours = run.train(graphed, fmt)
+    assert len(graphed.graphs_of(ours[0], CPU)._layer_recordings) == 4
+    assert_same_training(ours, run.train(choose_step_backend("sequential", run.net, CPU), fmt))
+
+
+def test_layerwise_member_equals_forward():
+    """A random member replayed layer by layer computes Supernet.forward's logits and gradients
+    (input gradients through every layer recording included)."""
+    run = Run(regularised=False, steps=1)
+    net = run.net
+    graphs = graphed_on_cpu().graphs_of(net, CPU)
+    arch = net.space.sample(random.Random(5))
+    x = torch.randn(5, 3, arch.resolution, arch.resolution, requires_grad=True)
+    for _ in range(3):  # eager (met once), recorded and replayed, replayed
+        got = graphs.layerwise(arch, x)
+        (gx,) = torch.autograd.grad(got.square().sum(), x)
+    assert len(graphs._layer_recordings) == sum(s.depth for s in arch.stages) + 1  # the layers and the head
+    net.set_active(arch)
+    expected = net(x)
+    (ex,) = torch.autograd.grad(expected.square().sum(), x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(gx, ex, rtol=0, atol=0)
 
 
 def test_forward_with_gradients_stays_eager():
@@ -195,11 +234,20 @@ def test_graphed_is_a_train_flag(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("regularised", [False, True], ids=["plain", "dropout+drop_connect"])
-@pytest.mark.parametrize("fmt_name", ["fp32 nchw", "bf16 autocast"])
-def test_cuda_graphs_train_what_sequential_trains(fmt_name, regularised):
+@pytest.mark.parametrize(
+    "space, fmt_name, regularised",
+    [
+        ("digits", "fp32 nchw", False),
+        ("digits", "fp32 nchw", True),
+        ("digits", "bf16 autocast", True),
+        ("ofa_mbv3", "bf16 autocast", True),
+    ],
+)
+def test_cuda_graphs_train_what_sequential_trains(space, fmt_name, regularised):
+    """Real CUDA graphs: the plans twice over, so that the second pass replays every recording."""
     cuda = torch.device("cuda")
-    run = Run(regularised, labelled=16, device=cuda)
+    run = Run(regularised, steps=2, labelled=16 if space == "digits" else 4, device=cuda, space=space)
+    run.plans = run.plans * 2
     fmt = FORMATS[fmt_name]
     backend = choose_step_backend("graphed", run.net, cuda)
     ours = run.train(backend, fmt)
@@ -207,19 +255,5 @@ def test_cuda_graphs_train_what_sequential_trains(fmt_name, regularised):
     # The same kernels, replayed; cuDNN's and our grad-filter reductions may add in another order.
     tol = dict(rtol=1e-4, atol=1e-5) if fmt.precision == "fp32" else dict(rtol=2e-2, atol=2e-3)
     assert_same_training(ours, reference, **tol)
-    assert backend.graphs_of(ours[0], cuda).recorded == 3
-
-
-def test_recordings_do_not_keep_the_network_alive():
-    import gc
-    import weakref
-
-    run = Run(regularised=False, steps=1)
-    graphed = graphed_on_cpu()
-    fmt = FORMATS["fp32 channels_last"]
-    net, _ = run.train(graphed, fmt)
-    assert graphed.graphs_of(net, CPU).recorded == 3
-    ref = weakref.ref(net)
-    del net
-    gc.collect()
-    assert ref() is None and len(graphed._graphs) == 0
+    graphs = backend.graphs_of(ours[0], cuda)
+    assert len(graphs._members) == 3 and len(graphs._layer_recordings) > 0

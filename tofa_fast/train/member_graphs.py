@@ -1,20 +1,28 @@
-"""The recurring members of a sandwich step, replayed from CUDA graphs (the ``graphed`` step, :mod:`.step`).
+"""A sandwich step replayed from CUDA graphs (the ``graphed`` step, :mod:`.step`).
 
 Why: on a GPU the sequential step is bound by the host, not the device. On an H100 the ``ofa_mbv3``
 128 px batch-32 bf16 step keeps the GPU busy 26 ms of its 233 ms, through about 5,000 kernel launches
 (bench/results/step_profile_gpu_h100.json): Python, dispatch and launches take the rest. A CUDA
-graph replays a recorded sequence of kernels with one launch, so a member replayed from a graph
-costs the host almost nothing. Graphs need the same computation on same-shaped tensors at every
-replay, and the sandwich rule gives two such members in every step: a_max and a_min (and a_max's
-pseudo-label pass) compute the same layers on the same batch shapes step after step. The random
-members change every step and run eagerly.
+graph replays a recorded sequence of kernels with one launch. Graphs need the same computation on
+same-shaped tensors at every replay:
 
-How (:class:`MemberGraphs`): the first time a recurring member is met with a given *key* (its arch,
-the images' shape, dtype and strides, grad mode, autocast dtype, and every switch the forward reads:
-train/eval, each batch norm's running-statistics flag, dropout and drop-connect rates, the ops'
-pinned backends and dispatch path, the parameters' addresses), its forward — and with gradients, the backward of its logits into every
-parameter — is recorded; later calls with the same key copy the images into the recording's static
-input and replay. Recording runs warm-up passes (as ``torch.cuda.make_graphed_callables`` does) that
+* the sandwich rule gives two such members in every step, a_max and a_min (and a_max's pseudo-label
+  pass): each is recorded whole, forward and backward, and replayed with two launches;
+* the random members change every step, but their layers' configurations recur: a layer has a few
+  kernel × expand × width choices. A random member runs its stem eagerly and every MBConv layer and
+  the head from a recording of that layer with those choices and that input shape (the backward
+  into the layer's input included), made the second time the configuration is met; once the first
+  steps have met a layer's configurations, a random member is about 2 launches per layer.
+
+How (:class:`MemberGraphs`): the first time a member or layer is met with a given *key* (the arch or
+the layer's choices, the input's shape, dtype and strides, grad mode, autocast dtype, and every
+switch the forward reads: train/eval, each batch norm's running-statistics flag, dropout and
+drop-connect rates, the ops' pinned backends and dispatch path, the parameters' addresses), its
+forward — and with gradients, the backward of its output into its parameters (and input) — is
+recorded; later calls with the same key copy the input into the recording's static input and
+replay. A layer's recording is replayed at most once per member, and each member's backward runs
+before the next member's forward (the sequential step), so no replay overwrites activations that a
+pending backward still needs. Recording runs warm-up passes (as ``torch.cuda.make_graphed_callables`` does) that
 update batch-norm running statistics and draw dropout masks: the buffers and the RNG states are
 saved before and restored after, so the graphed step trains exactly what the sequential step
 trains. Replays update the running statistics inside the graph, as the eager pass does.
@@ -38,7 +46,6 @@ import contextlib
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,9 +55,13 @@ from ..ops import elastic_dwconv_dispatch, packed_batch_norm
 from ..ops.eager_path import takes_eager_path
 from ..spaces import Arch
 
-#: recordings kept per network (least recently used dropped first): a_max, a_min and the pseudo-label
-#: pass, at the epoch's full and last batch sizes, with room to spare
+#: whole-member recordings kept per network (least recently used dropped first): a_max, a_min and
+#: the pseudo-label pass, at the epoch's full and last batch sizes, with room to spare
 MAX_RECORDINGS = 8
+#: layer recordings per network (made on a configuration's second sighting, never dropped; once full,
+#: new configurations run eagerly): ofa_mbv3 at one resolution has 20 layers × 9 kernel-expand
+#: choices, and one head
+MAX_LAYER_RECORDINGS = 512
 #: forward (+ backward) passes run before recording: lazy initialisation (cuDNN and cuBLAS plans,
 #: Triton compiles, the caching allocator) must not happen inside a capture
 WARMUP_PASSES = 2
@@ -161,43 +172,56 @@ class _Replay(torch.autograd.Function):
     backward replay (module docstring for why the static gradient buffers are returned as they are)."""
 
     @staticmethod
-    def forward(ctx, member: TrainingRecording, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        member.load(x)
-        member.forward.replay()
-        ctx.member = member
-        return member.forward.outputs[0].detach()  # static: valid until this member's next replay
+    def forward(ctx, recording: TrainingRecording, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        recording.load(x)
+        recording.forward.replay()
+        ctx.recording = recording
+        return recording.forward.outputs[0].detach()  # static: valid until this recording's next replay
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logits: torch.Tensor):
-        member = ctx.member
-        member.grad_logits.copy_(grad_logits)
-        member.backward.replay()
-        return (None, None, *member.backward.outputs)
+    def backward(ctx, grad_out: torch.Tensor):
+        recording = ctx.recording
+        recording.grad_out.copy_(grad_out)
+        recording.backward.replay()
+        grads = recording.backward.outputs
+        if recording.input_grad:
+            return (None, *grads)
+        return (None, None, *grads)
 
 
 class TrainingRecording:
-    """A member's forward (images → logits) and the backward of its logits into ``params``."""
+    """A forward (x → one tensor) and the backward of its output into ``params`` (and into x when
+    ``input_grad``: a layer inside a member)."""
 
-    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], params: Sequence[torch.Tensor], x, recorder):
-        self.params = tuple(params)
-        self.static_x = x.detach().clone(memory_format=torch.preserve_format)
+    def __init__(
+        self,
+        forward: Callable[[torch.Tensor], torch.Tensor],
+        params: Sequence[torch.Tensor],
+        x: torch.Tensor,
+        recorder,
+        input_grad: bool = False,
+    ):
+        self.params, self.input_grad = tuple(params), input_grad
+        self.static_x = x.detach().clone(memory_format=torch.preserve_format).requires_grad_(input_grad)
+        inputs = ((self.static_x,) if input_grad else ()) + self.params
 
         def forward_backward():
-            logits = forward(self.static_x)
-            torch.autograd.grad(logits, self.params, torch.ones_like(logits), allow_unused=True)
+            out = forward(self.static_x)
+            torch.autograd.grad(out, inputs, torch.ones_like(out), allow_unused=True)
 
         recorder.warm_up(forward_backward)
         self.forward = recorder.record(lambda: (forward(self.static_x),))
-        self.grad_logits = torch.empty_like(self.forward.outputs[0])
+        self.grad_out = torch.empty_like(self.forward.outputs[0])
         self.backward = recorder.record(
-            lambda: torch.autograd.grad(self.forward.live[0], self.params, self.grad_logits, allow_unused=True),
+            lambda: torch.autograd.grad(self.forward.live[0], inputs, self.grad_out, allow_unused=True),
             after=self.forward,
         )
 
     def load(self, x: torch.Tensor) -> None:
         if x.data_ptr() != self.static_x.data_ptr():
-            self.static_x.copy_(x)
+            with torch.no_grad():
+                self.static_x.copy_(x)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return _Replay.apply(self, x, *self.params)
@@ -223,20 +247,9 @@ class InferenceRecording:
 # ------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Key:
-    arch: Arch
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    dtype: torch.dtype
-    grad: bool
-    autocast: torch.dtype | None
-    switches: tuple
-    params: tuple
-
-
 class MemberGraphs:
-    """The recordings of one supernet's recurring members (module docstring)."""
+    """The recordings of one supernet (module docstring): whole members for a_max and a_min, and
+    layer by layer for the others (:meth:`layerwise`)."""
 
     def __init__(self, net, recorder):
         # Held weakly (here and in the recorded closures): the step's cache is keyed by the network.
@@ -245,65 +258,141 @@ class MemberGraphs:
         self._recurring = {_structure(space.max_arch()), _structure(space.min_arch())}
         self._bns = [m for m in net.modules() if isinstance(m, ElasticBatchNorm2d)]
         self._layers = [layer for stage in net.stages for layer in stage]
-        self._recordings: OrderedDict[_Key, TrainingRecording | InferenceRecording] = OrderedDict()
+        self._head = [net.final_expand_conv, net.final_expand_bn, net.feature_mix_conv, net.classifier]
+        self._members: OrderedDict[tuple, TrainingRecording | InferenceRecording] = OrderedDict()
+        self._layer_recordings: OrderedDict[tuple, TrainingRecording] = OrderedDict()
+        self._sightings: dict[tuple, int] = {}  # layer keys met without a recording
         #: recordings made so far (the tests count them: a replay must not record again)
         self.recorded = 0
+
+    @property
+    def net(self):
+        return self._net()
 
     def recurs(self, arch: Arch) -> bool:
         """Whether ``arch`` is one of the members that every step has (a_max, a_min), at any resolution."""
         return _structure(arch) in self._recurring
 
     def __call__(self, arch: Arch, x: torch.Tensor) -> torch.Tensor:
-        """The logits of ``arch`` on ``x``, from its recording (made now if there is none for this key).
-        With gradients enabled, the result is valid until the same member is replayed again: call
-        backward (or drop the result) before that."""
-        key = self._key(arch, x)
-        recording = self._recordings.get(key)
-        if recording is None:
-            recording = self._record(key, arch, x)
-        self._recordings.move_to_end(key)
-        return recording(x)
-
-    @property
-    def net(self):
-        return self._net()
-
-    def _key(self, arch: Arch, x: torch.Tensor) -> _Key:
+        """The logits of ``arch`` on ``x``, the whole member from one recording (made now if there is
+        none for this key). With gradients enabled, the result is valid until the same member is
+        replayed again: call backward (or drop the result) before that."""
         net = self.net
-        device = x.device.type
-        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         switches = (
-            # which kernels the ops' calls reach (a recording keeps the ones it was made with)
-            elastic_dwconv_dispatch.BACKEND_TABLE.pinned_backend(),
-            packed_batch_norm.BACKEND_TABLE.pinned_backend(),
-            takes_eager_path(),
             net.training,
             net.dropout.p,
             tuple(layer.drop_connect_rate for layer in self._layers),
             tuple((bn.training, bn.update_running_stats) for bn in self._bns),
+            _addresses(net.parameters()),
         )
-        params = tuple((p.data_ptr(), p.requires_grad) for p in net.parameters())
-        return _Key(arch, tuple(x.shape), x.stride(), x.dtype, torch.is_grad_enabled(), autocast, switches, params)
-
-    def _record(self, key: _Key, arch: Arch, x: torch.Tensor):
-        net, net_ref = self.net, self._net
+        key = (_structure(arch), *_call_key(x), switches)
 
         def forward(images: torch.Tensor) -> torch.Tensor:
-            member = net_ref()
+            member = self._net()
             member.set_active(arch)
             return member(images)
 
-        with _state_restored(net, x.device), _without_autocast_cache(x.device.type):
-            if key.grad:
-                params = [p for p in net.parameters() if p.requires_grad]
-                recording = TrainingRecording(forward, params, x, self.recorder)
-            else:
-                recording = InferenceRecording(forward, x, self.recorder)
-        self.recorded += 1
-        self._recordings[key] = recording
-        while len(self._recordings) > MAX_RECORDINGS:
-            self._recordings.popitem(last=False)
+        recording = self._recording(self._members, MAX_RECORDINGS, key, [net], forward, x)
+        return recording(x)
+
+    def layerwise(self, arch: Arch, x: torch.Tensor) -> torch.Tensor:
+        """The logits of ``arch`` on ``x`` (with gradients), each MBConv layer and the head replayed
+        from a recording of that layer with its active choices and input shape, the stem eager.
+
+        A member changes every step, its layers' configurations recur: a layer has a few kernel ×
+        expand × width choices, so after the first steps every layer of a random member is a
+        replay. Safe in the sequential step, where each member's backward runs before the next
+        member's forward: a layer is replayed at most once per member."""
+        net = self.net
+        net.set_active(arch)
+        # Supernet.forward, the layers and the head replayed (tests compare the two bit for bit)
+        y = net.stem_bn(net.stem_conv(x, arch.stem), net.stem_act)
+        for layers, stage_arch in zip(net.stages, arch.stages):
+            for layer in layers[: stage_arch.depth]:
+                y = self._replay_layer(layer, y)
+        return self._replay_head(arch.head, y)
+
+    def _replay_layer(self, layer, x: torch.Tensor) -> torch.Tensor:
+        choices = (layer.active_kernel, layer.active_expand, layer.active_width)
+        bns = [m for m in layer.modules() if isinstance(m, ElasticBatchNorm2d)]
+        switches = (
+            layer.training,
+            layer.drop_connect_rate,
+            tuple((bn.training, bn.update_running_stats) for bn in bns),
+            _addresses(layer.parameters()),
+        )
+        key = ("layer", id(layer), choices, *_call_key(x), switches)
+
+        def forward(t: torch.Tensor) -> torch.Tensor:
+            layer.set_active(*choices)
+            return layer(t)
+
+        recording = self._layer_recording(key, [layer], forward, x)
+        return recording(x) if recording is not None else layer(x)
+
+    def _replay_head(self, head_width: int, x: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        params = [p for module in self._head if module is not None for p in module.parameters()]
+        bn = net.final_expand_bn
+        switches = (net.training, net.dropout.p, bn.training, bn.update_running_stats, _addresses(params))
+        key = ("head", head_width, *_call_key(x), switches)
+        net_ref = self._net
+
+        def forward(t: torch.Tensor) -> torch.Tensor:
+            return net_ref().classify(t, head_width)
+
+        recording = self._layer_recording(key, self._head, forward, x)
+        return recording(x) if recording is not None else forward(x)
+
+    def _layer_recording(self, key: tuple, modules, forward, x) -> TrainingRecording | None:
+        """A layer's (or the head's) recording for ``key``; None (run it eagerly) the first time a key
+        is met — a configuration met once may never recur — and once the table is full: a space with
+        more configurations than it holds runs the rest eagerly rather than record over and over."""
+        if key not in self._layer_recordings:
+            seen = self._sightings[key] = self._sightings.get(key, 0) + 1
+            if seen < 2 or len(self._layer_recordings) >= MAX_LAYER_RECORDINGS:
+                return None
+        return self._recording(self._layer_recordings, MAX_LAYER_RECORDINGS, key, modules, forward, x, True)
+
+    def _recording(self, cache: OrderedDict, bound: int, key: tuple, modules, forward, x, input_grad=False):
+        """The recording of ``forward`` (which runs ``modules``) for ``key``, made now if there is none."""
+        recording = cache.get(key)
+        if recording is None:
+            net = self.net
+            with _state_restored(net, modules, x.device), _without_autocast_cache(x.device.type):
+                if torch.is_grad_enabled():
+                    params = [p for m in modules if m is not None for p in m.parameters()]
+                    trained = [p for p in params if p.requires_grad]
+                    recording = TrainingRecording(forward, trained, x, self.recorder, input_grad)
+                else:
+                    recording = InferenceRecording(forward, x, self.recorder)
+            self.recorded += 1
+            cache[key] = recording
+            while len(cache) > bound:
+                cache.popitem(last=False)
+        cache.move_to_end(key)
         return recording
+
+
+def _call_key(x: torch.Tensor) -> tuple:
+    """What a recording depends on besides its module: the input's shape, layout and dtype, grad
+    mode, autocast, and which kernels the ops' calls reach (pinned backends, dispatch path)."""
+    device = x.device.type
+    autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    return (
+        tuple(x.shape),
+        x.stride(),
+        x.dtype,
+        torch.is_grad_enabled(),
+        autocast,
+        elastic_dwconv_dispatch.BACKEND_TABLE.pinned_backend(),
+        packed_batch_norm.BACKEND_TABLE.pinned_backend(),
+        takes_eager_path(),
+    )
+
+
+def _addresses(params) -> tuple:
+    return tuple((p.data_ptr(), p.requires_grad) for p in params)
 
 
 def _structure(arch: Arch) -> str:
@@ -314,9 +403,12 @@ def _structure(arch: Arch) -> str:
 
 
 @contextlib.contextmanager
-def _state_restored(net, device: torch.device):
-    """Around a recording: the warm-up passes' running-statistics updates and RNG draws undone."""
-    buffers = [(b, b.clone()) for b in net.buffers()]
+def _state_restored(net, modules, device: torch.device):
+    """Around a recording of ``modules``: the warm-up passes' running-statistics updates and RNG draws
+    undone. Only the recorded modules' buffers are written back: autograd saves other layers'
+    running statistics for the backward of a member whose forward is under way (batch norm's
+    backward takes them), and a write would make them stale in its eyes."""
+    buffers = [(b, b.clone()) for m in modules if m is not None for b in m.buffers()]
     cpu_rng = torch.random.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     active = net.active_arch

@@ -195,17 +195,20 @@ class SharedPrefixStep(SequentialStep):
 
 
 class GraphedStep(SequentialStep):
-    """The sequential step with the members every step has — a_max, a_min, and a_max's pseudo-label
-    pass — replayed from CUDA graphs (:mod:`.member_graphs`): the GPU step is bound by the host's
-    launches, and a replayed member launches once. The random members run eagerly. Trains exactly
-    what ``sequential`` trains (running statistics and dropout masks included).
+    """The sequential step replayed from CUDA graphs (:mod:`.member_graphs`): the GPU step is bound
+    by the host's launches, and a replay launches once. The members every step has — a_max, a_min,
+    and a_max's pseudo-label pass — are recorded whole; the random members layer by layer (a
+    layer's kernel × expand × width choices recur even when the member does not), their stems
+    eager. Trains exactly what ``sequential`` trains (running statistics and dropout masks included).
 
     ``auto`` does not take it until ``bench/test_bench_fused_step_gpu.py`` has measured it on a GPU.
     ``recorder`` (tests): a :class:`~.member_graphs.EagerRecorder` runs the same code on a CPU,
     everything but the capture itself."""
 
     name = "graphed"
-    supports = "CUDA: sequential, a_max / a_min and the pseudo-label pass replayed from CUDA graphs; not measured yet"
+    supports = (
+        "CUDA: sequential, replayed from CUDA graphs (a_max / a_min whole, the others layer by layer); not measured yet"
+    )
     auto_device_types: tuple[str, ...] = ()
 
     def __init__(self, recorder=None):
@@ -246,12 +249,12 @@ class GraphedStep(SequentialStep):
 
     def backward_members(self, net, archs, images, loss_of, autocast) -> None:
         for i, (arch, x) in enumerate(zip(archs, images)):
-            graphs = self.graphs_of(net, x.device)
-            if not graphs.recurs(arch) or not torch.is_grad_enabled():
+            if not torch.is_grad_enabled():
                 super().backward_members(net, [arch], [x], lambda _, logits, i=i: loss_of(i, logits), autocast)
                 continue
+            graphs = self.graphs_of(net, x.device)
             with autocast():
-                logits = graphs(arch, x)
+                logits = graphs(arch, x) if graphs.recurs(arch) else graphs.layerwise(arch, x)
             loss = loss_of(i, logits)
             if loss is not None:
                 loss.backward()
