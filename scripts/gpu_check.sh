@@ -25,11 +25,12 @@
 #               the warps stall on, for k = 7 / 3 MobileNetV3 shapes     -> kernel-profile.log, kernel-profile.txt
 #   gpu-bench   bench/test_elastic_dwconv_gpu.py (needs pytest-benchmark; skipped without it)
 #                                                                        -> gpu-bench.log, elastic_dwconv_gpu.{json,md}
-#   fused-bench bench/test_bench_fused_step_gpu.py: the fused and shared vs sequential sandwich step, ofa_mbv3
-#               128 px batch 32, bf16 + channels_last and fp32 (issue 13)
+#   fused-bench bench/test_bench_fused_step_gpu.py: the fused, shared and graphed vs sequential sandwich
+#               step, ofa_mbv3 128 px batch 32, bf16 + channels_last and fp32 (issue 13)
 #                                                                        -> fused-bench.log, fused_step_gpu.{json,md}
 #   step-profile bench/profile_step_gpu.py: wall vs GPU-busy time per step, launches, top ops
 #               (dry: --help only; its CPU mode takes minutes)             -> step-profile.log, step_profile_gpu.json
+#               (TOFA_FAST_STEP_PROFILE_VARIANTS: some variants, in order, e.g. "sequential,graphed")
 #   train       the default run for 3 epochs with the default flags     -> run/, train.log
 #               (dry: 1 epoch on a generated 2-class ImageFolder, on the CPU)
 #   profile-bB  a latency table of the rss space at batch B = 1, 32      -> rss_<device>_bB.json
@@ -216,7 +217,8 @@ stage_step_profile() {
         "$PY" bench/profile_step_gpu.py --help >/dev/null && echo "dry: bench/profile_step_gpu.py imports"
         return
     fi
-    "$PY" bench/profile_step_gpu.py --out "$OUT"
+    # shellcheck disable=SC2086
+    "$PY" bench/profile_step_gpu.py --out "$OUT" ${TOFA_FAST_STEP_PROFILE_VARIANTS:+--variants "$TOFA_FAST_STEP_PROFILE_VARIANTS"}
 }
 
 stage_train() {
