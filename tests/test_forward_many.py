@@ -15,7 +15,15 @@ import torch
 import tofa_fast
 from tofa_fast.nn import ElasticBatchNorm2d
 from tofa_fast.train import TrainConfig
-from tofa_fast.train.step import ComputeFormat, LossSettings, StepBatch, choose_step_backend, train_step
+from tofa_fast.train.member_graphs import EagerRecorder
+from tofa_fast.train.step import (
+    ComputeFormat,
+    GraphedStep,
+    LossSettings,
+    StepBatch,
+    choose_step_backend,
+    train_step,
+)
 from tofa_fast.train.strategies import build_strategy
 
 DIGITS = tofa_fast.spaces.get("digits")
@@ -219,12 +227,20 @@ def _step_both(strategy_name: str, dtype: torch.dtype, seed: int = 0, mode: str 
         teacher.to(dtype)  # extracted subnets are built in the default dtype
     results = []
     for net, name in ((sequential, "sequential"), (fused, mode)):
-        backend = choose_step_backend(name, net, torch.device("cpu"))
+        if name == "graphed":  # on the CPU: its recordings re-executed (tests/test_member_graphs.py)
+            backend = GraphedStep(recorder=EagerRecorder())
+        else:
+            backend = choose_step_backend(name, net, torch.device("cpu"))
+        if mode == "graphed":
+            # A step first, in both networks: the random members' layers are recorded when met a
+            # second time, so the compared step replays every recording.
+            train_step(net, plan, batch, settings, fmt, backend, teacher)
+            net.zero_grad(set_to_none=True)
         results.append(train_step(net, plan, batch, settings, fmt, backend, teacher))
     return plan, sequential, fused, *results
 
 
-@pytest.mark.parametrize("mode", ["fused", "shared"])
+@pytest.mark.parametrize("mode", ["fused", "shared", "graphed"])
 @pytest.mark.parametrize("strategy", ["tofa", "ps", "single", "rss"])
 def test_the_fused_step_trains_exactly_as_the_sequential_one(strategy, mode):
     # seeds whose plans have members with the same images (what the shared step computes once)
@@ -239,7 +255,7 @@ def test_the_fused_step_trains_exactly_as_the_sequential_one(strategy, mode):
     compare_networks(sequential, fused, 1e-10)
 
 
-@pytest.mark.parametrize("mode", ["fused", "shared"])
+@pytest.mark.parametrize("mode", ["fused", "shared", "graphed"])
 def test_the_fused_tofa_step_in_float32(mode):
     _, sequential, fused, expected, got = _step_both("tofa", torch.float32, seed=1, mode=mode)
     # The KD term is a KL divergence: a small difference of O(1) cross-entropies (log 10 here), so

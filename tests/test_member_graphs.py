@@ -257,3 +257,31 @@ def test_cuda_graphs_train_what_sequential_trains(space, fmt_name, regularised):
     assert_same_training(ours, reference, **tol)
     graphs = backend.graphs_of(ours[0], cuda)
     assert len(graphs._members) == 3 and len(graphs._layer_recordings) > 0
+
+
+def test_the_trainer_with_graphed_trains_what_sequential_trains(tmp_path, monkeypatch):
+    """A whole run (two epochs, the default regularisation: dropout and drop-connect on), then a
+    graphed run resumed with ``--step sequential``: every parameter and buffer equals the
+    sequential run's, bit for bit (the table's graphed entry re-executes on the CPU)."""
+    from test_train_run import tiny_config, tiny_digits
+
+    from tofa_fast.train import step as step_module
+    from tofa_fast.train.trainer import Trainer
+
+    entry = next(b for b in step_module.STEP_TABLE if b.name == "graphed")
+    monkeypatch.setattr(entry, "_recorder", EagerRecorder())
+    splits = tiny_digits()
+    runs = {}
+    for name in ("graphed", "sequential"):
+        trainer = Trainer(tiny_config(tmp_path / name, step=name), splits=splits)
+        assert trainer.step_backend.name == name
+        trainer.fit()
+        runs[name] = trainer.net
+    assert len(entry.graphs_of(runs["graphed"], CPU)._layer_recordings) > 0
+    switched = Trainer(tiny_config(tmp_path / "switched", step="graphed"), splits=splits)
+    switched.fit(max_epochs=1)
+    resumed = Trainer(tiny_config(tmp_path / "switched", step="sequential"), splits=splits, resume=True)
+    resumed.fit()
+    for net in (runs["graphed"], resumed.net):
+        for (name, a), b in zip(runs["sequential"].state_dict().items(), net.state_dict().values()):
+            assert torch.equal(a, b), name
