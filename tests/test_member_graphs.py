@@ -285,3 +285,24 @@ def test_the_trainer_with_graphed_trains_what_sequential_trains(tmp_path, monkey
     for net in (runs["graphed"], resumed.net):
         for (name, a), b in zip(runs["sequential"].state_dict().items(), net.state_dict().values()):
             assert torch.equal(a, b), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_trainer_with_cuda_graphs_trains_what_sequential_trains(tmp_path):
+    """A whole run on the GPU (bf16 autocast + channels_last, dropout and drop-connect on)."""
+    from dataclasses import replace
+
+    from test_train_run import tiny_config, tiny_digits
+
+    from tofa_fast.train.trainer import Trainer
+
+    splits = tiny_digits()
+    nets = {}
+    for name in ("graphed", "sequential"):
+        trainer = Trainer(replace(tiny_config(tmp_path / name, step=name), device="cuda"), splits=splits)
+        assert trainer.step_backend.name == name and trainer.compute_format.precision == "bf16"
+        trainer.fit()
+        nets[name] = trainer.net
+    for (name, a), b in zip(nets["sequential"].state_dict().items(), nets["graphed"].state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-3, msg=name)
