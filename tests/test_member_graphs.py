@@ -306,3 +306,23 @@ def test_the_trainer_with_cuda_graphs_trains_what_sequential_trains(tmp_path):
         nets[name] = trainer.net
     for (name, a), b in zip(nets["sequential"].state_dict().items(), nets["graphed"].state_dict().values()):
         torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-3, msg=name)
+
+
+def test_layer_recordings_stop_at_the_memory_budget():
+    """Once the layer recordings hold the recorder's budget, the other configurations run eagerly,
+    and the training is still the sequential one's."""
+    run = Run(regularised=False, steps=2)
+    run.plans = run.plans * 2
+    fmt = FORMATS["fp32 channels_last"]
+    unbounded = graphed_on_cpu()
+    ours = run.train(unbounded, fmt)
+    everything = unbounded.graphs_of(ours[0], CPU)
+    assert len(everything._layer_recordings) > 4 and everything.layer_recording_bytes > 0
+    budget = everything.layer_recording_bytes // 3
+    bounded = GraphedStep(recorder=EagerRecorder(memory_budget=budget))
+    ours = run.train(bounded, fmt)
+    graphs = bounded.graphs_of(ours[0], CPU)
+    assert 0 < len(graphs._layer_recordings) < len(everything._layer_recordings)
+    # it stops at the first recording that reaches the budget
+    assert budget <= graphs.layer_recording_bytes < 2 * budget
+    assert_same_training(ours, run.train(choose_step_backend("sequential", run.net, CPU), fmt))

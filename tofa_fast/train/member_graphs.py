@@ -11,8 +11,9 @@ same-shaped tensors at every replay:
 * the random members change every step, but their layers' configurations recur: a layer has a few
   kernel × expand × width choices. A random member runs its stem eagerly and every MBConv layer and
   the head from a recording of that layer with those choices and that input shape (the backward
-  into the layer's input included), made the second time the configuration is met; once the first
-  steps have met a layer's configurations, a random member is about 2 launches per layer.
+  into the layer's input included), made the second time the configuration is met, while the
+  layer recordings hold less than :data:`LAYER_RECORDINGS_MEMORY_SHARE` of the GPU's memory; once
+  the first steps have met a layer's configurations, a random member is about 2 launches per layer.
 
 How (:class:`MemberGraphs`): the first time a member or layer is met with a given *key* (the arch or
 the layer's choices, the input's shape, dtype and strides, grad mode, autocast dtype, and every
@@ -62,6 +63,10 @@ MAX_RECORDINGS = 8
 #: new configurations run eagerly): ofa_mbv3 at one resolution has 20 layers × 9 kernel-expand
 #: choices, and one head
 MAX_LAYER_RECORDINGS = 512
+#: layer recordings stop (the rest of the configurations run eagerly) once recording has grown the
+#: device's allocator by this share of its memory: a space with large, many-shaped layers (elastic
+#: resolution and widths at 224 px) would otherwise fill the GPU with recorded activations
+LAYER_RECORDINGS_MEMORY_SHARE = 0.3
 #: forward (+ backward) passes run before recording: lazy initialisation (cuDNN and cuBLAS plans,
 #: Triton compiles, the caching allocator) must not happen inside a capture
 WARMUP_PASSES = 2
@@ -95,6 +100,12 @@ class CudaGraphRecorder:
     def __init__(self, device: torch.device):
         self.device = device
         self.stream = torch.cuda.Stream(device)
+        self.memory_budget = int(LAYER_RECORDINGS_MEMORY_SHARE * torch.cuda.get_device_properties(device).total_memory)
+
+    def memory_in_use(self) -> int:
+        """Device memory held by the caching allocator, graph pools included: a recording's cost is
+        the growth across it (warm-up allocations that stay cached count too: an upper bound)."""
+        return torch.cuda.memory_reserved(self.device)
 
     def warm_up(self, fn: Callable[[], Any]) -> None:
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -127,12 +138,23 @@ class EagerRecorder:
 
     name = "eager re-execution"
 
+    def __init__(self, memory_budget: int | None = None):
+        self.memory_budget = memory_budget
+        self._static_bytes = 0
+
+    def memory_in_use(self) -> int:
+        """The bytes of the static outputs it holds (what a graph's pool holds beyond them, the
+        activations, has no counterpart here)."""
+        return self._static_bytes
+
     def warm_up(self, fn: Callable[[], Any]) -> None:
         for _ in range(WARMUP_PASSES):
             fn()
 
     def record(self, fn: Callable[[], Outputs], after: Recording | None = None) -> Recording:
-        return _EagerRecording(fn)
+        recording = _EagerRecording(fn)
+        self._static_bytes += sum(t.numel() * t.element_size() for t in recording.outputs if t is not None)
+        return recording
 
 
 class _EagerRecording(Recording):
@@ -262,6 +284,8 @@ class MemberGraphs:
         self._members: OrderedDict[tuple, TrainingRecording | InferenceRecording] = OrderedDict()
         self._layer_recordings: OrderedDict[tuple, TrainingRecording] = OrderedDict()
         self._sightings: dict[tuple, int] = {}  # layer keys met without a recording
+        #: what the layer recordings have cost in memory (the recorder's measure)
+        self.layer_recording_bytes = 0
         #: recordings made so far (the tests count them: a replay must not record again)
         self.recorded = 0
 
@@ -346,13 +370,26 @@ class MemberGraphs:
 
     def _layer_recording(self, key: tuple, modules, forward, x) -> TrainingRecording | None:
         """A layer's (or the head's) recording for ``key``; None (run it eagerly) the first time a key
-        is met — a configuration met once may never recur — and once the table is full: a space with
-        more configurations than it holds runs the rest eagerly rather than record over and over."""
-        if key not in self._layer_recordings:
-            seen = self._sightings[key] = self._sightings.get(key, 0) + 1
-            if seen < 2 or len(self._layer_recordings) >= MAX_LAYER_RECORDINGS:
-                return None
-        return self._recording(self._layer_recordings, MAX_LAYER_RECORDINGS, key, modules, forward, x, True)
+        is met — a configuration met once may never recur — and once the table is full or the
+        recordings' memory reaches the recorder's budget: a space with more configurations than fit
+        runs the rest eagerly rather than record over and over, or run out of memory."""
+        recording = self._layer_recordings.get(key)
+        if recording is not None:
+            self._layer_recordings.move_to_end(key)
+            return recording
+        seen = self._sightings[key] = self._sightings.get(key, 0) + 1
+        budget = self.recorder.memory_budget
+        if (
+            seen < 2
+            or len(self._layer_recordings) >= MAX_LAYER_RECORDINGS
+            or (budget is not None and self.layer_recording_bytes >= budget)
+        ):
+            return None
+        before = self.recorder.memory_in_use()
+        recording = self._recording(self._layer_recordings, MAX_LAYER_RECORDINGS, key, modules, forward, x, True)
+        self.layer_recording_bytes += max(0, self.recorder.memory_in_use() - before)
+        del self._sightings[key]
+        return recording
 
     def _recording(self, cache: OrderedDict, bound: int, key: tuple, modules, forward, x, input_grad=False):
         """The recording of ``forward`` (which runs ``modules``) for ``key``, made now if there is none."""
