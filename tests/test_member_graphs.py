@@ -317,12 +317,17 @@ def test_layer_recordings_stop_at_the_memory_budget():
     unbounded = graphed_on_cpu()
     ours = run.train(unbounded, fmt)
     everything = unbounded.graphs_of(ours[0], CPU)
-    assert len(everything._layer_recordings) > 4 and everything.layer_recording_bytes > 0
-    budget = everything.layer_recording_bytes // 3
+    assert len(everything._layer_recordings) > 4 and everything.recording_bytes > 0
+    budget = everything.recording_bytes // 3
     bounded = GraphedStep(recorder=EagerRecorder(memory_budget=budget))
     ours = run.train(bounded, fmt)
     graphs = bounded.graphs_of(ours[0], CPU)
     assert 0 < len(graphs._layer_recordings) < len(everything._layer_recordings)
     # it stops at the first recording that reaches the budget
-    assert budget <= graphs.layer_recording_bytes < 2 * budget
-    assert_same_training(ours, run.train(choose_step_backend("sequential", run.net, CPU), fmt))
+    assert budget <= graphs.recording_bytes < 2 * budget
+    reference = run.train(choose_step_backend("sequential", run.net, CPU), fmt)
+    assert_same_training(ours, reference)
+    nothing = GraphedStep(recorder=EagerRecorder(memory_budget=0))
+    ours = run.train(nothing, fmt)
+    assert nothing.graphs_of(ours[0], CPU).recorded == 0
+    assert_same_training(ours, reference)

@@ -11,9 +11,11 @@ same-shaped tensors at every replay:
 * the random members change every step, but their layers' configurations recur: a layer has a few
   kernel × expand × width choices. A random member runs its stem eagerly and every MBConv layer and
   the head from a recording of that layer with those choices and that input shape (the backward
-  into the layer's input included), made the second time the configuration is met, while the
-  layer recordings hold less than :data:`LAYER_RECORDINGS_MEMORY_SHARE` of the GPU's memory; once
-  the first steps have met a layer's configurations, a random member is about 2 launches per layer.
+  into the layer's input included), made the second time the configuration is met; once the first
+  steps have met a layer's configurations, a random member is about 2 launches per layer.
+
+Recording stops — what has no recording yet runs eagerly — once the recordings have taken
+:data:`RECORDINGS_MEMORY_SHARE` of the GPU's memory, or :data:`MAX_LAYER_RECORDINGS` layers.
 
 How (:class:`MemberGraphs`): the first time a member or layer is met with a given *key* (the arch or
 the layer's choices, the input's shape, dtype and strides, grad mode, autocast dtype, and every
@@ -63,10 +65,10 @@ MAX_RECORDINGS = 8
 #: new configurations run eagerly): ofa_mbv3 at one resolution has 20 layers × 9 kernel-expand
 #: choices, and one head
 MAX_LAYER_RECORDINGS = 512
-#: layer recordings stop (the rest of the configurations run eagerly) once recording has grown the
-#: device's allocator by this share of its memory: a space with large, many-shaped layers (elastic
-#: resolution and widths at 224 px) would otherwise fill the GPU with recorded activations
-LAYER_RECORDINGS_MEMORY_SHARE = 0.3
+#: recording stops (what is not recorded yet runs eagerly) once recordings have grown the device's
+#: allocator by this share of its memory: a space with large, many-shaped layers (elastic resolution
+#: and widths at 224 px) would otherwise fill the GPU with recorded activations
+RECORDINGS_MEMORY_SHARE = 0.3
 #: forward (+ backward) passes run before recording: lazy initialisation (cuDNN and cuBLAS plans,
 #: Triton compiles, the caching allocator) must not happen inside a capture
 WARMUP_PASSES = 2
@@ -100,7 +102,7 @@ class CudaGraphRecorder:
     def __init__(self, device: torch.device):
         self.device = device
         self.stream = torch.cuda.Stream(device)
-        self.memory_budget = int(LAYER_RECORDINGS_MEMORY_SHARE * torch.cuda.get_device_properties(device).total_memory)
+        self.memory_budget = int(RECORDINGS_MEMORY_SHARE * torch.cuda.get_device_properties(device).total_memory)
 
     def memory_in_use(self) -> int:
         """Device memory held by the caching allocator, graph pools included: a recording's cost is
@@ -284,8 +286,9 @@ class MemberGraphs:
         self._members: OrderedDict[tuple, TrainingRecording | InferenceRecording] = OrderedDict()
         self._layer_recordings: OrderedDict[tuple, TrainingRecording] = OrderedDict()
         self._sightings: dict[tuple, int] = {}  # layer keys met without a recording
-        #: what the layer recordings have cost in memory (the recorder's measure)
-        self.layer_recording_bytes = 0
+        #: what the recordings have cost in memory (the recorder's measure; not returned when the
+        #: least recently used member recording is dropped: an upper bound)
+        self.recording_bytes = 0
         #: recordings made so far (the tests count them: a replay must not record again)
         self.recorded = 0
 
@@ -317,7 +320,7 @@ class MemberGraphs:
             return member(images)
 
         recording = self._recording(self._members, MAX_RECORDINGS, key, [net], forward, x)
-        return recording(x)
+        return recording(x) if recording is not None else forward(x)
 
     def layerwise(self, arch: Arch, x: torch.Tensor) -> torch.Tensor:
         """The logits of ``arch`` on ``x`` (with gradients), each MBConv layer and the head replayed
@@ -373,28 +376,24 @@ class MemberGraphs:
         is met — a configuration met once may never recur — and once the table is full or the
         recordings' memory reaches the recorder's budget: a space with more configurations than fit
         runs the rest eagerly rather than record over and over, or run out of memory."""
-        recording = self._layer_recordings.get(key)
-        if recording is not None:
-            self._layer_recordings.move_to_end(key)
-            return recording
-        seen = self._sightings[key] = self._sightings.get(key, 0) + 1
-        budget = self.recorder.memory_budget
-        if (
-            seen < 2
-            or len(self._layer_recordings) >= MAX_LAYER_RECORDINGS
-            or (budget is not None and self.layer_recording_bytes >= budget)
-        ):
-            return None
-        before = self.recorder.memory_in_use()
+        if key not in self._layer_recordings:
+            seen = self._sightings[key] = self._sightings.get(key, 0) + 1
+            if seen < 2 or len(self._layer_recordings) >= MAX_LAYER_RECORDINGS:
+                return None
         recording = self._recording(self._layer_recordings, MAX_LAYER_RECORDINGS, key, modules, forward, x, True)
-        self.layer_recording_bytes += max(0, self.recorder.memory_in_use() - before)
-        del self._sightings[key]
+        if recording is not None:
+            self._sightings.pop(key, None)
         return recording
 
     def _recording(self, cache: OrderedDict, bound: int, key: tuple, modules, forward, x, input_grad=False):
-        """The recording of ``forward`` (which runs ``modules``) for ``key``, made now if there is none."""
+        """The recording of ``forward`` (which runs ``modules``) for ``key``, made now if there is none
+        — unless the recordings have reached the recorder's memory budget: None (run it eagerly)."""
         recording = cache.get(key)
         if recording is None:
+            budget = self.recorder.memory_budget
+            if budget is not None and self.recording_bytes >= budget:
+                return None
+            before = self.recorder.memory_in_use()
             net = self.net
             with _state_restored(net, modules, x.device), _without_autocast_cache(x.device.type):
                 if torch.is_grad_enabled():
@@ -403,6 +402,7 @@ class MemberGraphs:
                     recording = TrainingRecording(forward, trained, x, self.recorder, input_grad)
                 else:
                     recording = InferenceRecording(forward, x, self.recorder)
+            self.recording_bytes += max(0, self.recorder.memory_in_use() - before)
             self.recorded += 1
             cache[key] = recording
             while len(cache) > bound:
