@@ -120,7 +120,9 @@ class CudaGraphRecorder:
         graph = torch.cuda.CUDAGraph()
         pool = after.graph.pool() if isinstance(after, _CudaRecording) else None
         torch.cuda.synchronize(self.device)
-        with torch.cuda.graph(graph, pool=pool, stream=self.stream):
+        # thread_local: another thread of the process (a loader's, the user's) may make CUDA calls
+        # that a capture forbids process-wide (as torch.compile's CUDA graphs capture)
+        with torch.cuda.graph(graph, pool=pool, stream=self.stream, capture_error_mode="thread_local"):
             outputs = tuple(fn())
         return _CudaRecording(graph, outputs)
 
@@ -187,7 +189,7 @@ class _EagerRecording(Recording):
 
 
 # ------------------------------------------------------------------------------------------------
-# One member's recordings
+# A recorded forward (x → one tensor), and its backward
 # ------------------------------------------------------------------------------------------------
 
 
