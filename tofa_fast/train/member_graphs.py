@@ -379,6 +379,8 @@ class MemberGraphs:
         recordings' memory reaches the recorder's budget: a space with more configurations than fit
         runs the rest eagerly rather than record over and over, or run out of memory."""
         if key not in self._layer_recordings:
+            if len(self._sightings) >= 16 * MAX_LAYER_RECORDINGS:  # a space of many configurations
+                self._sightings.clear()
             seen = self._sightings[key] = self._sightings.get(key, 0) + 1
             if seen < 2 or len(self._layer_recordings) >= MAX_LAYER_RECORDINGS:
                 return None
