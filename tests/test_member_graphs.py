@@ -184,7 +184,7 @@ def test_layerwise_member_equals_forward():
     for _ in range(3):  # eager (met once), recorded and replayed, replayed
         got = graphs.layerwise(arch, x)
         (gx,) = torch.autograd.grad(got.square().sum(), x)
-    assert len(graphs._layer_recordings) == sum(s.depth for s in arch.stages) + 1  # the layers and the head
+    assert len(graphs._layer_recordings) == sum(s.depth for s in arch.stages) + 2  # the stem, layers and head
     net.set_active(arch)
     expected = net(x)
     (ex,) = torch.autograd.grad(expected.square().sum(), x)
@@ -331,3 +331,38 @@ def test_layer_recordings_stop_at_the_memory_budget():
     ours = run.train(nothing, fmt)
     assert nothing.graphs_of(ours[0], CPU).recorded == 0
     assert_same_training(ours, reference)
+
+
+def test_layerwise_keys_every_choice():
+    """Two members that differ in stem width, head width and every layer choice, alternating on a
+    space with TensorFlow padding, no feature-mix conv and relu6 / swish stages: each replay is
+    that member's Supernet.forward."""
+    import dataclasses
+
+    from test_forward_many import _variant_space
+
+    space = dataclasses.replace(_variant_space(), bn_momentum=0.1)
+    torch.manual_seed(0)
+    net = tofa_fast.Supernet(space, 10).train()
+    net.set_regularization(dropout=0.0)  # the two networks would draw the masks in turn
+    graphs = graphed_on_cpu().graphs_of(net, CPU)
+    big = space.max_arch().to_dict()
+    # at one resolution: only the stem width, the head width or the layer choices tell them apart
+    archs = [
+        space.arch_from_dict(d)
+        for d in (big, {**big, "stem": 8}, {**big, "head": 64}, {**space.min_arch().to_dict(), "resolution": 32})
+    ]
+    assert len({a.resolution for a in archs}) == 1
+    reference = copy.deepcopy(net)
+    for _ in range(3):  # eager, recorded, replayed
+        for arch in archs:
+            x = torch.randn(3, 3, arch.resolution, arch.resolution)
+            got = graphs.layerwise(arch, x)
+            grads = torch.autograd.grad(got.square().sum(), list(net.parameters()), allow_unused=True)
+            reference.set_active(arch)
+            expected = reference(x)
+            ref_grads = torch.autograd.grad(expected.square().sum(), list(reference.parameters()), allow_unused=True)
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+            for g, r in zip(grads, ref_grads):
+                assert (g is None) == (r is None) and (g is None or torch.equal(g, r))
+    assert sum(1 for key in graphs._layer_recordings if key[0] == "stem") == 2

@@ -9,9 +9,9 @@ same-shaped tensors at every replay:
 * the sandwich rule gives two such members in every step, a_max and a_min (and a_max's pseudo-label
   pass): each is recorded whole, forward and backward, and replayed with two launches;
 * the random members change every step, but their layers' configurations recur: a layer has a few
-  kernel × expand × width choices. A random member runs its stem eagerly and every MBConv layer and
-  the head from a recording of that layer with those choices and that input shape (the backward
-  into the layer's input included), made the second time the configuration is met; once the first
+  kernel × expand × width choices. A random member runs its stem, every MBConv layer and the head
+  from a recording of that part with those choices and that input shape (the backward into the
+  part's input included), made the second time the configuration is met; once the first
   steps have met a layer's configurations, a random member is about 2 launches per layer.
 
 Recording stops — what has no recording yet runs eagerly — once the recordings have taken
@@ -325,8 +325,8 @@ class MemberGraphs:
         return recording(x) if recording is not None else forward(x)
 
     def layerwise(self, arch: Arch, x: torch.Tensor) -> torch.Tensor:
-        """The logits of ``arch`` on ``x`` (with gradients), each MBConv layer and the head replayed
-        from a recording of that layer with its active choices and input shape, the stem eager.
+        """The logits of ``arch`` on ``x`` (with gradients): the stem, each MBConv layer and the head
+        replayed from a recording of that part with its active choices and input shape.
 
         A member changes every step, its layers' configurations recur: a layer has a few kernel ×
         expand × width choices, so after the first steps every layer of a random member is a
@@ -334,12 +334,27 @@ class MemberGraphs:
         member's forward: a layer is replayed at most once per member."""
         net = self.net
         net.set_active(arch)
-        # Supernet.forward, the layers and the head replayed (tests compare the two bit for bit)
-        y = net.stem_bn(net.stem_conv(x, arch.stem), net.stem_act)
+        # Supernet.forward, part by part replayed (tests compare the two bit for bit)
+        y = self._replay_stem(arch.stem, x)
         for layers, stage_arch in zip(net.stages, arch.stages):
             for layer in layers[: stage_arch.depth]:
                 y = self._replay_layer(layer, y)
         return self._replay_head(arch.head, y)
+
+    def _replay_stem(self, width: int, x: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        modules = [net.stem_conv, net.stem_bn]
+        bn = net.stem_bn
+        switches = (bn.training, bn.update_running_stats, _addresses(p for m in modules for p in m.parameters()))
+        key = ("stem", width, *_call_key(x), switches)
+        net_ref = self._net
+
+        def forward(t: torch.Tensor) -> torch.Tensor:
+            n = net_ref()
+            return n.stem_bn(n.stem_conv(t, width), n.stem_act)
+
+        recording = self._layer_recording(key, modules, forward, x)
+        return recording(x) if recording is not None else forward(x)
 
     def _replay_layer(self, layer, x: torch.Tensor) -> torch.Tensor:
         choices = (layer.active_kernel, layer.active_expand, layer.active_width)
@@ -374,7 +389,7 @@ class MemberGraphs:
         return recording(x) if recording is not None else forward(x)
 
     def _layer_recording(self, key: tuple, modules, forward, x) -> TrainingRecording | None:
-        """A layer's (or the head's) recording for ``key``; None (run it eagerly) the first time a key
+        """A part's (stem, layer, head) recording for ``key``; None (run it eagerly) the first time a key
         is met — a configuration met once may never recur — and once the table is full or the
         recordings' memory reaches the recorder's budget: a space with more configurations than fit
         runs the rest eagerly rather than record over and over, or run out of memory."""
@@ -384,7 +399,10 @@ class MemberGraphs:
             seen = self._sightings[key] = self._sightings.get(key, 0) + 1
             if seen < 2 or len(self._layer_recordings) >= MAX_LAYER_RECORDINGS:
                 return None
-        recording = self._recording(self._layer_recordings, MAX_LAYER_RECORDINGS, key, modules, forward, x, True)
+        # the images need no gradient; a layer's input does
+        recording = self._recording(
+            self._layer_recordings, MAX_LAYER_RECORDINGS, key, modules, forward, x, x.requires_grad
+        )
         if recording is not None:
             self._sightings.pop(key, None)
         return recording
@@ -424,6 +442,7 @@ def _call_key(x: torch.Tensor) -> tuple:
         tuple(x.shape),
         x.stride(),
         x.dtype,
+        x.requires_grad,
         torch.is_grad_enabled(),
         autocast,
         elastic_dwconv_dispatch.BACKEND_TABLE.pinned_backend(),

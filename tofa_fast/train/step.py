@@ -197,9 +197,9 @@ class SharedPrefixStep(SequentialStep):
 class GraphedStep(SequentialStep):
     """The sequential step replayed from CUDA graphs (:mod:`.member_graphs`): the GPU step is bound
     by the host's launches, and a replay launches once. The members every step has — a_max, a_min,
-    and a_max's pseudo-label pass — are recorded whole; the random members layer by layer (a
-    layer's kernel × expand × width choices recur even when the member does not), their stems
-    eager. Trains exactly what ``sequential`` trains (running statistics and dropout masks included).
+    and a_max's pseudo-label pass — are recorded whole; the random members part by part (stem,
+    layers, head: a layer's kernel × expand × width choices recur even when the member does not).
+    Trains exactly what ``sequential`` trains (running statistics and dropout masks included).
 
     ``auto`` does not take it until ``bench/test_bench_fused_step_gpu.py`` has measured it on a GPU.
     ``recorder`` (tests): a :class:`~.member_graphs.EagerRecorder` runs the same code on a CPU,
