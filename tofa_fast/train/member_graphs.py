@@ -12,7 +12,8 @@ same-shaped tensors at every replay:
   kernel × expand × width choices. A random member runs its stem, every MBConv layer and the head
   from a recording of that part with those choices and that input shape (the backward into the
   part's input included), made the second time the configuration is met; once the first
-  steps have met a layer's configurations, a random member is about 2 launches per layer.
+  steps have met a layer's configurations, a random member costs a few launches per part (the
+  forward and backward replays and the copies into their static inputs).
 
 Recording stops — what has no recording yet runs eagerly — once the recordings have taken
 :data:`RECORDINGS_MEMORY_SHARE` of the GPU's memory, or :data:`MAX_LAYER_RECORDINGS` layers.
