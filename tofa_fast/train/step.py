@@ -9,8 +9,8 @@ each entry declares whether it can serve a network on a device and why not, and 
 takes the first that can. ``sequential`` runs one member per forward/backward pass (the graph of
 one member alive at a time); ``shared`` also runs the members one at a time but computes what
 members with the same images agree on once (``Supernet.backward_many``); ``fused`` computes all
-members in one packed pass (``Supernet.forward_many``); ``graphed`` replays the members every step
-has from CUDA graphs (:mod:`.member_graphs`). Every entry trains exactly the same.
+members in one packed pass (``Supernet.forward_many``); ``graphed`` replays the members from CUDA
+graphs (:mod:`.member_graphs`: a_max and a_min whole, the others part by part). Every entry trains exactly the same.
 
 Loss terms stay on the device: :func:`train_step` returns 0-dim tensors summed over members, and
 the trainer reads them back once per logging interval, so a step makes no host synchronisation.
@@ -207,7 +207,7 @@ class GraphedStep(SequentialStep):
 
     name = "graphed"
     supports = (
-        "CUDA: sequential, replayed from CUDA graphs (a_max / a_min whole, the others layer by layer); not measured yet"
+        "CUDA: sequential, replayed from CUDA graphs (a_max / a_min whole, the others part by part); not measured yet"
     )
     auto_device_types: tuple[str, ...] = ()
 
