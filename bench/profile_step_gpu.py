@@ -3,8 +3,9 @@
 The problem of bench/test_bench_fused_step_gpu.py (ofa_mbv3 w1.2, 128 px, batch 32, 4 members, bf16
 autocast + channels_last), for each variant: the wall time per step (synchronised), the GPU's busy
 time per step (the sum of the kernels' own device time, from ``torch.profiler``), the number of
-kernel launches, and the ops that cost the most device time and the most host time. Wall time far
-above the busy time means the step is bound by the host (Python, dispatch, launches), not the GPU.
+kernel launches and of CUDA graph launches (one replays many kernels), and the ops that cost the
+most device time and the most host time. Wall time far above the busy time means the step is
+bound by the host (Python, dispatch, launches), not the GPU.
 
 Variants: ``sequential``, ``shared``, ``fused`` and (on CUDA) ``graphed`` on the default dispatch,
 ``sequential, CUDA kernels`` with tofa_fast's own depthwise kernels pinned (when built), and
@@ -63,6 +64,8 @@ def measure(name: str, cycle, device: torch.device, steps_per_cycle: int, timed_
     kernels = [e for e in events if getattr(e, "device_type", None) == DeviceType.CUDA]
     busy_ms = sum(_device_time(e) for e in kernels) / 1e3 / steps_per_cycle
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel"))
+    # a CUDA graph replay is one launch of many kernels (the graphed variant)
+    graph_launches = sum(e.count for e in events if e.key in ("cudaGraphLaunch", "cuGraphLaunch"))
     by_device = sorted(kernels, key=_device_time, reverse=True)[:TOP]
     by_host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:TOP]
     report = {
@@ -70,11 +73,13 @@ def measure(name: str, cycle, device: torch.device, steps_per_cycle: int, timed_
         "wall_ms_per_step": round(wall_ms, 2),
         "gpu_busy_ms_per_step": round(busy_ms, 2),
         "kernel_launches_per_step": launches // steps_per_cycle,
+        "graph_launches_per_step": graph_launches // steps_per_cycle,
         "top_device_ms_per_step": {e.key[:90]: round(_device_time(e) / 1e3 / steps_per_cycle, 3) for e in by_device},
         "top_host_ms_per_step": {e.key[:90]: round(e.self_cpu_time_total / 1e3 / steps_per_cycle, 3) for e in by_host},
     }
     print(
-        f"\n== {name}: wall {wall_ms:.1f} ms/step, GPU busy {busy_ms:.1f} ms/step, {report['kernel_launches_per_step']} launches/step"
+        f"\n== {name}: wall {wall_ms:.1f} ms/step, GPU busy {busy_ms:.1f} ms/step, "
+        f"{report['kernel_launches_per_step']} kernel + {report['graph_launches_per_step']} graph launches/step"
     )
     for title, table in (("device", report["top_device_ms_per_step"]), ("host", report["top_host_ms_per_step"])):
         print(f"   top {title} time (ms/step): " + "; ".join(f"{k} {v}" for k, v in list(table.items())[:8]))
