@@ -285,6 +285,10 @@ class MemberGraphs:
         self._recurring = {_structure(space.max_arch()), _structure(space.min_arch())}
         self._bns = [m for m in net.modules() if isinstance(m, ElasticBatchNorm2d)]
         self._layers = [layer for stage in net.stages for layer in stage]
+        # looked up at every replay (the host's time is what the graphed step saves)
+        self._layer_bns = {
+            id(layer): [m for m in layer.modules() if isinstance(m, ElasticBatchNorm2d)] for layer in self._layers
+        }
         self._head = [net.final_expand_conv, net.final_expand_bn, net.feature_mix_conv, net.classifier]
         self._members: OrderedDict[tuple, TrainingRecording | InferenceRecording] = OrderedDict()
         self._layer_recordings: OrderedDict[tuple, TrainingRecording] = OrderedDict()
@@ -359,7 +363,7 @@ class MemberGraphs:
 
     def _replay_layer(self, layer, x: torch.Tensor) -> torch.Tensor:
         choices = (layer.active_kernel, layer.active_expand, layer.active_width)
-        bns = [m for m in layer.modules() if isinstance(m, ElasticBatchNorm2d)]
+        bns = self._layer_bns[id(layer)]
         switches = (
             layer.training,
             layer.drop_connect_rate,
