@@ -98,8 +98,6 @@ class CudaGraphRecorder:
     """CUDA graphs: warm-up passes and captures run on a side stream; the forward and backward of one
     member share a memory pool (captured and replayed in that order), members do not."""
 
-    name = "cuda graphs"
-
     def __init__(self, device: torch.device):
         self.device = device
         self.stream = torch.cuda.Stream(device)
@@ -140,8 +138,6 @@ class _CudaRecording(Recording):
 class EagerRecorder:
     """Records nothing: every replay re-runs the function and copies its results into the static
     outputs. The :class:`CudaGraphRecorder`'s contract on any device, to test the rest on a CPU."""
-
-    name = "eager re-execution"
 
     def __init__(self, memory_budget: int | None = None):
         self.memory_budget = memory_budget
