@@ -19,6 +19,22 @@ from .elastic_dwconv import ElasticDepthwiseConv2d
 from .elastic_se import ElasticSqueezeExcite
 
 
+def drop_connect_mask(rate: float, samples: int, like: torch.Tensor) -> torch.Tensor:
+    """Which samples keep their residual branch under drop-connect at ``rate``: (samples,) ones and
+    zeros in ``like``'s dtype and device, one Bernoulli draw per sample in sample order (so every
+    step mode draws the same masks from the same generator state)."""
+    return like.new_empty(samples).bernoulli_(1.0 - rate)
+
+
+def drop_connect_add(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, rate: float) -> torch.Tensor:
+    """``x + y · mask / (1 - rate)``: the residual sum with the branch ``y`` dropped where ``mask``
+    (broadcast against y) is 0 and rescaled where it is 1 (OFA's ``drop_connect``).
+
+    One ``addcmul`` pass, the scalar applied in the op's float math (bfloat16 y included), where
+    ``x + y * mask / keep`` makes three passes and two temporaries forward and two passes backward."""
+    return torch.addcmul(x, y, mask, value=1.0 / (1.0 - rate))
+
+
 class ElasticMBConv(nn.Module):
     """One elastic MBConv layer of ``space.stages[stage_index]``.
 
@@ -74,9 +90,8 @@ class ElasticMBConv(nn.Module):
         if not self.residual:
             return y
         if self.training and self.drop_connect_rate > 0:
-            keep = 1.0 - self.drop_connect_rate
-            mask = torch.empty(y.shape[0], 1, 1, 1, dtype=y.dtype, device=y.device).bernoulli_(keep)
-            y = y * mask / keep
+            mask = drop_connect_mask(self.drop_connect_rate, y.shape[0], y)
+            return drop_connect_add(x, y, mask.view(-1, 1, 1, 1), self.drop_connect_rate)
         return x + y
 
     def extract(self, in_channels: int) -> MBConvBlock:

@@ -47,7 +47,7 @@ from ..spaces import Arch
 from .activations import activation_name
 from .elastic_batchnorm import ElasticBatchNorm2d
 from .elastic_conv import ElasticConv2d
-from .mbconv import ElasticMBConv
+from .mbconv import ElasticMBConv, drop_connect_add, drop_connect_mask
 
 
 @dataclass(frozen=True)
@@ -226,9 +226,9 @@ def mbconv(layer: ElasticMBConv, packed: Packed, choices: Sequence[tuple[int, fl
     if not layer.residual:
         return y.replace(out, channels=widths)
     if layer.training and layer.drop_connect_rate > 0:
-        keep = 1.0 - layer.drop_connect_rate
-        mask = out.new_empty(sum(y.samples), 1).bernoulli_(keep)
-        out = out * y.per_sample_to_rows(mask) / keep
+        mask = drop_connect_mask(layer.drop_connect_rate, sum(y.samples), out)
+        rows = y.per_sample_to_rows(mask[:, None])
+        return y.replace(drop_connect_add(packed.data, out, rows, layer.drop_connect_rate), channels=widths)
     return y.replace(packed.data + out, channels=widths)
 
 

@@ -49,7 +49,7 @@ import torch
 
 from ..spaces import Arch
 from .elastic_batchnorm import ElasticBatchNorm2d
-from .mbconv import ElasticMBConv
+from .mbconv import ElasticMBConv, drop_connect_add, drop_connect_mask
 
 #: ``loss_of(i, logits_i)``: member i's loss (a 0-dim tensor) to back-propagate, or None for none
 LossOf = Callable[[int, torch.Tensor], "torch.Tensor | None"]
@@ -254,9 +254,8 @@ def _compute(net, node: Node, read: Callable[[Node, int], torch.Tensor], stats: 
         if node.residual is None:
             return y
         if layer.training and layer.drop_connect_rate > 0:
-            keep = 1.0 - layer.drop_connect_rate
-            mask = torch.empty(y.shape[0], 1, 1, 1, dtype=y.dtype, device=y.device).bernoulli_(keep)
-            y = y * mask / keep
+            mask = drop_connect_mask(layer.drop_connect_rate, y.shape[0], y)
+            return drop_connect_add(read(node.residual, node.width), y, mask.view(-1, 1, 1, 1), layer.drop_connect_rate)
         return read(node.residual, node.width) + y
     if node.kind == "head":  # one member: its batch norm on all of the final conv's channels
 
