@@ -19,6 +19,7 @@ from collections import defaultdict
 import pytest
 import torch
 
+import tofa_fast
 from tofa_fast.backends import cpu_model
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -28,6 +29,9 @@ OURS = "tofa_fast"
 # suite -> {"expected": set of (case, mode, impl), "medians": {(case, mode): {impl: seconds}}, ...}
 REGISTRY: dict[str, dict] = defaultdict(lambda: {"expected": set(), "medians": defaultdict(dict), "meta": {}})
 _LOAD_AT_START = os.getloadavg() if hasattr(os, "getloadavg") else None
+# Every implementation is timed under the allocator policy the tofa-fast command runs with
+# (tofa_fast/host_memory.py), baselines included: it spares them the same page faults.
+HOST_MEMORY = "retained" if tofa_fast.retain_freed_host_memory() else "system allocator"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,6 +59,7 @@ def machine_info() -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "load_average_at_start": _LOAD_AT_START,
         "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "host_memory": HOST_MEMORY,
     }
     if hasattr(torch.ops, "tofa_fast") and hasattr(torch.ops.tofa_fast, "_elastic_dwconv2d_cpu_isa"):
         info["tofa_fast_cpu_kernels"] = torch.ops.tofa_fast._elastic_dwconv2d_cpu_isa()

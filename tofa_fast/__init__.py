@@ -8,6 +8,7 @@ Public API (SPEC §11)::
     tofa_fast.Estimator(space, num_classes)     # .flops / params / latency / sample
     tofa_fast.ops.elastic_dwconv2d(x, weight, kernel_size, stride=1, transforms=None)
     tofa_fast.accelerate(ofa_model)             # ofa's own supernet code on the fast op, in place
+    tofa_fast.retain_freed_host_memory()        # CPU training: keep freed memory, spare page faults
 """
 
 __version__ = "0.1.0"
@@ -20,6 +21,7 @@ _EXPORTS = {
     "Supernet": "nn",
     "recalibrate_bn": "nn",
     "accelerate": "accelerate_ofa",
+    "retain_freed_host_memory": "host_memory",
     # submodules
     "_extension": "_extension",
     "backends": "backends",

@@ -393,7 +393,12 @@ def _select(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .host_memory import retain_freed_host_memory
     from .train import run
+
+    # This command owns its process, so it takes the allocator policy that spares the steps'
+    # page faults (host_memory.py says why and what it costs).
+    retain_freed_host_memory()
 
     if args.command == "train":
         from .train import TrainConfig
