@@ -6,9 +6,9 @@ free, and trims the top of its heap back to the kernel once more than the trim t
 there (both thresholds move with the allocation history). Memory handed back and requested again is
 faulted in again page by page, and the kernel zero-fills every page: about 0.8 µs per 4 KiB on the
 2-core machine, so ``x.clone()`` of a 17 MB tensor takes 4× as long as copying it into one that
-exists. A default digits step took 3,000–22,000 such faults, an ``ofa_mbv3`` 128 px step
-110,000–190,000. With the settings below they drop to a few hundred and ~10,000, and the steps get
-6–12 % faster (sequential step, 2 threads, three process pairs each; figures in the issue notes).
+exists. A default digits step took ~13,000 such faults, an ``ofa_mbv3`` 128 px step ~134,000.
+With the settings below they drop to ~300 and ~6,000, and the steps get 1.09× and 1.07× as fast
+(sequential step, 2 threads: ``bench/test_bench_host_memory.py``, results in bench/results/).
 
 What :func:`retain_freed_host_memory` sets, through ``mallopt``:
 
