@@ -252,3 +252,39 @@ def test_bad_supernet_arguments():
         net(torch.randn(2, 1, 32, 32))
     with pytest.raises(ValueError, match="resolution"):
         net.extract({**net.space.max_arch().to_dict(), "resolution": 31})
+
+
+def test_drop_connect_is_ofas_residual_rule():
+    """A residual layer in training with drop-connect rate p returns x + branch · mask / (1 − p), one
+    Bernoulli(1 − p) draw per sample (OFA's ``drop_connect``): dropped samples come out as x itself,
+    kept ones with the branch rescaled; eval mode and p = 0 add the branch as it is."""
+    import copy
+
+    net = Supernet("digits", NUM_CLASSES).train()
+    layer = next(m for m in net.modules() if isinstance(m, tofa_fast.nn.mbconv.ElasticMBConv) and m.residual)
+    plain = copy.deepcopy(layer)  # same weights and statistics: the branch without drop-connect
+    layer.drop_connect_rate, keep = 0.3, 0.7
+    x = torch.randn(64, layer.max_in, 6, 6).double()
+    layer.double(), plain.double()
+    torch.manual_seed(0)
+    out = layer(x)
+    torch.manual_seed(0)
+    mask = torch.empty(64, dtype=torch.float64).bernoulli_(keep)
+    branch = plain(x) - x
+    assert 0 < mask.sum() < 64  # both kinds of sample occur
+    assert torch.equal(out[mask == 0], x[mask == 0])
+    torch.testing.assert_close(out, x + branch / keep * mask.view(-1, 1, 1, 1), rtol=1e-12, atol=1e-12)
+    layer.eval(), plain.eval()
+    torch.testing.assert_close(layer(x), plain(x), rtol=0, atol=0)
+
+
+def test_drop_connect_rescales_bfloat16_in_float_math():
+    """The rescaled residual sum is rounded once to bfloat16, from float math: 1 / keep is not
+    rounded to bfloat16 first, nor the product before the sum."""
+    from tofa_fast.nn.mbconv import drop_connect_add
+
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(64, 16, 5, 5, generator=g).bfloat16() for _ in range(2))
+    mask = torch.empty(64).bernoulli_(0.7, generator=g).bfloat16().view(-1, 1, 1, 1)
+    expected = (x.float() + y.float() * mask.float() / 0.7).bfloat16()
+    assert torch.equal(drop_connect_add(x, y, mask, 0.3), expected)
