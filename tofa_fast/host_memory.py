@@ -9,7 +9,7 @@ faulted in again page by page, and the kernel zero-fills every page: about 0.8 �
 exists. A default digits step took ~13,000 such faults, an ``ofa_mbv3`` 128 px step ~134,000.
 With the settings below they drop to ~300 and ~6,000, and the steps get 1.09× and 1.07× as fast
 (sequential step, 2 threads: ``bench/test_bench_host_memory.py``, results in bench/results/). In
-whole training runs the epochs were 1–6 % shorter (``--step shared``, data loading and the optimizer
+whole training runs the epochs were about 2 % shorter (``--step shared``, data loading and the optimizer
 dilute it), and the peak RSS 9–32 % higher.
 
 What :func:`retain_freed_host_memory` sets, through ``mallopt``:
