@@ -28,7 +28,7 @@ pytestmark = needs_cpp
 
 @pytest.fixture(autouse=True)
 def _fuse_every_size(monkeypatch):
-    """The module fuses only inputs of a million elements or more (where it pays); these tests use
+    """The module fuses only inputs of FUSED_MIN_ELEMENTS or more (where it pays); these tests use
     small, odd sizes and want the fused path on all of them."""
     monkeypatch.setattr(elastic_batchnorm, "FUSED_MIN_ELEMENTS", 0)
 
@@ -150,6 +150,25 @@ def test_unserved_calls_keep_the_unfused_path(monkeypatch):
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         bn(torch.randn(1, ACTIVE, 1, 1).contiguous(memory_format=cl))
     assert not called
+
+
+def test_the_size_rule_is_the_layers_not_the_members(monkeypatch):
+    """Whether a call is large enough to fuse depends on the batch's pixels and the layer's widest
+    channel count, not on the active width: the shared-prefix step computes a layer at its widest
+    member's width where the sequential step computes each member at its own, and both must take
+    the same path (their roundings differ; in bfloat16, visibly)."""
+    calls = spy_on_fused_op(monkeypatch)
+    cl = torch.channels_last
+    bn = make_bn(0.1, torch.float32).train()
+    pixels = 2 * 5 * 5
+    monkeypatch.setattr(elastic_batchnorm, "FUSED_MIN_ELEMENTS", pixels * MAX_FEATURES)
+    for width in (1, ACTIVE, MAX_FEATURES):  # every width of this layer at this size: fused
+        bn(torch.randn(2, width, 5, 5).contiguous(memory_format=cl), torch.nn.ReLU())
+    assert len(calls) == 3
+    monkeypatch.setattr(elastic_batchnorm, "FUSED_MIN_ELEMENTS", pixels * MAX_FEATURES + 1)
+    for width in (1, ACTIVE, MAX_FEATURES):  # one pixel fewer than the rule asks: none
+        bn(torch.randn(2, width, 5, 5).contiguous(memory_format=cl), torch.nn.ReLU())
+    assert len(calls) == 3
 
 
 def _step(net: Supernet, images: dict, archs) -> tuple[torch.Tensor, dict]:

@@ -24,11 +24,14 @@ from torch import nn
 from ..ops import packed_batch_norm
 from .activations import known_activation_name
 
-#: Smaller inputs keep F.batch_norm: below about a million elements the op's per-call overhead
-#: outweighs the passes it saves (measured on the 2-core CPU: 1.1–1.6× faster at 1.5–2.4 M elements,
-#: 0.7× at 0.3 M). Re-measured once the op's eager path had cut that overhead (ops/eager_path.py):
-#: thresholds of 256 K and 512 K elements time the default run's step within 1 % of this one.
-FUSED_MIN_ELEMENTS = 1 << 20
+#: Smaller inputs keep F.batch_norm: below this the op's per-call overhead outweighs the passes it
+#: saves (first measured on the 2-core CPU: 1.1–1.6× faster at 1.5–2.4 M elements, 0.7× at 0.3 M,
+#: when the threshold was 1 M). Re-measured 2026-12-07, with the op's eager path (ops/eager_path.py)
+#: and the host memory kept (host_memory.py), interleaved round by round in one process (16 rounds,
+#: median of the per-round ratios) on the default run's sequential step: 256 K elements 1.022× and
+#: 1.065× as fast as 1 M, 16 K 1.030× and 1.034×, 4 K 1.013×; sized by the layer's widest channel
+#: count (below), 256 K 1.029× and 1.022×. "Size" is pixels × the layer's max_features.
+FUSED_MIN_ELEMENTS = 1 << 18
 
 
 class ElasticBatchNorm2d(nn.Module):
@@ -112,7 +115,12 @@ class ElasticBatchNorm2d(nn.Module):
         """The op's name for ``activation`` when batch norm + activation run as one compiled call, else None."""
         if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
             return None
-        if x.numel() < FUSED_MIN_ELEMENTS or (self.training and x.numel() == x.shape[1]):
+        # Sized by the layer's widest channel count, not x's: the shared-prefix step computes a layer at
+        # its widest member's width where the sequential step computes each member at its own, and a
+        # size test on x would send the same layer and batch down different paths (their roundings
+        # differ, visibly so in bfloat16).
+        pixels = x.numel() // max(x.shape[1], 1)
+        if pixels * self.max_features < FUSED_MIN_ELEMENTS or (self.training and pixels == 1):
             return None  # small (see FUSED_MIN_ELEMENTS), or one value per channel: F.batch_norm's error
         name = "none" if activation is None else known_activation_name(activation)
         if name is None or packed_batch_norm.select_backend(x, self.weight) is packed_batch_norm.REFERENCE:
