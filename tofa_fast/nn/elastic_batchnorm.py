@@ -10,8 +10,8 @@ segment: a channels-last (N, C, H, W) tensor *is* the op's (N·H·W, C) row layo
 nothing, and the op reads x twice forward and twice backward where ``F.batch_norm`` + the activation
 make several more passes and allocations (``bench/test_bench_sequential_step.py``). Everything
 else — NCHW input, float16, CUDA (no compiled kernel there yet), an activation the op does not know —
-takes ``F.batch_norm`` and the activation module, as before, and so do inputs under
-:data:`FUSED_MIN_ELEMENTS`. The two paths compute the same function,
+takes ``F.batch_norm`` and the activation module, as before, and so do calls whose pixels × the
+layer's widest channel count fall under :data:`FUSED_MIN_ELEMENTS`. The two paths compute the same function,
 gradients and running-statistics updates (``tests/test_elastic_batchnorm_fused.py``).
 """
 
