@@ -1,8 +1,10 @@
 """ElasticConv2d against F.conv2d on the active weight prefix, including its matrix-product path.
 
-A 1×1 convolution of a 1×1 map (squeeze-excite gates, a pooled head) runs as ``F.linear``; every
-other call as ``F.conv2d``. Both must compute the convolution of the prefix weights: outputs and
-gradients (input, full weight — zero outside the prefix —, bias) against F.conv2d in float64.
+A 1×1 convolution of a 1×1 map (squeeze-excite gates, a pooled head) runs as ``F.linear``, and so
+does a 1×1 stride-1 convolution of a channels-last CPU map (a matrix product on its (N·H·W, C)
+rows); every other call as ``F.conv2d``. All must compute the convolution of the prefix weights:
+outputs and gradients (input, full weight — zero outside the prefix —, bias) against F.conv2d in
+float64, and a channels-last input gives a channels-last output.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from tofa_fast.nn.padding import tf_same_from_symmetric
     [
         (1, 1, 1, "symmetric", True),  # the matrix-product path
         (1, 2, 1, "tf_same", False),  # the same, strided, TF padding, no bias
-        (1, 1, 3, "symmetric", True),  # 1×1 kernel on a larger map: F.conv2d
+        (1, 1, 3, "symmetric", True),  # 1×1 kernel on a larger map: rows × weight (channels-last), F.conv2d
+        (1, 1, 7, "tf_same", False),  # the same without bias (TF padding: none at 1×1 stride 1)
+        (1, 2, 5, "symmetric", True),  # 1×1 strided: F.conv2d
         (3, 1, 1, "symmetric", True),  # 3×3 kernel on a 1×1 map: F.conv2d (padding matters)
         (3, 2, 5, "tf_same", False),
     ],
@@ -35,6 +39,7 @@ def test_matches_conv2d_of_the_prefix(kernel, stride, size, padding, bias, chann
     x.requires_grad_()
     out_channels = 7
     y = conv(x, out_channels)
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     weight = conv.weight.detach().clone().requires_grad_()
     bias_full = conv.bias.detach().clone().requires_grad_() if bias else None

@@ -10,6 +10,21 @@ from torch import nn
 
 from .padding import conv_of, static_conv2d, tf_same_from_symmetric
 
+#: False sends every 1×1 convolution of a multi-pixel map through F.conv2d (mkldnn on the CPU): the
+#: baseline of bench/test_bench_sequential_step.py's interleaved comparison.
+POINTWISE_AS_GEMM = True
+
+
+def _gemm_layout(x: torch.Tensor) -> bool:
+    """Whether a 1×1 stride-1 convolution of ``x`` runs as a matrix product on its rows: a
+    channels-last CPU tensor (its (N·H·W, C) view is free)."""
+    return (
+        POINTWISE_AS_GEMM
+        and x.device.type == "cpu"
+        and x.dim() == 4
+        and x.is_contiguous(memory_format=torch.channels_last)
+    )
+
 
 class ElasticConv2d(nn.Module):
     """Dense k×k convolution whose active input/output channels are prefixes of the max weight.
@@ -47,6 +62,18 @@ class ElasticConv2d(nn.Module):
             # more than the arithmetic here: ≈ 1.8× on the 2-core CPU, forward + backward).
             y = F.linear(x.flatten(1), self.weight[:out_channels, :c_in, 0, 0], bias)
             return y[:, :, None, None]
+        if self.kernel_size == 1 and self.stride == 1 and _gemm_layout(x):
+            # A channels-last map is an (N·H·W, C) row-major matrix, so the 1×1 convolution is one
+            # GEMM on a view, forward and backward (F.linear; the packed step's pointwise() is the
+            # same). On the 2-core CPU, interleaved round by round against mkldnn's convolution
+            # (median per-round ratio; bench/test_bench_sequential_step.py and the A/B before it):
+            # 1.00–1.07× the default run's sequential step (five runs), 1.03–1.10× the ofa_mbv3
+            # 128 px step (four runs); mkldnn's backward of a 1×1 convolution costs more than the two
+            # matrix products. CUDA keeps cuDNN (not measured there).
+            n, _, h, w = x.shape
+            rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c_in)
+            y = F.linear(rows, self.weight[:out_channels, :c_in, 0, 0], bias)
+            return y.view(n, h, w, out_channels).permute(0, 3, 1, 2)
         weight = self.weight[:out_channels, :c_in]
 
         def conv(t: torch.Tensor) -> torch.Tensor:
