@@ -76,6 +76,13 @@ def record(suite: str, case: str, mode: str, impl: str, median_seconds: float) -
     REGISTRY[suite]["medians"][(case, mode)][impl] = median_seconds
 
 
+def note(suite: str, line: str) -> None:
+    """A figure measured outside the table (e.g. an interleaved A/B): printed now, and listed under
+    "Notes" in the suite's results file."""
+    REGISTRY[suite]["meta"].setdefault("notes", []).append(line)
+    print("\n" + line)
+
+
 def speedups(suite: str) -> dict[tuple[str, str], dict[str, float]]:
     """(case, mode) -> {baseline: baseline median / ours median}."""
     out = {}

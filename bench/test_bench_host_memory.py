@@ -89,8 +89,7 @@ def test_host_memory(bench_registry, case):
         f"(per-pair ratios {', '.join(f'{r:.3f}' for r in pair_ratios)}); minor page faults per step "
         f"{faults['tofa_fast']:,.0f} kept vs {faults['system']:,.0f}"
     )
-    meta.setdefault("notes", []).append(line)
-    print("\n" + line)
+    bench_registry.note(SUITE, line)
 
 
 def test_target(bench_registry):

@@ -139,8 +139,7 @@ def test_eager_path_vs_library_dispatch_interleaved(bench_registry, problem):
         f"eager path {ratios[len(ratios) // 2]:.3f}× library dispatch, interleaved: median of {len(ratios)} "
         f"per-round ratios (range {ratios[0]:.3f}–{ratios[-1]:.3f})"
     )
-    bench_registry.REGISTRY[SUITE]["meta"].setdefault("notes", []).append(line)
-    print("\n" + line)
+    bench_registry.note(SUITE, line)
 
 
 def _pointwise(as_gemm: bool, cycle):
@@ -177,8 +176,7 @@ def test_pointwise_gemm_vs_convolution_interleaved(bench_registry, problem, case
         f"{case} sequential step: 1×1 convolutions as matrix products {ratios[len(ratios) // 2]:.3f}× F.conv2d "
         f"(mkldnn), interleaved: median of {len(ratios)} per-round ratios (range {ratios[0]:.3f}–{ratios[-1]:.3f})"
     )
-    meta.setdefault("notes", []).append(line)
-    print("\n" + line)
+    bench_registry.note(SUITE, line)
 
 
 def test_target(bench_registry):
