@@ -83,6 +83,19 @@ def note(suite: str, line: str) -> None:
     print("\n" + line)
 
 
+def note_interleaved(suite: str, ratios: list[float], what: str) -> dict:
+    """Records sorted per-round ratios from :func:`interleaved_ratios` (``{"median", "rounds"}``, returned
+    for the caller to file in the suite's meta) and notes "``what`` <median>× ..., interleaved" with
+    the round count and range."""
+    median = ratios[len(ratios) // 2]
+    note(
+        suite,
+        f"{what.format(median=median)}, interleaved: median of {len(ratios)} per-round ratios "
+        f"(range {ratios[0]:.3f}–{ratios[-1]:.3f})",
+    )
+    return {"median": median, "rounds": ratios}
+
+
 def speedups(suite: str) -> dict[tuple[str, str], dict[str, float]]:
     """(case, mode) -> {baseline: baseline median / ours median}."""
     out = {}

@@ -303,11 +303,8 @@ def test_shared_vs_sequential_interleaved(bench_registry, case):
     ratios = bench_registry.interleaved_ratios(
         problem.runner("sequential"), problem.runner("shared"), INTERLEAVED_ROUNDS[case]
     )
-    bench_registry.REGISTRY[SUITE]["meta"].setdefault("interleaved_shared_vs_sequential", {})[case] = {
-        "median": ratios[len(ratios) // 2],
-        "rounds": ratios,
-    }
-    print(f"\n{case}: shared {ratios[len(ratios) // 2]:.3f}× sequential (interleaved, {len(ratios)} rounds: {ratios})")
+    results = bench_registry.REGISTRY[SUITE]["meta"].setdefault("interleaved_shared_vs_sequential", {})
+    results[case] = bench_registry.note_interleaved(SUITE, ratios, f"{case}: shared {{median:.3f}}× sequential")
 
 
 def test_targets(bench_registry):

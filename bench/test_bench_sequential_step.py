@@ -131,26 +131,20 @@ def test_eager_path_vs_library_dispatch_interleaved(bench_registry, problem):
     ratios = bench_registry.interleaved_ratios(
         problem.runner("library_dispatch"), problem.runner("tofa_fast"), INTERLEAVED_ROUNDS
     )
-    bench_registry.REGISTRY[SUITE]["meta"]["interleaved_eager_vs_library_dispatch"] = {
-        "median": ratios[len(ratios) // 2],
-        "rounds": ratios,
-    }
-    line = (
-        f"eager path {ratios[len(ratios) // 2]:.3f}× library dispatch, interleaved: median of {len(ratios)} "
-        f"per-round ratios (range {ratios[0]:.3f}–{ratios[-1]:.3f})"
+    bench_registry.REGISTRY[SUITE]["meta"]["interleaved_eager_vs_library_dispatch"] = bench_registry.note_interleaved(
+        SUITE, ratios, "eager path {median:.3f}× library dispatch"
     )
-    bench_registry.note(SUITE, line)
 
 
 def _pointwise(as_gemm: bool, cycle):
     """``cycle`` with ElasticConv2d's 1×1 convolutions as matrix products (``as_gemm``) or F.conv2d."""
 
     def run():
-        elastic_conv.POINTWISE_AS_GEMM = as_gemm
+        previous, elastic_conv.POINTWISE_AS_GEMM = elastic_conv.POINTWISE_AS_GEMM, as_gemm
         try:
             cycle()
         finally:
-            elastic_conv.POINTWISE_AS_GEMM = True
+            elastic_conv.POINTWISE_AS_GEMM = previous
 
     return run
 
@@ -167,16 +161,10 @@ def test_pointwise_gemm_vs_convolution_interleaved(bench_registry, problem, case
     ratios = bench_registry.interleaved_ratios(
         _pointwise(False, cycle), _pointwise(True, cycle), POINTWISE_ROUNDS[case]
     )
-    meta = bench_registry.REGISTRY[SUITE]["meta"]
-    meta.setdefault("interleaved_pointwise_gemm_vs_convolution", {})[case] = {
-        "median": ratios[len(ratios) // 2],
-        "rounds": ratios,
-    }
-    line = (
-        f"{case} sequential step: 1×1 convolutions as matrix products {ratios[len(ratios) // 2]:.3f}× F.conv2d "
-        f"(mkldnn), interleaved: median of {len(ratios)} per-round ratios (range {ratios[0]:.3f}–{ratios[-1]:.3f})"
+    results = bench_registry.REGISTRY[SUITE]["meta"].setdefault("interleaved_pointwise_gemm_vs_convolution", {})
+    results[case] = bench_registry.note_interleaved(
+        SUITE, ratios, f"{case} sequential step: 1×1 convolutions as matrix products {{median:.3f}}× F.conv2d (mkldnn)"
     )
-    bench_registry.note(SUITE, line)
 
 
 def test_target(bench_registry):
