@@ -8,7 +8,7 @@ import torch
 
 from . import __version__, backends
 from .host_memory import describe_policy
-from .ops import packed_batch_norm
+from .ops import bn_act_dwconv, packed_batch_norm
 from .ops.eager_path import EAGER_PATH_LINE
 from .ops.elastic_dwconv_dispatch import describe_dispatch
 
@@ -28,6 +28,7 @@ def info_text() -> str:
     lines.extend(f"  {line}" for line in describe_dispatch())
     lines.append("packed_batch_norm_act dispatch (the fused step's batch norm):")
     lines.extend(f"  {line}" for line in packed_batch_norm.describe_dispatch())
+    lines.append(f"MBConv expansion batch norm + activation before the depthwise conv: {bn_act_dwconv.describe()}")
     lines.append(f"op calls: {EAGER_PATH_LINE}")
     lines.append(f"host memory freed by the commands' steps: {describe_policy()}")
     from .train.step import describe_step_backends  # the training layer: imported only here

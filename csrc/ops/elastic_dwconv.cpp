@@ -15,5 +15,18 @@ TORCH_LIBRARY_FRAGMENT(tofa_fast, m) {
   m.def(
       "_elastic_dwconv2d_compiled_backward(Tensor grad_output, Tensor x, Tensor weight, int kernel_size, "
       "int stride, Tensor[] transforms, bool[3] output_mask) -> (Tensor, Tensor, Tensor[])");
+  // The same convolution of act(z), z = (x − mean) · scale + bias per channel (scale = bn weight ·
+  // rstd): an MBConv's expansion batch norm + activation applied as the kernel loads its input tiles
+  // (tofa_fast/ops/bn_act_dwconv.py). The backward (channels-last x) returns dz, the gradient with
+  // respect to z, and sums (2, C) float64: Σ dz and Σ dz·x̂ with x̂ = (x − mean) · rstd — what the
+  // batch norm's input and parameter gradients need (_packed_batch_norm_grad_input). CPU only.
+  m.def(
+      "_bn_act_dwconv2d_compiled_forward(Tensor x, Tensor mean, Tensor scale, Tensor bias, str activation, "
+      "Tensor weight, int kernel_size, int stride, Tensor[] transforms) -> Tensor");
+  m.def(
+      "_bn_act_dwconv2d_compiled_backward(Tensor grad_output, Tensor x, Tensor mean, Tensor scale, Tensor bias, "
+      "Tensor rstd, Tensor bn_weight, str activation, Tensor weight, int kernel_size, int stride, "
+      "Tensor[] transforms, bool[3] output_mask) -> (Tensor grad_z, Tensor sums, Tensor grad_weight, "
+      "Tensor[] grad_transforms)");
   m.def("_elastic_dwconv2d_cpu_isa() -> str", &tofa_fast::cpu::tile_kernels_description);
 }

@@ -23,4 +23,14 @@ TORCH_LIBRARY_FRAGMENT(tofa_fast, m) {
       "_packed_batch_norm_act_backward(Tensor grad_y, Tensor x, int[] offsets, int[] channels, Tensor weight, "
       "Tensor bias, Tensor save_mean, Tensor save_rstd, bool training, str activation, bool[3] output_mask) "
       "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+  // The forward's statistics (and running-statistics update) without the normalise pass.
+  m.def(
+      "_packed_batch_norm_stats(Tensor x, int[] offsets, int[] channels, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, bool training, float[] momentum_factors, float eps, int[] update_order) "
+      "-> (Tensor save_mean, Tensor save_rstd)");
+  // The backward's grad_x pass alone, from dz (the gradient before the activation) and the per-segment
+  // sums (S, 2, C) float64 of dz and dz·x̂ that its caller computed along with dz.
+  m.def(
+      "_packed_batch_norm_grad_input(Tensor grad_z, Tensor x, int[] offsets, int[] channels, Tensor weight, "
+      "Tensor save_mean, Tensor save_rstd, Tensor sums, bool training) -> Tensor grad_x");
 }

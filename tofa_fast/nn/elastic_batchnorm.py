@@ -64,17 +64,8 @@ class ElasticBatchNorm2d(nn.Module):
         (:mod:`.shared_prefix`) applies the updates itself, member by member, with
         :meth:`update_running_stats_with`."""
         c = x.shape[1]
-        updates = self.training and self.update_running_stats
-        if updates and batch_stats is not None:
-            # Momentum 1: the "running" buffers become exactly the batch's statistics.
-            running_mean, running_var = batch_stats
-            factor = 1.0
-        else:
-            factor = self.count_batch() if updates else 0.0
-            # Slices are views, so both paths update the prefix of the running buffers in place.
-            running_mean = None if self.training and not updates else self.running_mean[:c]
-            running_var = None if running_mean is None else self.running_var[:c]
-        fused = self._fused_activation(x, activation)
+        running_mean, running_var, factor = self.running_stat_args(c, batch_stats)
+        fused = self.fused_activation_name(x, activation)
         if fused is not None:
             n, _, h, w = x.shape
             rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view: x is channels-last
@@ -95,6 +86,22 @@ class ElasticBatchNorm2d(nn.Module):
         y = F.batch_norm(x, running_mean, running_var, self.weight[:c], self.bias[:c], self.training, factor, self.eps)
         return y if activation is None else activation(y)
 
+    def running_stat_args(
+        self, channels: int, batch_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+        """``running_mean``, ``running_var`` and momentum factor for ``F.batch_norm``-style calls on
+        ``channels`` channels (:meth:`forward`'s ``batch_stats`` rule); counts the batch when training
+        updates the running statistics. None, None in training that leaves them alone."""
+        updates = self.training and self.update_running_stats
+        if updates and batch_stats is not None:
+            # Momentum 1: the "running" buffers become exactly the batch's statistics.
+            return batch_stats[0], batch_stats[1], 1.0
+        factor = self.count_batch() if updates else 0.0
+        if self.training and not updates:
+            return None, None, factor
+        # Slices are views, so every path updates the prefix of the running buffers in place.
+        return self.running_mean[:channels], self.running_var[:channels], factor
+
     def count_batch(self) -> float:
         """Counts one batch towards the running statistics (``num_batches_tracked``) and returns the
         factor its statistics enter them with: ``momentum``, or for ``momentum=None`` the cumulative
@@ -111,7 +118,7 @@ class ElasticBatchNorm2d(nn.Module):
         self.running_mean[:c].lerp_(mean.to(self.running_mean.dtype), factor)
         self.running_var[:c].lerp_(var.to(self.running_var.dtype), factor)
 
-    def _fused_activation(self, x: torch.Tensor, activation: nn.Module | None) -> str | None:
+    def fused_activation_name(self, x: torch.Tensor, activation: nn.Module | None) -> str | None:
         """The op's name for ``activation`` when batch norm + activation run as one compiled call, else None."""
         if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
             return None

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..spaces import SearchSpace, make_divisible
 from .activations import build_activation
+from .bn_act_dwconv import bn_act_dwconv
 from .elastic_batchnorm import ElasticBatchNorm2d
 from .elastic_conv import ElasticConv2d
 from .elastic_dwconv import ElasticDepthwiseConv2d
@@ -80,10 +81,13 @@ class ElasticMBConv(nn.Module):
         return make_divisible(round(in_channels * e), self.divisor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x
         if self.expand_conv is not None:
-            y = self.expand_bn(self.expand_conv(y, self.middle_channels(x.shape[1])), self.act)
-        y = self.dw_bn(self.dw_conv(y, self.active_kernel), self.act)
+            y = self.expand_conv(x, self.middle_channels(x.shape[1]))
+            # The expansion's batch norm + activation run as the depthwise kernel loads its tiles.
+            y = bn_act_dwconv(self.expand_bn, self.act, self.dw_conv, y, self.active_kernel)
+        else:
+            y = self.dw_conv(x, self.active_kernel)
+        y = self.dw_bn(y, self.act)
         if self.se is not None:
             y = self.se(y)
         y = self.project_bn(self.project_conv(y, self.active_width))

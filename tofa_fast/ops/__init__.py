@@ -5,6 +5,7 @@
 ← ``elastic_dwconv`` (the ``torch.library`` operator).
 """
 
+from .bn_act_dwconv import bn_act_dwconv2d
 from .elastic_dwconv import elastic_dwconv2d
 from .elastic_dwconv_reference import (
     active_filter_backward_reference,
@@ -16,6 +17,7 @@ from .packed_batch_norm_reference import packed_batch_norm_act_reference
 
 __all__ = [
     "active_filter_backward_reference",
+    "bn_act_dwconv2d",
     "active_filter_reference",
     "elastic_dwconv2d",
     "elastic_dwconv2d_reference",

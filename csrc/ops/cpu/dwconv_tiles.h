@@ -20,6 +20,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 namespace tofa_fast::cpu {
 
@@ -30,6 +31,28 @@ struct DwconvGeometry {
   bool channels_last;
 };
 
+// A batch norm + activation applied to every input pixel as the tile loads it (the padding stays
+// zero): the kernels then convolve act((x − mean) · scale + bias), per channel, without that tensor
+// ever being written (an MBConv's expansion batch norm + activation fused into its depthwise conv).
+// The math is the packed batch norm's normalise pass (csrc/ops/cpu/packed_batch_norm_cpu.cpp), so
+// both give the same values. The arrays hold the call's `channels` entries.
+enum class PrologueActivation : int { kNone = 0, kRelu = 1, kRelu6 = 2, kHswish = 3 };
+
+template <typename T>
+struct BnActPrologue {
+  const T* mean;
+  const T* scale;  // weight · rstd
+  const T* bias;
+  PrologueActivation activation;
+  // Backward, channels-last only: with `rstd` and `weight` set, grad_x comes out as the gradient of
+  // the batch norm's output z = x̂ · weight + bias (x̂ = (x − mean) · rstd) instead of act(z)'s —
+  // dz = grad · act'(z), the packed batch norm backward's first step — and the block's Σ dz and
+  // Σ dz · x̂ are added to the `sums` the caller passes (2 · lanes doubles): what that backward's
+  // statistics pass would read grad and x again for.
+  const T* rstd = nullptr;
+  const T* weight = nullptr;
+};
+
 template <typename T>
 struct DwconvTileKernels {
   const char* isa;
@@ -38,13 +61,15 @@ struct DwconvTileKernels {
   size_t (*forward_scratch)(const DwconvGeometry&);
   size_t (*backward_scratch)(const DwconvGeometry&);
   // For samples [n0, n1): y[n, c0 : c0+lanes] = depthwise conv of x[n, c0 : c0+lanes] with
-  // filter_block ([k][k][lanes]).
+  // filter_block ([k][k][lanes]); of prologue(x) when `prologue` is non-null.
   void (*forward_block)(const DwconvGeometry&, const T* x, T* y, const T* filter_block, int64_t n0, int64_t n1,
-                        int64_t c0, T* scratch);
+                        int64_t c0, T* scratch, const BnActPrologue<T>* prologue);
   // For samples [n0, n1) of channel block c0: grad_x (when non-null) and, when grad_filter_block
-  // ([k][k][lanes]) is non-null, grad_filter_block += Σ_n Σ_pixels grad_y · x.
+  // ([k][k][lanes]) is non-null, grad_filter_block += Σ_n Σ_pixels grad_y · x. With a `prologue`,
+  // x is read as prologue(x) and grad_x is the gradient with respect to prologue(x).
   void (*backward_block)(const DwconvGeometry&, const T* x, const T* grad_y, T* grad_x, const T* filter_block,
-                         T* grad_filter_block, int64_t n0, int64_t n1, int64_t c0, T* scratch);
+                         T* grad_filter_block, int64_t n0, int64_t n1, int64_t c0, T* scratch,
+                         const BnActPrologue<T>* prologue, double* sums);
 };
 
 #define TOFA_FAST_DECLARE_TILE_KERNELS(ns)                \

@@ -115,11 +115,44 @@ inline TileMap make_map(int64_t rows, int64_t cols, int64_t tile_w, int64_t top,
   return map;
 }
 
-// Tile pixels of `map` ← src[n, c0 : c0 + nc] (lanes ≥ nc get 0). NCHW planes are read lanes
-// pixels at a time and transposed in registers.
-template <typename T>
+// ---- the load prologue (dwconv_tiles.h: BnActPrologue) --------------------------------------------
+struct NoPrologue {
+  template <typename V>
+  V operator()(V v) const {
+    return v;
+  }
+};
+
+// act((x − mean) · scale + bias) on one pixel's lanes, written as packed_batch_norm_cpu.cpp's
+// normalise pass and its activations (same operations in the same order, NaN propagating).
+template <typename T, PrologueActivation A>
+struct BnActVector {
+  vec_t<T> mean, scale, bias;
+  vec_t<T> operator()(vec_t<T> x) const {
+    const vec_t<T> z = (x - mean) * scale + bias;
+    const vec_t<T> zero = {};
+    if constexpr (A == PrologueActivation::kRelu) {
+      return z < zero ? zero : z;
+    } else if constexpr (A == PrologueActivation::kRelu6) {
+      return clamp_0_6(z);
+    } else if constexpr (A == PrologueActivation::kHswish) {
+      return z * clamp_0_6(z + T(3)) / T(6);
+    } else {
+      return z;
+    }
+  }
+  static vec_t<T> clamp_0_6(vec_t<T> v) {
+    const vec_t<T> zero = {}, six = zero + T(6);
+    v = v < zero ? zero : v;
+    return v > six ? six : v;
+  }
+};
+
+// Tile pixels of `map` ← op(src[n, c0 : c0 + nc]) (lanes ≥ nc get op(0)). NCHW planes are read
+// lanes pixels at a time and transposed in registers.
+template <typename T, typename Op = NoPrologue>
 void load_tile(const T* src, bool channels_last, int64_t channels, int64_t n, int64_t c0, int64_t nc,
-               const TileMap& map, T* tile) {
+               const TileMap& map, T* tile, const Op& op = Op{}) {
   constexpr int L = kLanes<T>;
   const int64_t plane = map.rows * map.cols;
   if (channels_last) {
@@ -128,9 +161,9 @@ void load_tile(const T* src, bool channels_last, int64_t channels, int64_t n, in
       T* d = tile + ((map.top + h) * map.tile_w + map.left) * L;
       const T* sr = s + h * map.cols * channels;
       if (nc == L) {
-        for (int64_t w = 0; w < map.cols; ++w) vstore(d + w * L, vload(sr + w * channels));
+        for (int64_t w = 0; w < map.cols; ++w) vstore(d + w * L, op(vload(sr + w * channels)));
       } else {
-        for (int64_t w = 0; w < map.cols; ++w) vstore(d + w * L, vload_partial(sr + w * channels, nc));
+        for (int64_t w = 0; w < map.cols; ++w) vstore(d + w * L, op(vload_partial(sr + w * channels, nc)));
       }
     }
     return;
@@ -153,7 +186,7 @@ void load_tile(const T* src, bool channels_last, int64_t channels, int64_t n, in
     transpose<T>(r);
     const int32_t* offset = offsets + q0;
 #pragma GCC unroll 16
-    for (int t = 0; t < L; ++t) vstore(tile + int64_t(offset[t]) * L, r[t]);
+    for (int t = 0; t < L; ++t) vstore(tile + int64_t(offset[t]) * L, op(r[t]));
   }
   if (q0 < plane) {  // the plane's last, partial chunk
     const int64_t count = plane - q0;
@@ -163,9 +196,33 @@ void load_tile(const T* src, bool channels_last, int64_t channels, int64_t n, in
     transpose<T>(r);
 #pragma GCC unroll 16
     for (int t = 0; t < L; ++t) {
-      if (t < count) vstore(tile + int64_t(offsets[q0 + t]) * L, r[t]);
+      if (t < count) vstore(tile + int64_t(offsets[q0 + t]) * L, op(r[t]));
     }
   }
+}
+
+// f(std::integral_constant<PrologueActivation, a>{}): a loop specialised per activation.
+template <typename F>
+void with_prologue_activation(PrologueActivation a, const F& f) {
+  using A = PrologueActivation;
+  switch (a) {
+    case A::kNone: return f(std::integral_constant<A, A::kNone>{});
+    case A::kRelu: return f(std::integral_constant<A, A::kRelu>{});
+    case A::kRelu6: return f(std::integral_constant<A, A::kRelu6>{});
+    case A::kHswish: return f(std::integral_constant<A, A::kHswish>{});
+  }
+}
+
+// load_tile with the block's prologue, if any: one switch per plane.
+template <typename T>
+void load_tile_prologue(const T* src, bool channels_last, int64_t channels, int64_t n, int64_t c0, int64_t nc,
+                        const TileMap& map, T* tile, const BnActPrologue<T>* prologue) {
+  if (prologue == nullptr) return load_tile(src, channels_last, channels, n, c0, nc, map, tile);
+  const vec_t<T> mean = vload_partial(prologue->mean + c0, nc), scale = vload_partial(prologue->scale + c0, nc),
+                 bias = vload_partial(prologue->bias + c0, nc);
+  with_prologue_activation(prologue->activation, [&](auto a) {
+    load_tile(src, channels_last, channels, n, c0, nc, map, tile, BnActVector<T, decltype(a)::value>{mean, scale, bias});
+  });
 }
 
 // dst[n, c0 : c0 + nc] ← the tile pixels of `map`.
@@ -387,10 +444,69 @@ size_t backward_scratch(const DwconvGeometry& g) {
   return size_t((pl.x_h * pl.x_w + pl.g_h * pl.g_w + g.height * g.width + k * k) * kLanes<T> + table_slots<T>(planes));
 }
 
+// ---- the backward epilogue of the prologue (dwconv_tiles.h: BnActPrologue) -------------------------
+// dy · act'(z), as packed_batch_norm_cpu.cpp's activation_grad (the same kinks, the same operations).
+template <typename T>
+inline vec_t<T> activation_grad_vec(PrologueActivation a, vec_t<T> z, vec_t<T> dy) {
+  const vec_t<T> zero = {};
+  switch (a) {
+    case PrologueActivation::kRelu:
+      return z > zero ? dy : zero;
+    case PrologueActivation::kRelu6: {
+      const vec_t<T> six = zero + T(6);
+      return (z > zero) & (z < six) ? dy : zero;
+    }
+    case PrologueActivation::kHswish: {
+      const vec_t<T> slope = dy * (z / T(3) + T(0.5));
+      const vec_t<T> above_or_middle = z <= zero + T(3) ? slope : dy;
+      return z < zero - T(3) ? zero : above_or_middle;
+    }
+    case PrologueActivation::kNone:
+      break;
+  }
+  return dy;
+}
+
+// The unpadded grad-input tile gxt of sample n (rows × cols pixels, channels-last source x) becomes dz
+// (see BnActPrologue), its Σ dz and Σ dz·x̂ added to sums[0, lanes) and sums[lanes, 2·lanes): per image
+// row in the vector type, then in double.
+template <typename T, PrologueActivation A>
+void grad_z_tile(const T* x, const DwconvGeometry& g, int64_t n, int64_t c0, int64_t nc, const BnActPrologue<T>& p,
+                 T* gxt, double* sums) {
+  constexpr int L = kLanes<T>;
+  const vec_t<T> mean = vload_partial(p.mean + c0, nc), rstd = vload_partial(p.rstd + c0, nc),
+                 weight = vload_partial(p.weight + c0, nc), bias = vload_partial(p.bias + c0, nc);
+  const T* xs = x + n * g.height * g.width * g.channels + c0;
+  for (int64_t h = 0; h < g.height; ++h) {
+    vec_t<T> sum_dz = {}, sum_dz_xhat = {};
+    for (int64_t w = 0; w < g.width; ++w) {
+      const int64_t pixel = h * g.width + w;
+      const T* src = xs + pixel * g.channels;
+      const vec_t<T> xv = nc == L ? vload(src) : vload_partial(src, nc);
+      const vec_t<T> xhat = (xv - mean) * rstd;
+      const vec_t<T> dz = activation_grad_vec<T>(A, xhat * weight + bias, vload(gxt + pixel * L));
+      vstore(gxt + pixel * L, dz);
+      sum_dz += dz;
+      sum_dz_xhat += dz * xhat;
+    }
+    for (int l = 0; l < L; ++l) {
+      sums[l] += static_cast<double>(sum_dz[l]);
+      sums[L + l] += static_cast<double>(sum_dz_xhat[l]);
+    }
+  }
+}
+
+template <typename T>
+void grad_z_tile(const T* x, const DwconvGeometry& g, int64_t n, int64_t c0, int64_t nc, const BnActPrologue<T>& p,
+                 T* gxt, double* sums) {
+  with_prologue_activation(p.activation,
+                           [&](auto a) { grad_z_tile<T, decltype(a)::value>(x, g, n, c0, nc, p, gxt, sums); });
+}
+
 // ---- blocks ---------------------------------------------------------------------------------------
 template <typename T, int K, int S, int RW>
 void forward_block_t(const DwconvGeometry& g, const T* x, T* y, const T* filt, int64_t n0, int64_t n1, int64_t c0,
-                     T* scratch) {
+                     T* scratch, const BnActPrologue<T>* prologue) {
   constexpr int L = kLanes<T>;
   const Plan pl = make_plan(g);
   const int64_t nc = min_i(L, g.channels - c0), p = g.pad;
@@ -400,7 +516,7 @@ void forward_block_t(const DwconvGeometry& g, const T* x, T* y, const T* filt, i
   const TileMap x_map = make_map(g.height, g.width, pl.x_w, p, p, tables, g.channels_last);
   const TileMap out_map = make_map(g.out_height, g.out_width, g.out_width, 0, 0, tables, g.channels_last);
   for (int64_t n = n0; n < n1; ++n) {
-    load_tile(x, g.channels_last, g.channels, n, c0, nc, x_map, xt);
+    load_tile_prologue(x, g.channels_last, g.channels, n, c0, nc, x_map, xt, prologue);
     conv_rows<T, K, K, S, RW>(xt, pl.x_w * L, filt, ot, g.out_width * L, L, g.out_height, g.out_width,
                               Window{p, p + g.height, p, p + g.width});
     store_tile(ot, out_map, y, g.channels_last, g.channels, n, c0, nc);
@@ -430,7 +546,7 @@ void grad_input_class(const DwconvGeometry& g, const Plan& pl, const T* gt, cons
 
 template <typename T, int K, int S, int RW>
 void backward_block_t(const DwconvGeometry& g, const T* x, const T* gy, T* gx, const T* filt, T* gf, int64_t n0,
-                      int64_t n1, int64_t c0, T* scratch) {
+                      int64_t n1, int64_t c0, T* scratch, const BnActPrologue<T>* prologue, double* sums) {
   constexpr int L = kLanes<T>;
   const Plan pl = make_plan(g);
   const int64_t nc = min_i(L, g.channels - c0), p = g.pad;
@@ -458,7 +574,7 @@ void backward_block_t(const DwconvGeometry& g, const T* x, const T* gy, T* gx, c
   for (int64_t n = n0; n < n1; ++n) {
     load_tile(gy, g.channels_last, g.channels, n, c0, nc, gy_map, gt);
     if (gf != nullptr) {
-      load_tile(x, g.channels_last, g.channels, n, c0, nc, x_map, xt);
+      load_tile_prologue(x, g.channels_last, g.channels, n, c0, nc, x_map, xt, prologue);
       wgrad_rows<T, K, S, RW>(xt, pl.x_w * L, gt + (pl.pt * pl.g_w + pl.pt) * L, pl.g_w * L, g.out_height,
                               g.out_width, Window{p, p + g.height, p, p + g.width}, gf);
     }
@@ -469,6 +585,7 @@ void backward_block_t(const DwconvGeometry& g, const T* x, const T* gy, T* gx, c
         grad_input_class<T, K, S, RW, 1, 0>(g, pl, gt, sub + offset[1][0], gxt);
         grad_input_class<T, K, S, RW, 1, 1>(g, pl, gt, sub + offset[1][1], gxt);
       }
+      if (sums != nullptr) grad_z_tile(x, g, n, c0, nc, *prologue, gxt, sums);
       store_tile(gxt, gx_map, gx, g.channels_last, g.channels, n, c0, nc);
     }
   }
@@ -490,21 +607,22 @@ void backward_block_t(const DwconvGeometry& g, const T* x, const T* gy, T* gx, c
 
 template <typename T>
 void forward_block(const DwconvGeometry& g, const T* x, T* y, const T* filt, int64_t n0, int64_t n1, int64_t c0,
-                   T* scratch) {
+                   T* scratch, const BnActPrologue<T>* prologue) {
   if (row_tile(g) == 4) {
-    TOFA_DWCONV_DISPATCH(forward_block_t, 4, g, x, y, filt, n0, n1, c0, scratch)
+    TOFA_DWCONV_DISPATCH(forward_block_t, 4, g, x, y, filt, n0, n1, c0, scratch, prologue)
   } else {
-    TOFA_DWCONV_DISPATCH(forward_block_t, TOFA_ROW_TILE, g, x, y, filt, n0, n1, c0, scratch)
+    TOFA_DWCONV_DISPATCH(forward_block_t, TOFA_ROW_TILE, g, x, y, filt, n0, n1, c0, scratch, prologue)
   }
 }
 
 template <typename T>
 void backward_block(const DwconvGeometry& g, const T* x, const T* gy, T* gx, const T* filt, T* gf, int64_t n0,
-                    int64_t n1, int64_t c0, T* scratch) {
+                    int64_t n1, int64_t c0, T* scratch, const BnActPrologue<T>* prologue, double* sums) {
   if (row_tile(g) == 4) {
-    TOFA_DWCONV_DISPATCH(backward_block_t, 4, g, x, gy, gx, filt, gf, n0, n1, c0, scratch)
+    TOFA_DWCONV_DISPATCH(backward_block_t, 4, g, x, gy, gx, filt, gf, n0, n1, c0, scratch, prologue, sums)
   } else {
-    TOFA_DWCONV_DISPATCH(backward_block_t, TOFA_ROW_TILE, g, x, gy, gx, filt, gf, n0, n1, c0, scratch)
+    TOFA_DWCONV_DISPATCH(backward_block_t, TOFA_ROW_TILE, g, x, gy, gx, filt, gf, n0, n1, c0, scratch, prologue,
+                         sums)
   }
 }
 

@@ -21,6 +21,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -355,8 +356,61 @@ void transform_gradients(const ActiveFilterChain<T>& chain, const Matrix<T>& dq,
   }
 }
 
-at::Tensor elastic_dwconv2d_forward_cpu(const at::Tensor& x_arg, const at::Tensor& weight_arg, int64_t kernel_size,
-                                        int64_t stride, at::TensorList transforms_arg) {
+// ---- the batch norm + activation prologue (dwconv_tiles.h: BnActPrologue) ------------------------------
+
+// Its per-channel vectors in the compute dtype, and the activation.
+struct PrologueInputs {
+  at::Tensor mean, scale, bias;
+  cpu::PrologueActivation activation;
+  at::Tensor rstd, weight;  // backward: the epilogue's (BnActPrologue); undefined in the forward
+};
+
+cpu::PrologueActivation parse_prologue_activation(c10::string_view name) {
+  if (name == "none") return cpu::PrologueActivation::kNone;
+  if (name == "relu") return cpu::PrologueActivation::kRelu;
+  if (name == "relu6") return cpu::PrologueActivation::kRelu6;
+  if (name == "hswish") return cpu::PrologueActivation::kHswish;
+  TORCH_CHECK(false, "the depthwise prologue's activation must be one of none, relu, relu6, hswish, got '",
+              std::string(name), "'");
+  return cpu::PrologueActivation::kNone;  // unreachable
+}
+
+PrologueInputs prologue_inputs(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
+                               const at::Tensor& bias, c10::string_view activation,
+                               const at::Tensor& rstd = at::Tensor(), const at::Tensor& weight = at::Tensor()) {
+  const at::ScalarType compute = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  PrologueInputs p;
+  std::vector<std::tuple<const char*, const at::Tensor*, at::Tensor*>> vectors = {
+      {"mean", &mean, &p.mean}, {"scale", &scale, &p.scale}, {"bias", &bias, &p.bias}};
+  if (rstd.defined()) {
+    vectors.emplace_back("rstd", &rstd, &p.rstd);
+    vectors.emplace_back("bn_weight", &weight, &p.weight);
+  }
+  for (auto [name, t, out] : vectors) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1), "the prologue's ", name, " must have shape (", x.size(1),
+                ",), got ", t->sizes());
+    TORCH_CHECK(t->device() == x.device(), "the prologue's ", name, " is on ", t->device(), " but x is on ",
+                x.device());
+    *out = t->to(compute).contiguous();
+  }
+  p.activation = parse_prologue_activation(activation);
+  return p;
+}
+
+template <typename T>
+cpu::BnActPrologue<T> prologue_args(const PrologueInputs& p) {
+  cpu::BnActPrologue<T> args{p.mean.data_ptr<T>(), p.scale.data_ptr<T>(), p.bias.data_ptr<T>(), p.activation};
+  if (p.rstd.defined()) {
+    args.rstd = p.rstd.data_ptr<T>();
+    args.weight = p.weight.data_ptr<T>();
+  }
+  return args;
+}
+
+// ---- forward and backward -------------------------------------------------------------------------
+
+at::Tensor dwconv_forward(const at::Tensor& x_arg, const at::Tensor& weight_arg, int64_t kernel_size, int64_t stride,
+                          at::TensorList transforms_arg, const std::optional<PrologueInputs>& prologue_in) {
   const DenseInputs in = dense_inputs(x_arg, weight_arg, kernel_size, stride, transforms_arg);
   const cpu::DwconvGeometry g = geometry(in.x, kernel_size, stride, in.format);
   at::Tensor y = at::empty({g.batch, g.channels, g.out_height, g.out_width}, in.x.options().memory_format(in.format));
@@ -372,6 +426,9 @@ at::Tensor elastic_dwconv2d_forward_cpu(const at::Tensor& x_arg, const at::Tenso
     const scalar_t* x = in.x.data_ptr<scalar_t>();
     const scalar_t* weight = in.weight.data_ptr<scalar_t>();
     scalar_t* out = y.data_ptr<scalar_t>();
+    cpu::BnActPrologue<scalar_t> prologue_storage{};
+    const cpu::BnActPrologue<scalar_t>* prologue = nullptr;
+    if (prologue_in) prologue = &(prologue_storage = prologue_args<scalar_t>(*prologue_in));
     // One parallel region per call: each task derives its blocks' active filters (a k²×t_1² product
     // per lane vector, repeated at most `chunks` times), so no separate filter pass is needed.
     run_tasks<scalar_t>(plan.count(), tiles + (kk + ff) * lanes, [&](int64_t task, scalar_t* scratch) {
@@ -379,16 +436,21 @@ at::Tensor elastic_dwconv2d_forward_cpu(const at::Tensor& x_arg, const at::Tenso
       const int64_t n0 = plan.sample_lo(g.batch, task), n1 = plan.sample_hi(g.batch, task);
       for (int64_t b = plan.block_lo(task); b < plan.block_hi(task); ++b) {
         active_filter_block(weight, chain, g.channels, lanes, b, filter, filter + kk * lanes);
-        kernels.forward_block(g, x, out, filter, n0, n1, b * lanes, scratch);
+        kernels.forward_block(g, x, out, filter, n0, n1, b * lanes, scratch, prologue);
       }
     });
   });
   return y.to(x_arg.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> elastic_dwconv2d_backward_cpu(
-    const at::Tensor& grad_output_arg, const at::Tensor& x_arg, const at::Tensor& weight_arg, int64_t kernel_size,
-    int64_t stride, at::TensorList transforms_arg, std::array<bool, 3> output_mask) {
+using DwconvGrads = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>>;
+
+// With an epilogue (prologue_in->rstd defined, channels-last), grad_x is dz (BnActPrologue) and
+// `grad_z_sums` receives (2, C) doubles: Σ dz and Σ dz·x̂ per channel.
+DwconvGrads dwconv_backward(const at::Tensor& grad_output_arg, const at::Tensor& x_arg, const at::Tensor& weight_arg,
+                            int64_t kernel_size, int64_t stride, at::TensorList transforms_arg,
+                            std::array<bool, 3> output_mask, const std::optional<PrologueInputs>& prologue_in,
+                            at::Tensor* grad_z_sums = nullptr) {
   const DenseInputs in = dense_inputs(x_arg, weight_arg, kernel_size, stride, transforms_arg);
   check_grad_output(grad_output_arg, x_arg, kernel_size, stride);
   const cpu::DwconvGeometry g = geometry(in.x, kernel_size, stride, in.format);
@@ -410,6 +472,9 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> elastic_dwconv2d_bac
     return std::make_tuple(need_x ? grad_x.to(x_arg.scalar_type()) : grad_x,
                            need_weight ? grad_weight.to(weight_arg.scalar_type()) : grad_weight, mats);
   };
+  const bool epilogue = need_x && prologue_in && prologue_in->rstd.defined();
+  TORCH_CHECK(!epilogue || g.channels_last, "the batch norm backward epilogue needs a channels-last x");
+  if (grad_z_sums != nullptr) *grad_z_sums = at::zeros({2, g.channels}, x_arg.options().dtype(at::kDouble));
   if (g.batch == 0 || (!need_x && !need_filter)) return cast_to_input_dtypes();
 
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "elastic_dwconv2d_backward_cpu", [&] {
@@ -426,6 +491,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> elastic_dwconv2d_bac
         at::zeros({need_filter ? plan.chunks * blocks * kk * lanes : 0}, in.x.options());
     scalar_t* partial = partial_sums.data_ptr<scalar_t>();
     std::vector<scalar_t> dq_blocks(need_mats ? blocks * kk * ff : 0, scalar_t(0));
+    // The epilogue's sums, one slot of 2·lanes per (batch chunk, block), added in chunk order below.
+    std::vector<double> epilogue_sums(epilogue ? plan.chunks * blocks * 2 * lanes : 0, 0.0);
     std::vector<std::atomic<int64_t>> unfinished(blocks);
     for (auto& count : unfinished) count.store(plan.chunks);
     const scalar_t* x = in.x.data_ptr<scalar_t>();
@@ -433,6 +500,9 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> elastic_dwconv2d_bac
     const scalar_t* gy = grad_y.data_ptr<scalar_t>();
     scalar_t* gx = need_x ? grad_x.data_ptr<scalar_t>() : nullptr;
     scalar_t* gw = need_weight ? grad_weight.data_ptr<scalar_t>() : nullptr;
+    cpu::BnActPrologue<scalar_t> prologue_storage{};
+    const cpu::BnActPrologue<scalar_t>* prologue = nullptr;
+    if (prologue_in) prologue = &(prologue_storage = prologue_args<scalar_t>(*prologue_in));
     // One parallel region per call. The task that finishes a channel block's last batch chunk sums the
     // block's chunks (in chunk order: deterministic) and takes the block back through the chain.
     run_tasks<scalar_t>(plan.count(), tiles + (2 * kk + 2 * ff) * lanes, [&](int64_t task, scalar_t* scratch) {
@@ -445,7 +515,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> elastic_dwconv2d_bac
       for (int64_t b = b0; b < b1; ++b) {
         active_filter_block(weight, chain, g.channels, lanes, b, filter, work);
         scalar_t* gf = need_filter ? partial + (chunk * blocks + b) * kk * lanes : nullptr;
-        kernels.backward_block(g, x, gy, gx, filter, gf, n0, n1, b * lanes, scratch);
+        double* sums = epilogue ? epilogue_sums.data() + (chunk * blocks + b) * 2 * lanes : nullptr;
+        kernels.backward_block(g, x, gy, gx, filter, gf, n0, n1, b * lanes, scratch, prologue, sums);
       }
       if (!need_filter) return;
       for (int64_t b = b0; b < b1; ++b) {
@@ -459,6 +530,17 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> elastic_dwconv2d_bac
                                      need_mats ? dq_blocks.data() + b * kk * ff : nullptr, work);
       }
     });
+    if (epilogue) {
+      double* out = grad_z_sums->data_ptr<double>();
+      for (int64_t c = 0; c < plan.chunks; ++c)
+        for (int64_t b = 0; b < blocks; ++b) {
+          const double* slot = epilogue_sums.data() + (c * blocks + b) * 2 * lanes;
+          for (int64_t l = 0; l < lanes && b * lanes + l < g.channels; ++l) {
+            out[b * lanes + l] += slot[l];
+            out[g.channels + b * lanes + l] += slot[lanes + l];
+          }
+        }
+    }
     if (!need_mats) return;
     Matrix<scalar_t> dq(kk, ff);
     for (int64_t block = 0; block < blocks; ++block)
@@ -470,10 +552,41 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> elastic_dwconv2d_bac
   return cast_to_input_dtypes();
 }
 
+at::Tensor elastic_dwconv2d_forward_cpu(const at::Tensor& x, const at::Tensor& weight, int64_t kernel_size,
+                                        int64_t stride, at::TensorList transforms) {
+  return dwconv_forward(x, weight, kernel_size, stride, transforms, std::nullopt);
+}
+
+DwconvGrads elastic_dwconv2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& x, const at::Tensor& weight,
+                                          int64_t kernel_size, int64_t stride, at::TensorList transforms,
+                                          std::array<bool, 3> output_mask) {
+  return dwconv_backward(grad_output, x, weight, kernel_size, stride, transforms, output_mask, std::nullopt);
+}
+
+at::Tensor bn_act_dwconv2d_forward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
+                                       const at::Tensor& bias, c10::string_view activation, const at::Tensor& weight,
+                                       int64_t kernel_size, int64_t stride, at::TensorList transforms) {
+  return dwconv_forward(x, weight, kernel_size, stride, transforms, prologue_inputs(x, mean, scale, bias, activation));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> bn_act_dwconv2d_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
+    const at::Tensor& bias, const at::Tensor& rstd, const at::Tensor& bn_weight, c10::string_view activation,
+    const at::Tensor& weight, int64_t kernel_size, int64_t stride, at::TensorList transforms,
+    std::array<bool, 3> output_mask) {
+  at::Tensor sums;
+  auto [grad_z, grad_weight, grad_transforms] =
+      dwconv_backward(grad_output, x, weight, kernel_size, stride, transforms, output_mask,
+                      prologue_inputs(x, mean, scale, bias, activation, rstd, bn_weight), &sums);
+  return {grad_z, sums, grad_weight, grad_transforms};
+}
+
 }  // namespace
 }  // namespace tofa_fast
 
 TORCH_LIBRARY_IMPL(tofa_fast, CPU, m) {
   m.impl("_elastic_dwconv2d_compiled_forward", &tofa_fast::elastic_dwconv2d_forward_cpu);
   m.impl("_elastic_dwconv2d_compiled_backward", &tofa_fast::elastic_dwconv2d_backward_cpu);
+  m.impl("_bn_act_dwconv2d_compiled_forward", &tofa_fast::bn_act_dwconv2d_forward_cpu);
+  m.impl("_bn_act_dwconv2d_compiled_backward", &tofa_fast::bn_act_dwconv2d_backward_cpu);
 }

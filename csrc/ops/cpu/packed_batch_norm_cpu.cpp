@@ -411,11 +411,11 @@ void forward_impl(const at::Tensor& x, at::IntArrayRef offsets, at::IntArrayRef 
                   const at::Tensor& bias, const std::optional<at::Tensor>& running_mean,
                   const std::optional<at::Tensor>& running_var, bool training, at::ArrayRef<double> momentum_factors,
                   double eps, Activation activation, at::IntArrayRef update_order, const at::Tensor& y,
-                  const at::Tensor& save_mean, const at::Tensor& save_rstd) {
+                  const at::Tensor& save_mean, const at::Tensor& save_rstd, bool normalise = true) {
   using T = compute_t<S>;
   const int64_t width = x.size(1), segments = static_cast<int64_t>(channels.size());
   const S* xp = storage_ptr<S>(x);
-  S* yp = storage_ptr<S>(y);
+  S* yp = normalise ? storage_ptr<S>(y) : nullptr;
   T* mean = save_mean.data_ptr<T>();  // (S, C), zero-filled
   T* rstd = save_rstd.data_ptr<T>();
   const std::vector<RowTask> tasks = split_rows(offsets, width);
@@ -489,6 +489,7 @@ void forward_impl(const at::Tensor& x, at::IntArrayRef offsets, at::IntArrayRef 
       }
   }
 
+  if (!normalise) return;
   const T* w = weight.data_ptr<T>();
   const T* b = bias.data_ptr<T>();
   std::vector<T> scale(segments * width, T(0));
@@ -504,15 +505,11 @@ void forward_impl(const at::Tensor& x, at::IntArrayRef offsets, at::IntArrayRef 
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> packed_batch_norm_act_forward_cpu(
-    const at::Tensor& x_in, at::IntArrayRef offsets, at::IntArrayRef channels, const at::Tensor& weight,
-    const at::Tensor& bias, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var, bool training, at::ArrayRef<double> momentum_factors, double eps,
-    c10::string_view activation_name, at::IntArrayRef update_order) {
-  const int64_t segments = check_layout(x_in, offsets, channels);
-  const at::ScalarType compute = compute_dtype(x_in);
-  check_parameter("weight", weight, x_in);
-  check_parameter("bias", bias, x_in);
+// Checks the statistics arguments of a forward; returns the running-statistics update order.
+std::vector<int64_t> check_statistics_args(const at::Tensor& x_in, int64_t segments, at::IntArrayRef offsets,
+                                           at::IntArrayRef channels, const std::optional<at::Tensor>& running_mean,
+                                           const std::optional<at::Tensor>& running_var, bool training,
+                                           at::ArrayRef<double> momentum_factors, at::IntArrayRef update_order) {
   TORCH_CHECK(running_mean.has_value() == running_var.has_value(),
               "running_mean and running_var must both be tensors or both be None");
   if (running_mean.has_value()) {
@@ -535,6 +532,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> packed_batch_norm_act_forward_cpu
     for (int64_t i = 0; i < segments; ++i)
       TORCH_CHECK(channels[i] == 0 || offsets[i + 1] - offsets[i] != 1,
                   "training needs more than one row per active segment, segment ", i, " has one");
+  return order;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> packed_batch_norm_act_forward_cpu(
+    const at::Tensor& x_in, at::IntArrayRef offsets, at::IntArrayRef channels, const at::Tensor& weight,
+    const at::Tensor& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, bool training, at::ArrayRef<double> momentum_factors, double eps,
+    c10::string_view activation_name, at::IntArrayRef update_order) {
+  const int64_t segments = check_layout(x_in, offsets, channels);
+  const at::ScalarType compute = compute_dtype(x_in);
+  check_parameter("weight", weight, x_in);
+  check_parameter("bias", bias, x_in);
+  const std::vector<int64_t> order = check_statistics_args(x_in, segments, offsets, channels, running_mean, running_var,
+                                                           training, momentum_factors, update_order);
   const Activation activation = parse_activation(activation_name);
 
   const at::Tensor x = x_in.contiguous();
@@ -550,6 +561,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> packed_batch_norm_act_forward_cpu
   return {y, save_mean, save_rstd};
 }
 
+// The forward's statistics alone (its first pass, and the running-statistics update): for a consumer
+// that normalises as it reads x (the depthwise prologue, csrc/ops/cpu/dwconv_tiles.h).
+std::tuple<at::Tensor, at::Tensor> packed_batch_norm_stats_cpu(const at::Tensor& x_in, at::IntArrayRef offsets,
+                                                               at::IntArrayRef channels,
+                                                               const std::optional<at::Tensor>& running_mean,
+                                                               const std::optional<at::Tensor>& running_var,
+                                                               bool training, at::ArrayRef<double> momentum_factors,
+                                                               double eps, at::IntArrayRef update_order) {
+  const int64_t segments = check_layout(x_in, offsets, channels);
+  const at::ScalarType compute = compute_dtype(x_in);
+  const std::vector<int64_t> order = check_statistics_args(x_in, segments, offsets, channels, running_mean, running_var,
+                                                           training, momentum_factors, update_order);
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor save_mean = at::zeros({segments, x.size(1)}, x.options().dtype(compute));
+  at::Tensor save_rstd = at::zeros({segments, x.size(1)}, x.options().dtype(compute));
+  with_storage(x.scalar_type(), [&](auto storage) {
+    forward_impl<decltype(storage)>(x, offsets, channels, at::Tensor(), at::Tensor(), running_mean, running_var,
+                                    training, momentum_factors, eps, Activation::kNone, order, at::Tensor(), save_mean,
+                                    save_rstd, /*normalise=*/false);
+  });
+  return {save_mean, save_rstd};
+}
+
 // ---- backward -----------------------------------------------------------------------------------
 
 template <typename S>
@@ -557,7 +591,7 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& x, at::IntArrayRe
                    const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& save_mean,
                    const at::Tensor& save_rstd, bool training, Activation activation, bool need_x,
                    bool need_sums, const at::Tensor& grad_x, std::vector<double>& grad_weight,
-                   std::vector<double>& grad_bias) {
+                   std::vector<double>& grad_bias, const double* given_sums = nullptr) {
   using T = compute_t<S>;
   const int64_t width = x.size(1), segments = static_cast<int64_t>(channels.size());
   const S* xp = storage_ptr<S>(x);
@@ -571,7 +605,13 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& x, at::IntArrayRe
   auto active = [&](int64_t i) { return rows_of(i) > 0 ? channels[i] : int64_t(0); };
 
   std::vector<double> sum_dz(segments * width, 0.0), sum_dz_xhat(segments * width, 0.0);
-  if (need_sums) {
+  if (given_sums != nullptr) {  // (S, 2, C): computed where grad_y was (the depthwise epilogue)
+    for (int64_t i = 0; i < segments; ++i)
+      for (int64_t c = 0; c < active(i); ++c) {
+        sum_dz[i * width + c] = given_sums[(2 * i) * width + c];
+        sum_dz_xhat[i * width + c] = given_sums[(2 * i + 1) * width + c];
+      }
+  } else if (need_sums) {
     std::vector<double> partial(tasks.size() * 2 * width, 0.0);
     with_activation(activation, [&](auto act) {
       run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t t) {
@@ -671,10 +711,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> packed_batch_norm_act_backward_cp
   return {grad_x, parameter_grad(need_weight, grad_weight, weight), parameter_grad(need_bias, grad_bias, bias)};
 }
 
+// grad_x of the batch norm from dz, the gradient of its output before the activation, and the sums
+// Σ dz, Σ dz·x̂ per segment ((S, 2, C) float64) that the caller computed with dz: the backward's
+// second pass alone (activation none: dz is the gradient it would have derived).
+at::Tensor packed_batch_norm_grad_input_cpu(const at::Tensor& grad_z_in, const at::Tensor& x_in,
+                                            at::IntArrayRef offsets, at::IntArrayRef channels,
+                                            const at::Tensor& weight, const at::Tensor& save_mean_in,
+                                            const at::Tensor& save_rstd_in, const at::Tensor& sums_in,
+                                            bool training) {
+  const int64_t segments = check_layout(x_in, offsets, channels);
+  const at::ScalarType compute = compute_dtype(x_in);
+  check_parameter("weight", weight, x_in);
+  TORCH_CHECK(grad_z_in.sizes() == x_in.sizes(), "grad_z must have x's shape ", x_in.sizes(), ", got ",
+              grad_z_in.sizes());
+  TORCH_CHECK(sums_in.dim() == 3 && sums_in.size(0) == segments && sums_in.size(1) == 2 &&
+                  sums_in.size(2) == x_in.size(1),
+              "sums must have shape (segments, 2, C) = (", segments, ", 2, ", x_in.size(1), "), got ",
+              sums_in.sizes());
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor grad_z = grad_z_in.to(x.scalar_type()).contiguous();
+  const at::Tensor save_mean = save_mean_in.to(compute).contiguous();
+  const at::Tensor save_rstd = save_rstd_in.to(compute).contiguous();
+  const at::Tensor sums = sums_in.to(at::kDouble).contiguous();
+  const at::Tensor w = weight.to(compute).contiguous();
+  at::Tensor grad_x = at::empty(x.sizes(), x.options());
+  std::vector<double> unused_weight(x.size(1), 0.0), unused_bias(x.size(1), 0.0);
+  with_storage(x.scalar_type(), [&](auto storage) {
+    // The bias only enters z for the activation's derivative: none here.
+    backward_impl<decltype(storage)>(grad_z, x, offsets, channels, w, w, save_mean, save_rstd, training,
+                                     Activation::kNone, /*need_x=*/true, /*need_sums=*/false, grad_x, unused_weight,
+                                     unused_bias, sums.data_ptr<double>());
+  });
+  return grad_x;
+}
+
 }  // namespace
 }  // namespace tofa_fast
 
 TORCH_LIBRARY_IMPL(tofa_fast, CPU, m) {
   m.impl("_packed_batch_norm_act_forward", &tofa_fast::packed_batch_norm_act_forward_cpu);
   m.impl("_packed_batch_norm_act_backward", &tofa_fast::packed_batch_norm_act_backward_cpu);
+  m.impl("_packed_batch_norm_stats", &tofa_fast::packed_batch_norm_stats_cpu);
+  m.impl("_packed_batch_norm_grad_input", &tofa_fast::packed_batch_norm_grad_input_cpu);
 }

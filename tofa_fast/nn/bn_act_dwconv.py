@@ -1,0 +1,83 @@
+"""An MBConv's expansion batch norm + activation, fused into its depthwise convolution.
+
+``depthwise(act(bn(y)))`` for the expansion output y: one call of :func:`tofa_fast.ops.bn_act_dwconv2d`
+(the normalisation and activation applied as the depthwise kernel loads y, so ``act(bn(y))`` — a
+tensor the size of the expansion — is never written nor kept for the backward) where that op serves
+the call, else the two modules one after the other. Same values, gradients and running-statistics
+updates either way (tests/test_bn_act_dwconv.py). The batch norm takes the fused path under the same
+size rule as its own fused kernel (``ElasticBatchNorm2d.fused_activation_name``), so every step mode
+sends a layer down the same path; a batch norm or convolution with hooks (``recalibrate_bn``'s, a
+user's) is called as a module, so its hooks see what they expect.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.modules import module as nn_module
+
+from ..ops import bn_act_dwconv as fused_op
+from .elastic_batchnorm import ElasticBatchNorm2d
+from .elastic_dwconv import ElasticDepthwiseConv2d
+
+#: False runs the batch norm + activation and the depthwise convolution as two ops everywhere: the
+#: baseline of bench/test_bench_sequential_step.py's interleaved comparison.
+FUSE_BN_ACT_INTO_DWCONV = True
+
+
+def bn_act_dwconv(
+    bn: ElasticBatchNorm2d,
+    activation: nn.Module | None,
+    dwconv: ElasticDepthwiseConv2d,
+    y: torch.Tensor,
+    kernel_size: int,
+) -> torch.Tensor:
+    """``dwconv(activation(bn(y)), kernel_size)``, fused where the kernels serve it (module docstring)."""
+    transforms = dwconv.transforms_for(kernel_size) or []
+    if _fusable(bn, activation, dwconv, y, kernel_size, transforms):
+        c = y.shape[1]
+        running_mean, running_var, factor = bn.running_stat_args(c)
+        return fused_op.bn_act_dwconv2d(
+            y,
+            bn.weight[:c],
+            bn.bias[:c],
+            running_mean,
+            running_var,
+            bn.training,
+            factor,
+            bn.eps,
+            bn.fused_activation_name(y, activation),
+            dwconv.weight,
+            kernel_size,
+            dwconv.stride,
+            transforms,
+        )
+    return dwconv(bn(y, activation), kernel_size)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run hooks (its own or global ones), as ``Module.__call__`` tests."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or nn_module._global_forward_hooks
+        or nn_module._global_forward_pre_hooks
+        or nn_module._global_backward_hooks
+        or nn_module._global_backward_pre_hooks
+    )
+
+
+def _fusable(bn, activation, dwconv, y, kernel_size, transforms) -> bool:
+    if not FUSE_BN_ACT_INTO_DWCONV or dwconv.padding != "symmetric":
+        return False
+    # A hook on either module must see it called with its input and output (recalibrate_bn's
+    # statistics hooks, a user's): the fused path has no batch norm output to show it.
+    if _has_hooks(bn) or _has_hooks(dwconv):
+        return False
+    name = bn.fused_activation_name(y, activation)  # None: not the batch norm's fused kernel either
+    if name is None:
+        return False
+    refusal = fused_op.fusion_refusal(y, bn.weight, name, dwconv.weight, kernel_size, dwconv.stride, transforms)
+    return refusal is None

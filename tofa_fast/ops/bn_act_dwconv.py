@@ -1,0 +1,192 @@
+"""Batch norm + activation fused into the depthwise convolution that reads them (SPEC §5: batch norm +
+activation fused into the passes around them).
+
+An MBConv layer computes ``dwconv(act(bn(y)))`` on ``y``, the output of its 1×1 expansion: the largest
+tensor of the network. Unfused, the batch norm reads y for its statistics, reads it again and writes
+``a = act(bn(y))``, and the depthwise convolution reads a — four passes over that size forward, and a
+second tensor of it held for the backward. Here the statistics pass stays (``_packed_batch_norm_stats``:
+the packed batch norm's first pass, running statistics included) and the depthwise kernel normalises
+and activates every input pixel as it loads its tile (``_bn_act_dwconv2d_compiled_forward``,
+csrc/ops/cpu/dwconv_tiles.h: ``BnActPrologue``): two passes, and a is never written. Backward, the
+depthwise kernel reads y the same way for the filter gradient and, as it writes the input gradient,
+takes it through the activation and sums what the batch norm's gradients need (Σ dz, Σ dz·x̂); the
+batch norm's backward is then its grad_x pass alone (``_packed_batch_norm_grad_input``): three passes
+over that size where the two ops make five (the gradient of a written, then read twice with y).
+
+The values are the unfused path's up to rounding: the prologue and the epilogue are the packed batch
+norm's passes, operation for operation, on the same statistics; Σ dz and Σ dz·x̂ are summed in another
+order (tests/test_bn_act_dwconv.py checks against F.batch_norm + the reference depthwise convolution in
+float64 and float32, every activation, stride and mode).
+
+Scope: the C++ CPU kernels, float32 and float64, activations none / relu / relu6 / hswish, on plain
+eager calls (:func:`.eager_path.takes_eager_path`). :func:`fusion_refusal` says why a call is not
+served; the caller (``nn.mbconv``) then runs the batch norm and the convolution as two ops, which is
+also what ``torch.compile`` and the other devices see.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .. import backends
+from . import elastic_dwconv_dispatch as dwconv_dispatch
+from . import packed_batch_norm
+from .eager_path import takes_eager_path
+
+__all__ = ["ACTIVATIONS", "bn_act_dwconv2d", "describe", "fusion_refusal"]
+
+#: the activations the prologue computes (the tile kernels' PrologueActivation)
+ACTIVATIONS = ("none", "relu", "relu6", "hswish")
+DTYPES = (torch.float32, torch.float64)
+OPS = (
+    "_bn_act_dwconv2d_compiled_forward",
+    "_bn_act_dwconv2d_compiled_backward",
+    "_packed_batch_norm_stats",
+    "_packed_batch_norm_grad_input",
+)
+
+
+def fusion_refusal(
+    x: torch.Tensor,
+    bn_weight: torch.Tensor,
+    activation: str | None,
+    dw_weight: torch.Tensor,
+    kernel_size: int,
+    stride: int,
+    transforms: Sequence[torch.Tensor],
+) -> str | None:
+    """Why :func:`bn_act_dwconv2d` does not serve this call (None: it does). ``activation`` is the
+    packed batch norm's name for it, None for one it does not know."""
+    if missing := backends.extension_reasons(*OPS):
+        return missing[0]
+    if x.device.type != "cpu" or x.dtype not in DTYPES:
+        return f"the fused kernels serve float32/float64 CPU tensors, got {x.dtype} on {x.device.type}"
+    if torch.is_autocast_enabled("cpu"):
+        return "autocast is on (the depthwise op would compute in its dtype)"
+    if activation not in ACTIVATIONS:
+        return f"activation {activation!r} has no prologue (only {', '.join(ACTIVATIONS)})"
+    if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
+        return "x is not a channels-last 4-D tensor"
+    if not takes_eager_path(x, bn_weight, dw_weight, *transforms):
+        return "not a plain eager call"
+    # Whatever the two ops would run on (a pinned backend included) must be the C++ kernels.
+    if packed_batch_norm.select_backend(x, bn_weight) is not packed_batch_norm.CPP:
+        return "the batch norm would not run on its C++ kernel"
+    if dwconv_dispatch.select_backend(x, dw_weight, kernel_size, stride, transforms) is not dwconv_dispatch.CPP:
+        return "the depthwise convolution would not run on its C++ kernel"
+    return None
+
+
+class _BnActDwconv2d(torch.autograd.Function):
+    """dwconv(act(bn(x))) given the batch norm's statistics (``layout[-2:]``); x, the batch norm's
+    weight and bias, the depthwise weight and its transforms are the graph inputs."""
+
+    @staticmethod
+    def forward(ctx, layout: tuple, x, bn_weight, bn_bias, dw_weight, *transforms):
+        training, activation, kernel_size, stride, save_mean, save_rstd = layout
+        mean, scale, bias = _prologue(bn_weight, bn_bias, save_mean, save_rstd)
+        ctx.layout = layout
+        ctx.save_for_backward(x, bn_weight, bn_bias, dw_weight, *transforms)
+        return torch.ops.tofa_fast._bn_act_dwconv2d_compiled_forward(
+            x, mean, scale, bias, activation, dw_weight, kernel_size, stride, list(transforms)
+        )
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x, bn_weight, bn_bias, dw_weight, *transforms = ctx.saved_tensors
+        training, activation, kernel_size, stride, save_mean, save_rstd = ctx.layout
+        _, needs_x, needs_bn_weight, needs_bn_bias, needs_dw_weight, *needs_transforms = ctx.needs_input_grad
+        needs_bn = needs_x or needs_bn_weight or needs_bn_bias
+        mean, scale, bias = _prologue(bn_weight, bn_bias, save_mean, save_rstd)
+        # The depthwise backward hands back dz, the gradient of the batch norm's output before the
+        # activation, with Σ dz and Σ dz·x̂: the batch norm's backward is then its grad_x pass alone.
+        grad_z, sums, grad_dw_weight, grad_transforms = torch.ops.tofa_fast._bn_act_dwconv2d_compiled_backward(
+            grad_y,
+            x,
+            mean,
+            scale,
+            bias,
+            save_rstd[0],
+            bn_weight,
+            activation,
+            dw_weight,
+            kernel_size,
+            stride,
+            transforms,
+            [needs_bn, needs_dw_weight, any(needs_transforms)],
+        )
+        grad_x = grad_bn_weight = grad_bn_bias = None
+        if needs_x:
+            n, c, h, w = x.shape
+            grad_rows = torch.ops.tofa_fast._packed_batch_norm_grad_input(
+                _rows(grad_z), _rows(x), [0, n * h * w], [c], bn_weight, save_mean, save_rstd, sums[None], training
+            )
+            grad_x = grad_rows.view(n, h, w, c).permute(0, 3, 1, 2)
+        if needs_bn_weight:
+            grad_bn_weight = sums[1].to(bn_weight.dtype)
+        if needs_bn_bias:
+            grad_bn_bias = sums[0].to(bn_bias.dtype)
+        return (
+            None,
+            grad_x,
+            grad_bn_weight if needs_bn_weight else None,
+            grad_bn_bias if needs_bn_bias else None,
+            grad_dw_weight if needs_dw_weight else None,
+            *(g if need else None for g, need in zip(grad_transforms, needs_transforms)),
+        )
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """The (N·H·W, C) row view of a channels-last (N, C, H, W) tensor."""
+    n, c, h, w = t.shape
+    return t.permute(0, 2, 3, 1).reshape(n * h * w, c)
+
+
+def _prologue(bn_weight, bn_bias, save_mean, save_rstd):
+    """mean, weight·rstd and bias in the compute dtype: what the packed batch norm's normalise pass uses."""
+    compute = save_mean.dtype
+    return save_mean[0], bn_weight.to(compute) * save_rstd[0], bn_bias.to(compute)
+
+
+def bn_act_dwconv2d(
+    x: torch.Tensor,
+    bn_weight: torch.Tensor,
+    bn_bias: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    training: bool,
+    momentum_factor: float,
+    eps: float,
+    activation: str,
+    dw_weight: torch.Tensor,
+    kernel_size: int,
+    stride: int,
+    transforms: Sequence[torch.Tensor] = (),
+) -> torch.Tensor:
+    """``elastic_dwconv2d(act(batch_norm(x)), dw_weight, kernel_size, stride, transforms)`` in two passes
+    over x (module docstring), differentiable in x, both weights and the transforms.
+
+    The batch norm is ``F.batch_norm``'s on x's C channels (``bn_weight``, ``bn_bias``, the running
+    statistics: (C,) views, updated in place in training with ``momentum_factor``; None in training
+    to leave them alone), ``activation`` one of :data:`ACTIVATIONS`. The caller checks
+    :func:`fusion_refusal` first: this function assumes a call it serves.
+    """
+    n, c, h, w = x.shape
+    save_mean, save_rstd = torch.ops.tofa_fast._packed_batch_norm_stats(
+        _rows(x), [0, n * h * w], [c], running_mean, running_var, training, [momentum_factor], eps, []
+    )
+    layout = (training, activation, kernel_size, stride, save_mean, save_rstd)
+    return _BnActDwconv2d.apply(layout, x, bn_weight, bn_bias, dw_weight, *transforms)
+
+
+def describe() -> str:
+    """One line for ``tofa-fast info``: whether the fused kernels are there, and what they serve."""
+    if missing := backends.extension_reasons(*OPS):
+        return f"two ops ({missing[0]})"
+    return (
+        "fused into the depthwise kernel's tile loads (C++, CPU; float32/float64 channels-last, activation "
+        f"{'/'.join(ACTIVATIONS)}, plain eager calls); elsewhere the two ops"
+    )
