@@ -4,10 +4,13 @@
 (the normalisation and activation applied as the depthwise kernel loads y, so ``act(bn(y))`` — a
 tensor the size of the expansion — is never written nor kept for the backward) where that op serves
 the call, else the two modules one after the other. Same values, gradients and running-statistics
-updates either way (tests/test_bn_act_dwconv.py). The batch norm takes the fused path under the same
-size rule as its own fused kernel (``ElasticBatchNorm2d.fused_activation_name``), so every step mode
-sends a layer down the same path; a batch norm or convolution with hooks (``recalibrate_bn``'s, a
-user's) is called as a module, so its hooks see what they expect.
+updates either way, up to rounding (tests/test_bn_act_dwconv.py). The fused path takes the same size
+rule as the batch norm's own fused kernel (``ElasticBatchNorm2d.fused_activation_name``). A batch norm
+or convolution with hooks (``recalibrate_bn``'s, a user's) is called as a module, so its hooks see what
+they expect. The sequential passes (``ElasticMBConv.forward``) take this seam; the shared-prefix and
+packed steps still run the two ops (a shared expansion is read by narrower depthwise nodes as a
+channel prefix, which is not a channels-last tensor the kernels take), so step modes agree up to
+rounding, as the step-mode tests check.
 """
 
 from __future__ import annotations
