@@ -10,6 +10,8 @@
 // Batch chunks have fixed sizes and sums run in fixed orders, so results do not depend on the thread
 // count or on which thread ran a task. (Under load, every parallel region waits for its threads to
 // be scheduled: one region per call keeps that cost to one.)
+// The _bn_act_dwconv2d ops are the same kernels with a batch norm + activation prologue on the input
+// tiles and, backward, its epilogue on the input gradient (dwconv_tiles.h: BnActPrologue).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
