@@ -63,3 +63,34 @@ def test_matches_conv2d_of_the_prefix(kernel, stride, size, padding, bias, chann
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
     assert got[1][out_channels:].abs().sum() == 0 and got[1][:, 9:].abs().sum() == 0
+
+
+def test_prefix_views_slice_only_what_they_must():
+    """nn/prefix.py: a full-range prefix is the parameter itself (no autograd node, no zero-filled
+    gradient copy); a partial one is the slice."""
+    from tofa_fast.nn.prefix import prefix
+
+    w = torch.randn(6, 5, requires_grad=True)
+    assert prefix(w, 6, 5) is w and prefix(w, 6) is w
+    torch.testing.assert_close(prefix(w, 4, 5), w[:4])
+    torch.testing.assert_close(prefix(w, 6, 2), w[:, :2])
+    prefix(w, 4, 3).sum().backward()
+    expected = torch.zeros(6, 5)
+    expected[:4, :3] = 1
+    torch.testing.assert_close(w.grad, expected)
+
+
+def test_pointwise_weight_is_one_view_not_two_selects():
+    """A 1×1 convolution reads its (out, in) block through one reshape view: its backward holds no
+    SelectBackward nodes (each zero-fills and copies a full-size gradient)."""
+    conv = ElasticConv2d(8, 12, 1)
+    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    y = conv(x, 12)
+    names, stack = set(), [y.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or type(node).__name__ in names:
+            continue
+        names.add(type(node).__name__)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    assert not any(name.startswith(("SelectBackward", "SliceBackward")) for name in names), names

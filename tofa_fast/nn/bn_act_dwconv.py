@@ -22,6 +22,7 @@ from torch.nn.modules import module as nn_module
 from ..ops import bn_act_dwconv as fused_op
 from .elastic_batchnorm import ElasticBatchNorm2d
 from .elastic_dwconv import ElasticDepthwiseConv2d
+from .prefix import prefix
 
 #: False runs the batch norm + activation and the depthwise convolution as two ops everywhere: the
 #: baseline of bench/test_bench_sequential_step.py's interleaved comparison.
@@ -42,8 +43,8 @@ def bn_act_dwconv(
         running_mean, running_var, factor = bn.running_stat_args(c)
         return fused_op.bn_act_dwconv2d(
             y,
-            bn.weight[:c],
-            bn.bias[:c],
+            prefix(bn.weight, c),
+            prefix(bn.bias, c),
             running_mean,
             running_var,
             bn.training,

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..ops import packed_batch_norm
 from .activations import known_activation_name
+from .prefix import prefix
 
 #: Smaller inputs keep F.batch_norm: below this the op's per-call overhead outweighs the passes it
 #: saves (first measured on the 2-core CPU: 1.1–1.6× faster at 1.5–2.4 M elements, 0.7× at 0.3 M,
@@ -73,8 +74,8 @@ class ElasticBatchNorm2d(nn.Module):
                 rows,
                 [0, n * h * w],
                 [c],
-                self.weight[:c],
-                self.bias[:c],
+                prefix(self.weight, c),
+                prefix(self.bias, c),
                 running_mean,
                 running_var,
                 self.training,
@@ -83,7 +84,9 @@ class ElasticBatchNorm2d(nn.Module):
                 fused,
             )
             return y.view(n, h, w, c).permute(0, 3, 1, 2)
-        y = F.batch_norm(x, running_mean, running_var, self.weight[:c], self.bias[:c], self.training, factor, self.eps)
+        y = F.batch_norm(
+            x, running_mean, running_var, prefix(self.weight, c), prefix(self.bias, c), self.training, factor, self.eps
+        )
         return y if activation is None else activation(y)
 
     def running_stat_args(

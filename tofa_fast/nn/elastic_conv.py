@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .padding import conv_of, static_conv2d, tf_same_from_symmetric
+from .prefix import prefix
 
 #: False sends every 1×1 convolution of a multi-pixel map through F.conv2d (mkldnn on the CPU): the
 #: baseline of bench/test_bench_sequential_step.py's interleaved comparison.
@@ -55,12 +56,12 @@ class ElasticConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor, out_channels: int) -> torch.Tensor:
         c_in = x.shape[1]
-        bias = self.bias[:out_channels] if self.bias is not None else None
+        bias = prefix(self.bias, out_channels) if self.bias is not None else None
         if self.kernel_size == 1 and x.shape[-2:] == (1, 1):
             # A 1×1 convolution of a 1×1 map (the squeeze-excite gates, a pooled head) is a matrix
             # product: F.linear's GEMM, without the convolution's per-call set-up (mkldnn's costs
             # more than the arithmetic here: ≈ 1.8× on the 2-core CPU, forward + backward).
-            y = F.linear(x.flatten(1), self.weight[:out_channels, :c_in, 0, 0], bias)
+            y = F.linear(x.flatten(1), self._matrix(out_channels, c_in), bias)
             return y[:, :, None, None]
         if self.kernel_size == 1 and self.stride == 1 and _gemm_layout(x):
             # A channels-last map is an (N·H·W, C) row-major matrix, so the 1×1 convolution is one
@@ -72,14 +73,20 @@ class ElasticConv2d(nn.Module):
             # matrix products. CUDA keeps cuDNN (not measured there).
             n, _, h, w = x.shape
             rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c_in)
-            y = F.linear(rows, self.weight[:out_channels, :c_in, 0, 0], bias)
+            y = F.linear(rows, self._matrix(out_channels, c_in), bias)
             return y.view(n, h, w, out_channels).permute(0, 3, 1, 2)
-        weight = self.weight[:out_channels, :c_in]
+        weight = prefix(self.weight, out_channels, c_in)
 
         def conv(t: torch.Tensor) -> torch.Tensor:
             return F.conv2d(t, weight, bias, self.stride, self.kernel_size // 2)
 
         return tf_same_from_symmetric(conv, x, self.kernel_size, self.stride) if self.padding == "tf_same" else conv(x)
+
+    def _matrix(self, out_channels: int, in_channels: int) -> torch.Tensor:
+        """The active (out, in) block of a 1×1 kernel as a matrix: a view of the (max_out, max_in)
+        matrix, where indexing the two unit dimensions away would cost the backward two zero-filled
+        full-size copies."""
+        return prefix(self.weight.flatten(1), out_channels, in_channels)
 
     def extract(self, in_channels: int, out_channels: int) -> nn.Module:
         """An ``nn.Conv2d`` (preceded by :class:`~tofa_fast.nn.padding.TFSamePad2d` in an
@@ -119,7 +126,7 @@ class ElasticLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight[:, : x.shape[1]], self.bias)
+        return F.linear(x, prefix(self.weight, self.out_features, x.shape[1]), self.bias)
 
     def extract(self, in_features: int) -> nn.Linear:
         linear = nn.Linear(in_features, self.out_features, bias=self.bias is not None)
