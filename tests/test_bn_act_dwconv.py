@@ -257,3 +257,10 @@ def test_modules_with_hooks_are_called_as_modules(monkeypatch):
     handle.remove()
     module_seam.bn_act_dwconv(bn, act, dw, x, 3)
     assert calls == [1]
+
+
+def test_info_says_what_the_fusion_serves():
+    from tofa_fast.info import info_text
+
+    line = next(line for line in info_text().splitlines() if line.startswith("MBConv expansion batch norm"))
+    assert "fused into the depthwise kernel's tile loads" in line and "hswish" in line
