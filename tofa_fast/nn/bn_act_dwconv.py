@@ -38,7 +38,8 @@ def bn_act_dwconv(
 ) -> torch.Tensor:
     """``dwconv(activation(bn(y)), kernel_size)``, fused where the kernels serve it (module docstring)."""
     transforms = dwconv.transforms_for(kernel_size) or []
-    if _fusable(bn, activation, dwconv, y, kernel_size, transforms):
+    name = _fused_activation_name(bn, activation, dwconv, y, kernel_size, transforms)
+    if name is not None:
         c = y.shape[1]
         running_mean, running_var, factor = bn.running_stat_args(c)
         return fused_op.bn_act_dwconv2d(
@@ -50,7 +51,7 @@ def bn_act_dwconv(
             bn.training,
             factor,
             bn.eps,
-            bn.fused_activation_name(y, activation),
+            name,
             dwconv.weight,
             kernel_size,
             dwconv.stride,
@@ -73,15 +74,16 @@ def _has_hooks(module: nn.Module) -> bool:
     )
 
 
-def _fusable(bn, activation, dwconv, y, kernel_size, transforms) -> bool:
+def _fused_activation_name(bn, activation, dwconv, y, kernel_size, transforms) -> str | None:
+    """The fused op's name for ``activation`` when the fused op serves this call, else None."""
     if not FUSE_BN_ACT_INTO_DWCONV or dwconv.padding != "symmetric":
-        return False
+        return None
     # A hook on either module must see it called with its input and output (recalibrate_bn's
     # statistics hooks, a user's): the fused path has no batch norm output to show it.
     if _has_hooks(bn) or _has_hooks(dwconv):
-        return False
+        return None
     name = bn.fused_activation_name(y, activation)  # None: not the batch norm's fused kernel either
     if name is None:
-        return False
+        return None
     refusal = fused_op.fusion_refusal(y, bn.weight, name, dwconv.weight, kernel_size, dwconv.stride, transforms)
-    return refusal is None
+    return name if refusal is None else None

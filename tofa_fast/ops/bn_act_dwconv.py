@@ -87,7 +87,7 @@ class _BnActDwconv2d(torch.autograd.Function):
     def forward(ctx, layout: tuple, x, bn_weight, bn_bias, dw_weight, *transforms):
         training, activation, kernel_size, stride, save_mean, save_rstd = layout
         mean, scale, bias = _prologue(bn_weight, bn_bias, save_mean, save_rstd)
-        ctx.layout = layout
+        ctx.layout, ctx.prologue = layout, (mean, scale, bias)  # (C,) each: the backward's prologue too
         ctx.save_for_backward(x, bn_weight, bn_bias, dw_weight, *transforms)
         return torch.ops.tofa_fast._bn_act_dwconv2d_compiled_forward(
             x, mean, scale, bias, activation, dw_weight, kernel_size, stride, list(transforms)
@@ -100,7 +100,7 @@ class _BnActDwconv2d(torch.autograd.Function):
         training, activation, kernel_size, stride, save_mean, save_rstd = ctx.layout
         _, needs_x, needs_bn_weight, needs_bn_bias, needs_dw_weight, *needs_transforms = ctx.needs_input_grad
         needs_bn = needs_x or needs_bn_weight or needs_bn_bias
-        mean, scale, bias = _prologue(bn_weight, bn_bias, save_mean, save_rstd)
+        mean, scale, bias = ctx.prologue
         # The depthwise backward hands back dz, the gradient of the batch norm's output before the
         # activation, with Σ dz and Σ dz·x̂: the batch norm's backward is then its grad_x pass alone.
         grad_z, sums, grad_dw_weight, grad_transforms = torch.ops.tofa_fast._bn_act_dwconv2d_compiled_backward(

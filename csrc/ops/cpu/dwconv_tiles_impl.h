@@ -446,25 +446,20 @@ size_t backward_scratch(const DwconvGeometry& g) {
 
 // ---- the backward epilogue of the prologue (dwconv_tiles.h: BnActPrologue) -------------------------
 // dy · act'(z), as packed_batch_norm_cpu.cpp's activation_grad (the same kinks, the same operations).
-template <typename T>
-inline vec_t<T> activation_grad_vec(PrologueActivation a, vec_t<T> z, vec_t<T> dy) {
+template <typename T, PrologueActivation A>
+inline vec_t<T> activation_grad_vec(vec_t<T> z, vec_t<T> dy) {
   const vec_t<T> zero = {};
-  switch (a) {
-    case PrologueActivation::kRelu:
-      return z > zero ? dy : zero;
-    case PrologueActivation::kRelu6: {
-      const vec_t<T> six = zero + T(6);
-      return (z > zero) & (z < six) ? dy : zero;
-    }
-    case PrologueActivation::kHswish: {
-      const vec_t<T> slope = dy * (z / T(3) + T(0.5));
-      const vec_t<T> above_or_middle = z <= zero + T(3) ? slope : dy;
-      return z < zero - T(3) ? zero : above_or_middle;
-    }
-    case PrologueActivation::kNone:
-      break;
+  if constexpr (A == PrologueActivation::kRelu) {
+    return z > zero ? dy : zero;
+  } else if constexpr (A == PrologueActivation::kRelu6) {
+    return (z > zero) & (z < zero + T(6)) ? dy : zero;
+  } else if constexpr (A == PrologueActivation::kHswish) {
+    const vec_t<T> slope = dy * (z / T(3) + T(0.5));
+    const vec_t<T> above_or_middle = z <= zero + T(3) ? slope : dy;
+    return z < zero - T(3) ? zero : above_or_middle;
+  } else {
+    return dy;
   }
-  return dy;
 }
 
 // The unpadded grad-input tile gxt of sample n (rows × cols pixels, channels-last source x) becomes dz
@@ -484,7 +479,7 @@ void grad_z_tile(const T* x, const DwconvGeometry& g, int64_t n, int64_t c0, int
       const T* src = xs + pixel * g.channels;
       const vec_t<T> xv = nc == L ? vload(src) : vload_partial(src, nc);
       const vec_t<T> xhat = (xv - mean) * rstd;
-      const vec_t<T> dz = activation_grad_vec<T>(A, xhat * weight + bias, vload(gxt + pixel * L));
+      const vec_t<T> dz = activation_grad_vec<T, A>(xhat * weight + bias, vload(gxt + pixel * L));
       vstore(gxt + pixel * L, dz);
       sum_dz += dz;
       sum_dz_xhat += dz * xhat;
