@@ -18,9 +18,12 @@ from tofa_fast.host_memory import ENV
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 # A training step in miniature: activations of several sizes alive together, one freed early, then
-# all freed; repeated. Prints the policy's outcome and the minor page faults per page touched.
+# all freed; repeated. Prints the policy's outcome and the median over steps of the minor page faults
+# per page touched. The median, because the heap's layout takes a few steps to settle: a small block
+# allocated mid-step (a tensor's header, an interpreter object) can pin a hole and make one of the
+# early steps grow the heap once more, at a different step from run to run (seen in CI: 0.11 as a mean).
 CHURN = """
-import resource, sys, torch
+import resource, statistics, sys, torch
 import tofa_fast
 applied = tofa_fast.retain_freed_host_memory()
 MB = 1 << 20  # float32 elements: 4 MiB
@@ -30,11 +33,13 @@ def step():
     d = torch.ones(12 * MB)
     return float(a[0] + c[0] + d[0])
 step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
-    step()
 pages = 29 * MB * 4 // 4096
-print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10 / pages)
+faults = []
+for _ in range(11):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step()
+    faults.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / pages)
+print(applied, statistics.median(faults))
 """
 
 
@@ -53,8 +58,8 @@ def test_retained_memory_is_not_faulted_in_again():
     left_alone, system_faults = _churn("system")
     assert applied and not left_alone
     # glibc's own policy faults most pages of this pattern in again at every step (0.77 per page on
-    # the 2-core machine); retained, the heap serves them again without a fault
-    assert faults < 0.1, f"{faults:.2f} page faults per page touched with the memory retained"
+    # the 2-core machine); retained, the settled heap serves them again without a fault
+    assert faults < 0.05, f"{faults:.2f} page faults per page touched with the memory retained"
     assert faults < system_faults / 3, (faults, system_faults)
 
 
