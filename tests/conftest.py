@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -36,3 +38,22 @@ def _seed_everything():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+def run_under_cpu_isa(isa: str, script: str) -> str:
+    """Run ``script`` in a fresh interpreter whose compiled kernels are capped at ``isa`` (avx2 or
+    baseline: TOFA_FAST_CPU_ISA, read once per process); it must print the tile kernels' ISA
+    (``_elastic_dwconv2d_cpu_isa``). Returns its output; skips where the CPU lacks that ISA."""
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env=dict(os.environ, TOFA_FAST_CPU_ISA=isa),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    if isa == "baseline":
+        assert "baseline" in result.stdout
+    elif "AVX2" not in result.stdout:
+        pytest.skip(f"this CPU has no AVX2: {result.stdout.strip()}")
+    return result.stdout

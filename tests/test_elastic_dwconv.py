@@ -13,6 +13,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import run_under_cpu_isa
 from elastic_dwconv_cases import (
     DwconvCase,
     assert_backend_matches_oracle,
@@ -196,19 +197,7 @@ _ISA_SCRIPT = textwrap.dedent(
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
 def test_cpp_narrower_isa_paths(isa):
     """The AVX2 and baseline tile kernels (this machine would pick its widest) against the reference."""
-    env = dict(os.environ, TOFA_FAST_CPU_ISA=isa)
-    result = subprocess.run(
-        [sys.executable, "-c", _ISA_SCRIPT.format(tests=os.path.join(ROOT, "tests"))],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    if isa == "baseline":
-        assert "baseline" in result.stdout
-    elif "AVX2" not in result.stdout:
-        pytest.skip(f"this CPU has no AVX2: {result.stdout.strip()}")
+    run_under_cpu_isa(isa, _ISA_SCRIPT.format(tests=os.path.join(ROOT, "tests")))
 
 
 # ---- dispatch ---------------------------------------------------------------------------------------

@@ -28,5 +28,13 @@ TORCH_LIBRARY_FRAGMENT(tofa_fast, m) {
       "Tensor rstd, Tensor bn_weight, str activation, Tensor weight, int kernel_size, int stride, "
       "Tensor[] transforms, bool[3] output_mask) -> (Tensor grad_z, Tensor sums, Tensor grad_weight, "
       "Tensor[] grad_transforms)");
+  // The expansion before it, backward: y = x · weightᵀ (rows of channels-last maps, weight (E, C)) was
+  // the batch norm's input; from dz and sums as above, the batch norm's input gradient dy (never
+  // written) and the 1×1 convolution's grad_x = dy · weight and grad_weight = dyᵀ · x, in one pass over
+  // dz and y (csrc/ops/cpu/pointwise_tiles.h). CPU only, float32 and float64.
+  m.def(
+      "_bn_grad_pointwise_backward(Tensor grad_z, Tensor y, Tensor x, Tensor weight, Tensor bn_weight, "
+      "Tensor save_mean, Tensor save_rstd, Tensor sums, bool training, bool[2] output_mask) "
+      "-> (Tensor grad_x, Tensor grad_weight)");
   m.def("_elastic_dwconv2d_cpu_isa() -> str", &tofa_fast::cpu::tile_kernels_description);
 }

@@ -11,6 +11,11 @@ they expect. The sequential passes (``ElasticMBConv.forward``) take this seam; t
 packed steps still run the two ops (a shared expansion is read by narrower depthwise nodes as a
 channel prefix, which is not a channels-last tensor the kernels take), so step modes agree up to
 rounding, as the step-mode tests check.
+
+:func:`expand_bn_act_dwconv` takes the 1×1 expansion before them in too, where it is a matrix product on
+the rows of a channels-last map (``ElasticConv2d``'s CPU path): the op then computes the expansion
+itself, and its backward forms the batch norm's input gradient and the expansion's two gradients in one
+pass (``ops/bn_act_dwconv.py``).
 """
 
 from __future__ import annotations
@@ -20,13 +25,51 @@ from torch import nn
 from torch.nn.modules import module as nn_module
 
 from ..ops import bn_act_dwconv as fused_op
+from . import elastic_conv
 from .elastic_batchnorm import ElasticBatchNorm2d
+from .elastic_conv import ElasticConv2d
 from .elastic_dwconv import ElasticDepthwiseConv2d
 from .prefix import prefix
 
 #: False runs the batch norm + activation and the depthwise convolution as two ops everywhere: the
 #: baseline of bench/test_bench_sequential_step.py's interleaved comparison.
 FUSE_BN_ACT_INTO_DWCONV = True
+#: False leaves the expansion out of the fused op (its backward then takes the batch norm's grad_x pass
+#: and two matrix products): the baseline of the same bench's interleaved comparison.
+FUSE_EXPANSION_BACKWARD = True
+
+
+def expand_bn_act_dwconv(
+    expand_conv: ElasticConv2d,
+    bn: ElasticBatchNorm2d,
+    activation: nn.Module | None,
+    dwconv: ElasticDepthwiseConv2d,
+    x: torch.Tensor,
+    mid_channels: int,
+    kernel_size: int,
+) -> torch.Tensor:
+    """``dwconv(activation(bn(expand_conv(x, mid_channels))), kernel_size)``: an MBConv's expansion and
+    the depthwise convolution it feeds, the expansion inside the fused op where it serves (module docstring)."""
+    weight = _expansion_matrix(expand_conv, x, mid_channels)
+    if weight is not None:
+        transforms = dwconv.transforms_for(kernel_size) or []
+        # x stands in for the expansion's output in the checks: the same pixels, dtype, device and layout.
+        name = _fused_activation_name(bn, activation, dwconv, x, kernel_size, transforms, weight)
+        if name is not None:
+            return _fused(bn, dwconv, x, kernel_size, transforms, name, weight)
+    return bn_act_dwconv(bn, activation, dwconv, expand_conv(x, mid_channels), kernel_size)
+
+
+def _expansion_matrix(expand_conv: ElasticConv2d, x: torch.Tensor, mid_channels: int) -> torch.Tensor | None:
+    """The (mid, in) weight matrix when the expansion is one matrix product on x's rows and nothing
+    (a bias, a hook) asks for it to run as its own module, else None."""
+    if not (FUSE_EXPANSION_BACKWARD and FUSE_BN_ACT_INTO_DWCONV):
+        return None
+    if expand_conv.kernel_size != 1 or expand_conv.stride != 1 or expand_conv.bias is not None:
+        return None
+    if not elastic_conv.pointwise_as_gemm(x) or _has_hooks(expand_conv):
+        return None
+    return expand_conv._matrix(mid_channels, x.shape[1])
 
 
 def bn_act_dwconv(
@@ -40,24 +83,29 @@ def bn_act_dwconv(
     transforms = dwconv.transforms_for(kernel_size) or []
     name = _fused_activation_name(bn, activation, dwconv, y, kernel_size, transforms)
     if name is not None:
-        c = y.shape[1]
-        running_mean, running_var, factor = bn.running_stat_args(c)
-        return fused_op.bn_act_dwconv2d(
-            y,
-            prefix(bn.weight, c),
-            prefix(bn.bias, c),
-            running_mean,
-            running_var,
-            bn.training,
-            factor,
-            bn.eps,
-            name,
-            dwconv.weight,
-            kernel_size,
-            dwconv.stride,
-            transforms,
-        )
+        return _fused(bn, dwconv, y, kernel_size, transforms, name)
     return dwconv(bn(y, activation), kernel_size)
+
+
+def _fused(bn, dwconv, x, kernel_size, transforms, name, expansion_weight=None) -> torch.Tensor:
+    c = x.shape[1] if expansion_weight is None else expansion_weight.shape[0]
+    running_mean, running_var, factor = bn.running_stat_args(c)
+    return fused_op.bn_act_dwconv2d(
+        x,
+        prefix(bn.weight, c),
+        prefix(bn.bias, c),
+        running_mean,
+        running_var,
+        bn.training,
+        factor,
+        bn.eps,
+        name,
+        dwconv.weight,
+        kernel_size,
+        dwconv.stride,
+        transforms,
+        expansion_weight,
+    )
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -74,7 +122,7 @@ def _has_hooks(module: nn.Module) -> bool:
     )
 
 
-def _fused_activation_name(bn, activation, dwconv, y, kernel_size, transforms) -> str | None:
+def _fused_activation_name(bn, activation, dwconv, y, kernel_size, transforms, expansion_weight=None) -> str | None:
     """The fused op's name for ``activation`` when the fused op serves this call, else None."""
     if not FUSE_BN_ACT_INTO_DWCONV or dwconv.padding != "symmetric":
         return None
@@ -85,5 +133,7 @@ def _fused_activation_name(bn, activation, dwconv, y, kernel_size, transforms) -
     name = bn.fused_activation_name(y, activation)  # None: not the batch norm's fused kernel either
     if name is None:
         return None
-    refusal = fused_op.fusion_refusal(y, bn.weight, name, dwconv.weight, kernel_size, dwconv.stride, transforms)
+    refusal = fused_op.fusion_refusal(
+        y, bn.weight, name, dwconv.weight, kernel_size, dwconv.stride, transforms, expansion_weight
+    )
     return name if refusal is None else None

@@ -16,7 +16,7 @@ from .prefix import prefix
 POINTWISE_AS_GEMM = True
 
 
-def _gemm_layout(x: torch.Tensor) -> bool:
+def pointwise_as_gemm(x: torch.Tensor) -> bool:
     """Whether a 1×1 stride-1 convolution of ``x`` runs as a matrix product on its rows: a
     channels-last CPU tensor (its (N·H·W, C) view is free)."""
     return (
@@ -63,7 +63,7 @@ class ElasticConv2d(nn.Module):
             # more than the arithmetic here: ≈ 1.8× on the 2-core CPU, forward + backward).
             y = F.linear(x.flatten(1), self._matrix(out_channels, c_in), bias)
             return y[:, :, None, None]
-        if self.kernel_size == 1 and self.stride == 1 and _gemm_layout(x):
+        if self.kernel_size == 1 and self.stride == 1 and pointwise_as_gemm(x):
             # A channels-last map is an (N·H·W, C) row-major matrix, so the 1×1 convolution is one
             # GEMM on a view, forward and backward (F.linear; the packed step's pointwise() is the
             # same). On the 2-core CPU, interleaved round by round against mkldnn's convolution

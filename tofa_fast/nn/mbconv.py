@@ -13,7 +13,7 @@ from torch import nn
 
 from ..spaces import SearchSpace, make_divisible
 from .activations import build_activation
-from .bn_act_dwconv import bn_act_dwconv
+from .bn_act_dwconv import expand_bn_act_dwconv
 from .elastic_batchnorm import ElasticBatchNorm2d
 from .elastic_conv import ElasticConv2d
 from .elastic_dwconv import ElasticDepthwiseConv2d
@@ -82,9 +82,17 @@ class ElasticMBConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.expand_conv is not None:
-            y = self.expand_conv(x, self.middle_channels(x.shape[1]))
-            # The expansion's batch norm + activation run as the depthwise kernel loads its tiles.
-            y = bn_act_dwconv(self.expand_bn, self.act, self.dw_conv, y, self.active_kernel)
+            # The expansion's batch norm + activation run as the depthwise kernel loads its tiles, and the
+            # expansion's backward takes the batch norm's.
+            y = expand_bn_act_dwconv(
+                self.expand_conv,
+                self.expand_bn,
+                self.act,
+                self.dw_conv,
+                x,
+                self.middle_channels(x.shape[1]),
+                self.active_kernel,
+            )
         else:
             y = self.dw_conv(x, self.active_kernel)
         y = self.dw_bn(y, self.act)

@@ -7,8 +7,8 @@
 // zero borders, so the inner loops have no bounds checks.
 //
 // Each ISA (AVX-512, AVX2+FMA, baseline) compiles the same source (dwconv_tiles_impl.h) under its
-// own target options in its own translation unit and namespace; select_tile_kernels() picks the best
-// the running CPU supports (TOFA_FAST_CPU_ISA=avx512|avx2|baseline caps it). This keeps the build
+// own target options in its own translation unit (simd_kernels_<isa>.cpp) and namespace;
+// select_tile_kernels() picks the best the running CPU supports (TOFA_FAST_CPU_ISA=avx512|avx2|baseline caps it). This keeps the build
 // portable (no -march=native) and still uses the wide vectors where they exist.
 //
 // These files contain no ATen: only raw pointers, so no library inline function is compiled with

@@ -1,6 +1,6 @@
 // The vectorised depthwise-convolution tile kernels, compiled once per ISA (see dwconv_tiles.h).
 //
-// Include only from dwconv_tiles_<isa>.cpp, inside that ISA's namespace and target region, after
+// Include only from simd_kernels_<isa>.cpp, inside that ISA's namespace and target region, after
 // <cstring>, <utility> and dwconv_tiles.h, and after defining
 //   TOFA_VECTOR_BYTES  SIMD width in bytes (64 AVX-512, 32 AVX2, 16 baseline)
 //   TOFA_ROW_TILE      output pixels accumulated in registers (8 needs 32 vector registers)
