@@ -5,6 +5,7 @@ resolution, depth, kernels (with transforms), expand ratios and widths, sharing 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import random
@@ -193,3 +194,45 @@ def test_backward_many_rejects_bad_calls():
         net.backward_many([torch.randn(2, 1, 32, 32)], [DIGITS.max_arch()], loss)
     with pytest.raises(ValueError, match="not allowed"):
         net.backward_many([x], [{**DIGITS.max_arch().to_dict(), "resolution": 31}], loss)
+
+
+def test_consecutive_groups():
+    a, b, c = (torch.zeros(2, 3, 8, 8) for _ in range(3))
+    assert shared_prefix.consecutive_groups([a, b, c, c]) == [[0], [1], [2, 3]]
+    assert shared_prefix.consecutive_groups([a, a, b]) == [[0, 1], [2]]
+    assert shared_prefix.consecutive_groups([a]) == [[0]]
+    assert shared_prefix.consecutive_groups([a, b, a]) is None  # a's members are not next to each other
+    # the same storage viewed with another shape is other images
+    assert shared_prefix.consecutive_groups([a, a.view(2, 3, 4, 16)]) == [[0], [1]]
+
+
+def test_the_shared_step_passes_members_that_share_nothing_sequentially(monkeypatch):
+    """The default TOFA step one step in three: a_max and a_min on their own images, the two random
+    members on the same ones. Only those two go through the tree (in member order, after the others);
+    gradients and running statistics equal the sequential passes'."""
+    from tofa_fast.train.step import choose_step_backend
+
+    archs = _members(DIGITS, seed=3, count=4, resolutions=[32, 24, 28, 28])
+    images = _images_for(archs, torch.float64)
+    assert shared_prefix.consecutive_groups(images) == [[0], [1], [2, 3]]
+    torch.manual_seed(0)
+    sequential = _randomised(tofa_fast.Supernet(DIGITS, 7).to(torch.float64), 0).train()
+    sequential.set_regularization(dropout=0.0)
+    shared = copy.deepcopy(sequential)
+    targets = [torch.randn(x.shape[0], 7, dtype=torch.float64) for x in images]
+
+    def loss_of(i, logits):
+        return (targets[i] * logits).sum() + logits.square().sum()
+
+    for i, (arch, x) in enumerate(zip(archs, images)):
+        sequential.set_active(arch)
+        loss_of(i, sequential(x)).backward()
+    trees = []
+    original = type(shared).backward_many
+    monkeypatch.setattr(
+        type(shared), "backward_many", lambda net, *a, **k: trees.append(len(a[0])) or original(net, *a, **k)
+    )
+    backend = choose_step_backend("shared", shared, torch.device("cpu"))
+    backend.backward_members(shared, archs, images, loss_of, contextlib.nullcontext)
+    assert trees == [2]
+    compare_networks(sequential, shared, 1e-10)

@@ -89,9 +89,21 @@ def _same_images(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-def any_share_images(images: Sequence[torch.Tensor]) -> bool:
-    """Whether two members get the same images: whether the tree shares anything at all."""
-    return any(_same_images(a, b) for i, a in enumerate(images) for b in images[i + 1 :])
+def consecutive_groups(images: Sequence[torch.Tensor]) -> list[list[int]] | None:
+    """The members split into runs of consecutive members with the same images, in order — when
+    every images tensor is one run's (members that share are next to each other); else None.
+
+    Such runs can be trained one after the other, each as its own tree, with every running-statistics
+    update still in member order: a run of one shares nothing and can take the plain forward."""
+    groups: list[list[int]] = []
+    for i, x in enumerate(images):
+        if groups and _same_images(images[groups[-1][0]], x):
+            groups[-1].append(i)
+        elif any(_same_images(images[g[0]], x) for g in groups):
+            return None
+        else:
+            groups.append([i])
+    return groups
 
 
 def build_tree(net, images: Sequence[torch.Tensor], archs: Sequence[Arch]) -> list[Node]:

@@ -170,11 +170,13 @@ class SharedPrefixStep(SequentialStep):
     depthwise and projection up to where their choices part, at the widest member's width. Each
     branch runs forward and backward before the next, so memory stays that of the largest member.
 
-    A step whose members all see different images has nothing to share and runs the sequential
-    passes. ``auto`` takes this entry on the CPU, where it measured 1.24–1.32× the sequential step on
-    a digits ``ps`` step (four subnets, one batch), 1.09–1.12× on OFA's sandwich step and 0.97–1.01×
-    on the default TOFA step (``bench/test_bench_fused_step.py``, interleaved, three runs). On CUDA
-    it is not measured yet."""
+    Members run in groups of consecutive members with the same images (``consecutive_groups``), in
+    member order: a group of one shares nothing and takes the sequential pass (with its fused
+    kernels); each larger group is one tree. ``auto`` takes this entry on the CPU, where it measured
+    1.24–1.32× the sequential step on a digits ``ps`` step (four subnets, one batch), 1.09–1.12× on
+    OFA's sandwich step (``bench/test_bench_fused_step.py``, interleaved, three runs) and 0.986× on
+    the default TOFA step (interleaved, 12 rounds; 0.96× before the members that share nothing took
+    the sequential pass). On CUDA it is not measured yet."""
 
     name = "shared"
     supports = "every supernet: one member at a time, what members with the same images agree on once"
@@ -185,13 +187,26 @@ class SharedPrefixStep(SequentialStep):
         return [] if isinstance(net, Supernet) else [f"{type(net).__name__} has no backward_many"]
 
     def backward_members(self, net, archs, images, loss_of, autocast) -> None:
-        if not shared_prefix.any_share_images(images):
-            # Nothing to share (train_step hands members with the same images one tensor): the
-            # sequential passes, without the member tree's bookkeeping.
-            for i, (arch, x) in enumerate(zip(archs, images)):
-                super().backward_members(net, [arch], [x], lambda _, logits, i=i: loss_of(i, logits), autocast)
+        groups = shared_prefix.consecutive_groups(images)
+        if groups is None:  # members that share images are not next to each other: one tree for all
+            net.backward_many(images, archs, loss_of, autocast)
             return
-        net.backward_many(images, archs, loss_of, autocast)
+        # One group at a time, in member order (so the running statistics are updated in it). A member
+        # that shares nothing takes the sequential pass, whose layers take the fused kernels the
+        # tree's prefix-reading nodes do not (nn/bn_act_dwconv.py): in the default TOFA step, where
+        # only the two random members share one step in three, that made this step 0.96× the
+        # sequential one when every member went through the tree.
+        for group in groups:
+            if len(group) == 1:
+                i = group[0]
+                super().backward_members(net, [archs[i]], [images[i]], lambda _, out, i=i: loss_of(i, out), autocast)
+            else:
+                net.backward_many(
+                    [images[i] for i in group],
+                    [archs[i] for i in group],
+                    lambda j, out, group=group: loss_of(group[j], out),
+                    autocast,
+                )
 
 
 class GraphedStep(SequentialStep):
