@@ -69,7 +69,7 @@ def _expansion_matrix(expand_conv: ElasticConv2d, x: torch.Tensor, mid_channels:
         return None
     if not elastic_conv.pointwise_as_gemm(x) or _has_hooks(expand_conv):
         return None
-    return expand_conv._matrix(mid_channels, x.shape[1])
+    return expand_conv.pointwise_matrix(mid_channels, x.shape[1])
 
 
 def bn_act_dwconv(

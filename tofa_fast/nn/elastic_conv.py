@@ -61,7 +61,7 @@ class ElasticConv2d(nn.Module):
             # A 1×1 convolution of a 1×1 map (the squeeze-excite gates, a pooled head) is a matrix
             # product: F.linear's GEMM, without the convolution's per-call set-up (mkldnn's costs
             # more than the arithmetic here: ≈ 1.8× on the 2-core CPU, forward + backward).
-            y = F.linear(x.flatten(1), self._matrix(out_channels, c_in), bias)
+            y = F.linear(x.flatten(1), self.pointwise_matrix(out_channels, c_in), bias)
             return y[:, :, None, None]
         if self.kernel_size == 1 and self.stride == 1 and pointwise_as_gemm(x):
             # A channels-last map is an (N·H·W, C) row-major matrix, so the 1×1 convolution is one
@@ -73,7 +73,7 @@ class ElasticConv2d(nn.Module):
             # matrix products. CUDA keeps cuDNN (not measured there).
             n, _, h, w = x.shape
             rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c_in)
-            y = F.linear(rows, self._matrix(out_channels, c_in), bias)
+            y = F.linear(rows, self.pointwise_matrix(out_channels, c_in), bias)
             return y.view(n, h, w, out_channels).permute(0, 3, 1, 2)
         weight = prefix(self.weight, out_channels, c_in)
 
@@ -82,7 +82,7 @@ class ElasticConv2d(nn.Module):
 
         return tf_same_from_symmetric(conv, x, self.kernel_size, self.stride) if self.padding == "tf_same" else conv(x)
 
-    def _matrix(self, out_channels: int, in_channels: int) -> torch.Tensor:
+    def pointwise_matrix(self, out_channels: int, in_channels: int) -> torch.Tensor:
         """The active (out, in) block of a 1×1 kernel as a matrix: a view of the (max_out, max_in)
         matrix, where indexing the two unit dimensions away would cost the backward two zero-filled
         full-size copies."""
