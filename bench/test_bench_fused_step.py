@@ -20,7 +20,9 @@ Cases, each run back to back by every implementation on the same members and ima
   (no drop-connect) — where ``shared`` shares the most.
 
 A round is a fixed cycle of steps (different random members each), the same cycle for everyone;
-medians are per step.
+medians are per step. ``test_shared_vs_sequential_interleaved`` and ``test_tree_fusion_interleaved``
+(the shared step's expansion + only-depthwise-child nodes as one fused op, against two nodes)
+alternate their two sides round by round and record the median per-round ratio.
 
 Memory: the bytes of activations autograd holds for backward (saved tensors, parameters excluded)
 at the peak of a step (:class:`LiveSavedBytes`) — for ``sequential`` the largest single member's
@@ -305,6 +307,33 @@ def test_shared_vs_sequential_interleaved(bench_registry, case):
     )
     results = bench_registry.REGISTRY[SUITE]["meta"].setdefault("interleaved_shared_vs_sequential", {})
     results[case] = bench_registry.note_interleaved(SUITE, ratios, f"{case}: shared {{median:.3f}}× sequential")
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=lambda v: v.split(",")[0])
+def test_tree_fusion_interleaved(bench_registry, case):
+    """The shared step with an expansion node and its only (depthwise) child as the fused op
+    (``shared_prefix.FUSE_EXPANSION_WITH_DEPTHWISE``) against the two as nodes of their own,
+    alternating round by round; the median of the per-round ratios goes into the results' ``meta``."""
+    from tofa_fast.nn import shared_prefix
+
+    cycle = _problem(case).runner("shared")
+
+    def switched(value: bool):
+        def run():
+            previous = shared_prefix.FUSE_EXPANSION_WITH_DEPTHWISE
+            shared_prefix.FUSE_EXPANSION_WITH_DEPTHWISE = value
+            try:
+                cycle()
+            finally:
+                shared_prefix.FUSE_EXPANSION_WITH_DEPTHWISE = previous
+
+        return run
+
+    ratios = bench_registry.interleaved_ratios(switched(False), switched(True), INTERLEAVED_ROUNDS[case])
+    results = bench_registry.REGISTRY[SUITE]["meta"].setdefault("interleaved_tree_fusion", {})
+    results[case] = bench_registry.note_interleaved(
+        SUITE, ratios, f"{case}: shared step, expansion + its only depthwise child fused {{median:.3f}}× two nodes"
+    )
 
 
 def test_targets(bench_registry):

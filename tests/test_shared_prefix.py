@@ -95,6 +95,28 @@ def test_backward_many_in_float32_channels_last():
     _assert_same(sequential, shared, expected, got, 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_an_expansion_and_its_only_depthwise_child_run_as_the_fused_op(monkeypatch, dtype):
+    """Channels-last: where an expansion node has one (depthwise) child, the tree computes the two with
+    the sequential pass's fused op (nn/bn_act_dwconv.py, expansion inside) — gradients and running
+    statistics still the sequential passes'."""
+    from tofa_fast.nn import elastic_batchnorm
+    from tofa_fast.ops import bn_act_dwconv as fused
+
+    monkeypatch.setattr(elastic_batchnorm, "FUSED_MIN_ELEMENTS", 0)  # the small test sizes take the kernels
+    calls = []
+    op = fused.bn_act_dwconv2d
+    monkeypatch.setattr(fused, "bn_act_dwconv2d", lambda *a, **k: calls.append(a[-1] is not None) or op(*a, **k))
+    archs = _members(DIGITS, 1, count=5, resolutions=[32, 24])
+    images = _images_for(archs, dtype, batch=4, channels_last=True)
+    tree = []
+    original = shared_prefix._compute_expansion_and_depthwise
+    monkeypatch.setattr(shared_prefix, "_compute_expansion_and_depthwise", lambda *a: tree.append(1) or original(*a))
+    sequential, shared, expected, got = _run_both(DIGITS, archs, dtype, seed=1, images=images)
+    assert tree and all(calls), "the tree did not take the fused op with the expansion inside"
+    _assert_same(sequential, shared, expected, got, 1e-10 if dtype == torch.float64 else 1e-5)
+
+
 def test_backward_many_on_the_ofa_preset_in_float64():
     """MobileNetV3's stages, SE, hswish, 7→5→3 transforms: four members on one batch (OFA's step)."""
     space = tofa_fast.spaces.get("ofa_mbv3")

@@ -47,17 +47,19 @@ def expand_bn_act_dwconv(
     x: torch.Tensor,
     mid_channels: int,
     kernel_size: int,
+    batch_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``dwconv(activation(bn(expand_conv(x, mid_channels))), kernel_size)``: an MBConv's expansion and
-    the depthwise convolution it feeds, the expansion inside the fused op where it serves (module docstring)."""
+    the depthwise convolution it feeds, the expansion inside the fused op where it serves (module
+    docstring). ``batch_stats``: as ``ElasticBatchNorm2d.forward``'s (the shared-prefix tree's)."""
     weight = _expansion_matrix(expand_conv, x, mid_channels)
     if weight is not None:
         transforms = dwconv.transforms_for(kernel_size) or []
         # x stands in for the expansion's output in the checks: the same pixels, dtype, device and layout.
         name = _fused_activation_name(bn, activation, dwconv, x, kernel_size, transforms, weight)
         if name is not None:
-            return _fused(bn, dwconv, x, kernel_size, transforms, name, weight)
-    return bn_act_dwconv(bn, activation, dwconv, expand_conv(x, mid_channels), kernel_size)
+            return _fused(bn, dwconv, x, kernel_size, transforms, name, weight, batch_stats)
+    return bn_act_dwconv(bn, activation, dwconv, expand_conv(x, mid_channels), kernel_size, batch_stats)
 
 
 def _expansion_matrix(expand_conv: ElasticConv2d, x: torch.Tensor, mid_channels: int) -> torch.Tensor | None:
@@ -78,18 +80,20 @@ def bn_act_dwconv(
     dwconv: ElasticDepthwiseConv2d,
     y: torch.Tensor,
     kernel_size: int,
+    batch_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``dwconv(activation(bn(y)), kernel_size)``, fused where the kernels serve it (module docstring)."""
+    """``dwconv(activation(bn(y)), kernel_size)``, fused where the kernels serve it (module docstring).
+    ``batch_stats``: as ``ElasticBatchNorm2d.forward``'s."""
     transforms = dwconv.transforms_for(kernel_size) or []
     name = _fused_activation_name(bn, activation, dwconv, y, kernel_size, transforms)
     if name is not None:
-        return _fused(bn, dwconv, y, kernel_size, transforms, name)
-    return dwconv(bn(y, activation), kernel_size)
+        return _fused(bn, dwconv, y, kernel_size, transforms, name, None, batch_stats)
+    return dwconv(bn(y, activation, batch_stats=batch_stats), kernel_size)
 
 
-def _fused(bn, dwconv, x, kernel_size, transforms, name, expansion_weight=None) -> torch.Tensor:
+def _fused(bn, dwconv, x, kernel_size, transforms, name, expansion_weight=None, batch_stats=None) -> torch.Tensor:
     c = x.shape[1] if expansion_weight is None else expansion_weight.shape[0]
-    running_mean, running_var, factor = bn.running_stat_args(c)
+    running_mean, running_var, factor = bn.running_stat_args(c, batch_stats)
     return fused_op.bn_act_dwconv2d(
         x,
         prefix(bn.weight, c),

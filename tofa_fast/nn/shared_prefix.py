@@ -18,6 +18,11 @@ channels one by one gives each member the prefix of what the widest of them gets
   once per middle width, at the widest output width;
 * the head once per member.
 
+Where an expansion node has a single child (its members all take one kernel, always so once they
+have parted), the two run as the sequential pass's fused op (``nn/bn_act_dwconv.py``: expansion,
+batch norm + activation and depthwise convolution, the activated expansion never written): only that
+child reads the expansion.
+
 The members thus form a tree: each *node* is one such computation for the members that agree up to
 it. It runs depth first, one branch at a time, the way the sequential step runs one member at a
 time: a chain of nodes that the same members share runs as one autograd graph; where the members
@@ -48,8 +53,13 @@ from dataclasses import dataclass, field
 import torch
 
 from ..spaces import Arch
+from .bn_act_dwconv import expand_bn_act_dwconv
 from .elastic_batchnorm import ElasticBatchNorm2d
 from .mbconv import ElasticMBConv, drop_connect_add, drop_connect_mask
+
+#: False computes an expansion node and its only (depthwise) child as two nodes, as every other node:
+#: the baseline of bench/test_bench_fused_step.py's interleaved comparison.
+FUSE_EXPANSION_WITH_DEPTHWISE = True
 
 #: ``loss_of(i, logits_i)``: member i's loss (a 0-dim tensor) to back-propagate, or None for none
 LossOf = Callable[[int, torch.Tensor], "torch.Tensor | None"]
@@ -195,12 +205,18 @@ class _StatsRecorder:
     ) -> torch.Tensor:
         """``bn(x, activation)`` for ``node``'s members, member i on its first ``widths[i]``
         (default: the node's widths) channels of x."""
+        return bn(x, activation, batch_stats=self.record(bn, x.shape[1], node, widths))
+
+    def record(
+        self, bn: ElasticBatchNorm2d, channels: int, node: Node, widths=None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The ``batch_stats`` buffers for a batch norm of ``channels`` channels at ``node`` (None when
+        its forward updates no running statistics), replayed later as :meth:`batch_norm` says."""
         if not (bn.training and bn.update_running_stats):
-            return bn(x, activation)
-        c = x.shape[1]
-        mean, var = torch.zeros_like(bn.running_mean[:c]), torch.ones_like(bn.running_var[:c])
+            return None
+        mean, var = torch.zeros_like(bn.running_mean[:channels]), torch.ones_like(bn.running_var[:channels])
         self.entries.append((bn, node.members, node.widths if widths is None else widths, mean, var))
-        return bn(x, activation, batch_stats=(mean, var))
+        return mean, var
 
     def replay(self) -> None:
         by_bn: dict[int, list] = {}
@@ -278,6 +294,29 @@ def _compute(net, node: Node, read: Callable[[Node, int], torch.Tensor], stats: 
     raise AssertionError(node.kind)
 
 
+def _fuses_with_its_depthwise(node: Node) -> bool:
+    return (
+        FUSE_EXPANSION_WITH_DEPTHWISE
+        and node.kind == "expand"
+        and len(node.children) == 1
+        and node.children[0].kind == "dw"
+    )
+
+
+def _compute_expansion_and_depthwise(
+    net, node: Node, read: Callable[[Node, int], torch.Tensor], stats: _StatsRecorder
+) -> torch.Tensor:
+    """A depthwise node's output computed from its expansion parent's input: the parent's and the
+    node's members are the same, so the node reads all of the expansion's channels."""
+    expansion, layer = node.parent, node.layer
+    x = read(expansion.parent, expansion.arg)
+    batch_stats = stats.record(layer.expand_bn, expansion.width, expansion)
+    y = expand_bn_act_dwconv(
+        layer.expand_conv, layer.expand_bn, layer.act, layer.dw_conv, x, expansion.width, node.arg, batch_stats
+    )
+    return stats.batch_norm(layer.dw_bn, y, node, layer.act)
+
+
 def backward_many(
     net,
     images: Sequence[torch.Tensor],
@@ -308,7 +347,14 @@ def backward_many(
 
         while True:
             with forward_context():
-                out = _compute(net, node, read, stats)
+                if _fuses_with_its_depthwise(node):
+                    # Only its depthwise child reads an expansion with one child: the two run as one
+                    # fused op (nn/bn_act_dwconv.py), and the expansion's output is never materialised.
+                    chain[id(node)] = None
+                    node = node.children[0]
+                    out = _compute_expansion_and_depthwise(net, node, read, stats)
+                else:
+                    out = _compute(net, node, read, stats)
             chain[id(node)] = out
             if node.kind == "head":
                 m = node.members[0]
@@ -323,7 +369,9 @@ def backward_many(
             break
         # The members part here: detach what the branches read, run them, back-propagate the chain once.
         parting = {
-            key: _PartingTensor(t) if t.requires_grad else t for key, t in chain.items() if key in node.reads_below
+            key: _PartingTensor(t) if t.requires_grad else t
+            for key, t in chain.items()
+            if key in node.reads_below and t is not None
         }
         branch_visible = {**visible, **parting}
         for child in node.children:
