@@ -172,11 +172,12 @@ class SharedPrefixStep(SequentialStep):
 
     Members run in groups of consecutive members with the same images (``consecutive_groups``), in
     member order: a group of one shares nothing and takes the sequential pass (with its fused
-    kernels); each larger group is one tree. ``auto`` takes this entry on the CPU, where it measured
-    1.24–1.32× the sequential step on a digits ``ps`` step (four subnets, one batch), 1.09–1.12× on
-    OFA's sandwich step (``bench/test_bench_fused_step.py``, interleaved, three runs) and 0.986× on
-    the default TOFA step (interleaved, 12 rounds; 0.96× before the members that share nothing took
-    the sequential pass). On CUDA it is not measured yet."""
+    kernels); each larger group is one tree, whose expansions with a single depthwise child take the
+    fused op too (nn/shared_prefix.py). ``auto`` takes this entry on the CPU, where it measured
+    1.20–1.32× the sequential step on a digits ``ps`` step (four subnets, one batch), 1.08–1.14× on
+    OFA's sandwich step and 0.99–1.02× on the default TOFA step (``bench/test_bench_fused_step.py``,
+    interleaved; 0.96× on TOFA while every member went through the unfused tree). On CUDA it is not
+    measured yet."""
 
     name = "shared"
     supports = "every supernet: one member at a time, what members with the same images agree on once"
