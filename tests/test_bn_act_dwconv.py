@@ -264,3 +264,4 @@ def test_info_says_what_the_fusion_serves():
 
     line = next(line for line in info_text().splitlines() if line.startswith("MBConv expansion batch norm"))
     assert "fused into the depthwise kernel's tile loads" in line and "hswish" in line
+    assert "expansion before them" in line

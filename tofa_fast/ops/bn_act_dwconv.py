@@ -242,5 +242,6 @@ def describe() -> str:
         return f"two ops ({missing[0]})"
     return (
         "fused into the depthwise kernel's tile loads (C++, CPU; float32/float64 channels-last, activation "
-        f"{'/'.join(ACTIVATIONS)}, plain eager calls); elsewhere the two ops"
+        f"{'/'.join(ACTIVATIONS)}, plain eager calls), with the 1×1 expansion before them, whose backward takes "
+        "the batch norm's input gradient in the same pass; elsewhere the separate ops"
     )
