@@ -121,8 +121,9 @@ std::tuple<at::Tensor, at::Tensor> bn_grad_pointwise_backward_cpu(
       }
     });
     if (output_mask[1]) {
-      // Σ over workers in order, then dWᵀ → dW.
-      const at::Tensor total = partials.sum(0);  // deterministic: a fixed-order reduction over dim 0
+      // Σ over workers in worker order, then dWᵀ → dW.
+      at::Tensor total = partials[0].clone();
+      for (int64_t w = 1; w < workers; ++w) total.add_(partials[w]);
       grad_weight.copy_(total.narrow(1, 0, out_channels).t());
     }
   });
