@@ -7,10 +7,10 @@ the call, else the two modules one after the other. Same values, gradients and r
 updates either way, up to rounding (tests/test_bn_act_dwconv.py). The fused path takes the same size
 rule as the batch norm's own fused kernel (``ElasticBatchNorm2d.fused_activation_name``). A batch norm
 or convolution with hooks (``recalibrate_bn``'s, a user's) is called as a module, so its hooks see what
-they expect. The sequential passes (``ElasticMBConv.forward``) take this seam; the shared-prefix and
-packed steps still run the two ops (a shared expansion is read by narrower depthwise nodes as a
-channel prefix, which is not a channels-last tensor the kernels take), so step modes agree up to
-rounding, as the step-mode tests check.
+they expect. The sequential passes (``ElasticMBConv.forward``) take this seam, and so does the shared-prefix
+tree for an expansion with a single depthwise child (nn/shared_prefix.py); where the tree's depthwise
+nodes read a shared expansion as a channel prefix (not a channels-last tensor the kernels take), and in
+the packed step, the two ops run, so step modes agree up to rounding, as the step-mode tests check.
 
 :func:`expand_bn_act_dwconv` takes the 1×1 expansion before them in too, where it is a matrix product on
 the rows of a channels-last map (``ElasticConv2d``'s CPU path): the op then computes the expansion
@@ -52,20 +52,21 @@ def expand_bn_act_dwconv(
     """``dwconv(activation(bn(expand_conv(x, mid_channels))), kernel_size)``: an MBConv's expansion and
     the depthwise convolution it feeds, the expansion inside the fused op where it serves (module
     docstring). ``batch_stats``: as ``ElasticBatchNorm2d.forward``'s (the shared-prefix tree's)."""
+    transforms = dwconv.transforms_for(kernel_size) or []
+    # x stands in for the expansion's output y in the checks: the same pixels, dtype, device and layout.
+    name = _fused_activation_name(bn, activation, dwconv, x, kernel_size, transforms)
+    if name is None:  # the layer takes no fused kernel: the modules, one after the other
+        return dwconv(bn(expand_conv(x, mid_channels), activation, batch_stats=batch_stats), kernel_size)
     weight = _expansion_matrix(expand_conv, x, mid_channels)
-    if weight is not None:
-        transforms = dwconv.transforms_for(kernel_size) or []
-        # x stands in for the expansion's output in the checks: the same pixels, dtype, device and layout.
-        name = _fused_activation_name(bn, activation, dwconv, x, kernel_size, transforms, weight)
-        if name is not None:
-            return _fused(bn, dwconv, x, kernel_size, transforms, name, weight, batch_stats)
+    if weight is not None and fused_op.expansion_refusal(x, weight) is None:
+        return _fused(bn, dwconv, x, kernel_size, transforms, name, weight, batch_stats)
     return bn_act_dwconv(bn, activation, dwconv, expand_conv(x, mid_channels), kernel_size, batch_stats)
 
 
 def _expansion_matrix(expand_conv: ElasticConv2d, x: torch.Tensor, mid_channels: int) -> torch.Tensor | None:
     """The (mid, in) weight matrix when the expansion is one matrix product on x's rows and nothing
     (a bias, a hook) asks for it to run as its own module, else None."""
-    if not (FUSE_EXPANSION_BACKWARD and FUSE_BN_ACT_INTO_DWCONV):
+    if not FUSE_EXPANSION_BACKWARD:
         return None
     if expand_conv.kernel_size != 1 or expand_conv.stride != 1 or expand_conv.bias is not None:
         return None
@@ -126,7 +127,7 @@ def _has_hooks(module: nn.Module) -> bool:
     )
 
 
-def _fused_activation_name(bn, activation, dwconv, y, kernel_size, transforms, expansion_weight=None) -> str | None:
+def _fused_activation_name(bn, activation, dwconv, y, kernel_size, transforms) -> str | None:
     """The fused op's name for ``activation`` when the fused op serves this call, else None."""
     if not FUSE_BN_ACT_INTO_DWCONV or dwconv.padding != "symmetric":
         return None
@@ -137,7 +138,5 @@ def _fused_activation_name(bn, activation, dwconv, y, kernel_size, transforms, e
     name = bn.fused_activation_name(y, activation)  # None: not the batch norm's fused kernel either
     if name is None:
         return None
-    refusal = fused_op.fusion_refusal(
-        y, bn.weight, name, dwconv.weight, kernel_size, dwconv.stride, transforms, expansion_weight
-    )
+    refusal = fused_op.fusion_refusal(y, bn.weight, name, dwconv.weight, kernel_size, dwconv.stride, transforms)
     return name if refusal is None else None

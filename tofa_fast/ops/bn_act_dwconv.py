@@ -42,7 +42,7 @@ from . import elastic_dwconv_dispatch as dwconv_dispatch
 from . import packed_batch_norm
 from .eager_path import takes_eager_path
 
-__all__ = ["ACTIVATIONS", "bn_act_dwconv2d", "describe", "expand", "fusion_refusal"]
+__all__ = ["ACTIVATIONS", "bn_act_dwconv2d", "describe", "expand", "expansion_refusal", "fusion_refusal"]
 
 #: the activations the prologue computes (the tile kernels' PrologueActivation)
 ACTIVATIONS = ("none", "relu", "relu6", "hswish")
@@ -79,11 +79,8 @@ def fusion_refusal(
         return f"activation {activation!r} has no prologue (only {', '.join(ACTIVATIONS)})"
     if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
         return "x is not a channels-last 4-D tensor"
-    if expansion_weight is not None:
-        if expansion_weight.dtype != x.dtype or expansion_weight.dim() != 2 or expansion_weight.shape[1] != x.shape[1]:
-            return f"the expansion weight must be a ({x.shape[1]} input channels)-column matrix of x's dtype"
-        if not takes_eager_path(expansion_weight):
-            return "not a plain eager call"
+    if expansion_weight is not None and (refusal := expansion_refusal(x, expansion_weight)):
+        return refusal
     if not takes_eager_path(x, bn_weight, dw_weight, *transforms):
         return "not a plain eager call"
     # Whatever the two ops would run on (a pinned backend included) must be the C++ kernels.
@@ -94,6 +91,16 @@ def fusion_refusal(
     return None
 
 
+def expansion_refusal(x: torch.Tensor, expansion_weight: torch.Tensor) -> str | None:
+    """Why the op cannot take ``expansion_weight`` as x's expansion, given that it serves the layer
+    on the expansion's output (:func:`fusion_refusal`'s checks on the weight alone; None: it can)."""
+    if expansion_weight.dtype != x.dtype or expansion_weight.dim() != 2 or expansion_weight.shape[1] != x.shape[1]:
+        return f"the expansion weight must be a ({x.shape[1]} input channels)-column matrix of x's dtype"
+    if not takes_eager_path(expansion_weight):
+        return "not a plain eager call"
+    return None
+
+
 class _BnActDwconv2d(torch.autograd.Function):
     """dwconv(act(bn(y))) with y = x, or y = the 1×1 expansion of x when ``expansion_weight`` is given;
     the batch norm's statistics come from the caller (``layout[-2:]``). x, the expansion weight, the
@@ -101,10 +108,11 @@ class _BnActDwconv2d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, layout: tuple, x, expansion_weight, bn_weight, bn_bias, dw_weight, *transforms):
-        training, activation, kernel_size, stride, save_mean, save_rstd, y = layout
+        training, activation, kernel_size, stride, save_mean, save_rstd, expanded = layout
+        y = x if expanded is None else expanded
         mean, scale, bias = _prologue(bn_weight, bn_bias, save_mean, save_rstd)
         ctx.layout, ctx.prologue = layout[:-1], (mean, scale, bias)  # (C,) each: the backward's prologue too
-        ctx.save_for_backward(x, expansion_weight, y, bn_weight, bn_bias, dw_weight, *transforms)
+        ctx.save_for_backward(x, expansion_weight, expanded, bn_weight, bn_bias, dw_weight, *transforms)
         return torch.ops.tofa_fast._bn_act_dwconv2d_compiled_forward(
             y, mean, scale, bias, activation, dw_weight, kernel_size, stride, list(transforms)
         )
@@ -112,7 +120,8 @@ class _BnActDwconv2d(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, expansion_weight, y, bn_weight, bn_bias, dw_weight, *transforms = ctx.saved_tensors
+        x, expansion_weight, expanded, bn_weight, bn_bias, dw_weight, *transforms = ctx.saved_tensors
+        y = x if expanded is None else expanded
         training, activation, kernel_size, stride, save_mean, save_rstd = ctx.layout
         _, needs_x, needs_expansion, needs_bn_weight, needs_bn_bias, needs_dw_weight, *needs_transforms = (
             ctx.needs_input_grad
@@ -223,16 +232,16 @@ def bn_act_dwconv2d(
     :func:`fusion_refusal` first (on y, or on x for an expansion: it has y's pixels, dtype and layout):
     this function assumes a call it serves.
     """
+    expanded = None
     if expansion_weight is not None:
         with torch.no_grad():  # the Function below is its autograd node
-            y = expand(x, expansion_weight)
-    else:
-        y = x.detach()
+            expanded = expand(x, expansion_weight)
+    y = x if expanded is None else expanded
     n, c, h, w = y.shape
     save_mean, save_rstd = torch.ops.tofa_fast._packed_batch_norm_stats(
         _rows(y), [0, n * h * w], [c], running_mean, running_var, training, [momentum_factor], eps, []
     )
-    layout = (training, activation, kernel_size, stride, save_mean, save_rstd, y)
+    layout = (training, activation, kernel_size, stride, save_mean, save_rstd, expanded)
     return _BnActDwconv2d.apply(layout, x, expansion_weight, bn_weight, bn_bias, dw_weight, *transforms)
 
 

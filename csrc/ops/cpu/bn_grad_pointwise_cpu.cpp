@@ -108,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor> bn_grad_pointwise_backward_cpu(
     const int64_t workers = at::get_num_threads();
     // One dWᵀ partial per worker (C × padded(E)); a tensor for ATen's 64-byte alignment.
     at::Tensor partials = output_mask[1] ? at::zeros({workers, in_channels, ep}, x.options()) : at::Tensor();
-    const size_t scratch_elems = kernels.scratch(in_channels, out_channels);
+    const size_t scratch_elems = static_cast<size_t>(tile_rows * ep);
     at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
       const int64_t worker = at::get_thread_num();
       TORCH_CHECK(worker < workers, "at::parallel_for ran on worker ", worker, " of ", workers);

@@ -45,15 +45,13 @@ struct BnGradPointwiseProblem {
 
 template <typename T>
 struct BnGradPointwiseKernels {
-  const char* isa;
-  int lanes;
-  // Rows per tile and the scratch one worker needs for a tile (elements of T).
+  // Rows per tile.
   int64_t (*tile_rows)(int64_t out_channels);
-  size_t (*scratch)(int64_t in_channels, int64_t out_channels);
   // Whole vectors a row of `channels` takes, in elements (the padded row length).
   int64_t (*padded)(int64_t channels);
   // Rows [r0, r1): grad_x rows (P×C, when non-null) and, when grad_weight_t is non-null,
-  // grad_weight_t (C × padded(E), dWᵀ) += the tile's contribution. r1 − r0 ≤ tile_rows(E).
+  // grad_weight_t (C × padded(E), dWᵀ) += the tile's contribution. r1 − r0 ≤ tile_rows(E);
+  // `scratch`: one worker's tile_rows(E) × padded(E) elements.
   void (*tile)(const BnGradPointwiseProblem<T>&, int64_t r0, int64_t r1, T* grad_x, T* grad_weight_t, T* scratch);
 };
 

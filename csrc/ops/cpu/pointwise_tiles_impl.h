@@ -36,11 +36,6 @@ int64_t pw_tile_rows(int64_t out_channels) {
   return rows / 8 * 8;
 }
 
-template <typename T>
-size_t pw_scratch(int64_t /*in_channels*/, int64_t out_channels) {
-  return size_t(pw_tile_rows<T>(out_channels) * pw_padded<T>(out_channels));
-}
-
 // dx[r][c0 : c0 + NV·L] for RB rows from dy (row stride ep) and W (row stride cp). `store_channels`:
 // how many of the block's channels exist (the last block of a row stores a partial vector).
 template <typename T, int RB, int NV>
@@ -172,7 +167,5 @@ void pw_tile(const BnGradPointwiseProblem<T>& p, int64_t r0, int64_t r1, T* grad
 
 #undef TOFA_PW_FOR_VECTOR_BLOCKS
 
-const BnGradPointwiseKernels<float> pointwise_float = {TOFA_ISA_NAME, kLanes<float>, pw_tile_rows<float>,
-                                                       pw_scratch<float>, pw_padded<float>, pw_tile<float>};
-const BnGradPointwiseKernels<double> pointwise_double = {TOFA_ISA_NAME, kLanes<double>, pw_tile_rows<double>,
-                                                         pw_scratch<double>, pw_padded<double>, pw_tile<double>};
+const BnGradPointwiseKernels<float> pointwise_float = {pw_tile_rows<float>, pw_padded<float>, pw_tile<float>};
+const BnGradPointwiseKernels<double> pointwise_double = {pw_tile_rows<double>, pw_padded<double>, pw_tile<double>};
