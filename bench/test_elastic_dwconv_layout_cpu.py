@@ -19,6 +19,12 @@ forward+backward (gradients of x, weight and the matrices); two threads.
 Target (``test_target``; the run fails when it is missed): channels-last at least 0.9× NCHW's speed in
 geometric mean over the shapes, forward and forward+backward.
 
+``channels_last_no_prefetch`` is the channels-last op with the kernel's software prefetch off
+(``_set_dwconv_cpu_prefetch``; csrc/ops/cpu/dwconv_tiles_impl.h: a block reads and writes one line in
+C/lanes of every pixel, which the hardware prefetchers follow poorly). ``test_prefetch_interleaved``
+measures that switch alternately, round by round, over the digits layers (forward + backward), and
+fails below ``TARGET_PREFETCH``.
+
 Run: ``python -m pytest bench/test_elastic_dwconv_layout_cpu.py -p no:cacheprovider``
 """
 
@@ -39,8 +45,9 @@ from test_elastic_dwconv_cpu import SHAPES as OFA_SHAPES  # noqa: E402
 
 SUITE = "elastic_dwconv_layout_cpu"
 MODES = ("forward", "forward+backward")
-IMPLS = ("tofa_fast", "nchw")
+IMPLS = ("tofa_fast", "nchw", "channels_last_no_prefetch")
 TARGET_GEOMEAN = 0.9
+TARGET_PREFETCH, PREFETCH_ROUNDS = 1.02, 16
 TIME_PER_BENCH, MIN_ROUNDS, MAX_ROUNDS = 1.0, 3, 200
 
 
@@ -87,25 +94,40 @@ class Problem:
             "nchw": x.clone().requires_grad_(),
             "tofa_fast": x.contiguous(memory_format=torch.channels_last).requires_grad_(),
         }
+        self.inputs["channels_last_no_prefetch"] = self.inputs["tofa_fast"]
         out_size = (size + 2 * (kernel // 2) - kernel) // stride + 1
         grad = torch.randn(batch, channels, out_size, out_size)
         self.grads = {"nchw": grad, "tofa_fast": grad.contiguous(memory_format=torch.channels_last)}
+        self.grads["channels_last_no_prefetch"] = self.grads["tofa_fast"]
 
     def runner(self, impl: str, mode: str):
         x = self.inputs[impl]
         if mode == "forward":
 
-            def forward():
+            def run():
                 with torch.no_grad():
                     return elastic_dwconv2d(x, self.weight, self.kernel, self.stride)
 
-            return forward
+        else:
 
-        def forward_backward():
-            y = elastic_dwconv2d(x, self.weight, self.kernel, self.stride)
-            return torch.autograd.grad(y, (x, self.weight), self.grads[impl])
+            def run():
+                y = elastic_dwconv2d(x, self.weight, self.kernel, self.stride)
+                return torch.autograd.grad(y, (x, self.weight), self.grads[impl])
 
-        return forward_backward
+        return with_prefetch(run, impl != "channels_last_no_prefetch")
+
+
+def with_prefetch(fn, enabled: bool):
+    """``fn`` with the depthwise kernel's software prefetch on or off (restored after the call)."""
+
+    def run():
+        previous = torch.ops.tofa_fast._set_dwconv_cpu_prefetch(enabled)
+        try:
+            return fn()
+        finally:
+            torch.ops.tofa_fast._set_dwconv_cpu_prefetch(previous)
+
+    return run
 
 
 _PROBLEMS: dict[tuple, Problem] = {}
@@ -121,7 +143,8 @@ def test_layout(benchmark, bench_registry, case, mode, impl):
                 bench_registry.expect(SUITE, _case_id(expected), expected_mode, name)
     bench_registry.REGISTRY[SUITE]["meta"]["description"] = (
         "elastic_dwconv2d (C++ kernel) on the same values in two layouts, 2 threads: tofa_fast = channels-last "
-        "input (the trainer's CPU default), nchw = contiguous input. digits: the default run's depthwise layers "
+        "input (the trainer's CPU default), nchw = contiguous input, channels_last_no_prefetch = channels-last "
+        "with the kernel's software prefetch off. digits: the default run's depthwise layers "
         "(max arch, 32 px, batch 64); ofa_mbv3: OFA MobileNetV3 w1.2 at 128 px, k7, batch 32. Run: python -m "
         "pytest bench/test_elastic_dwconv_layout_cpu.py -p no:cacheprovider"
     )
@@ -138,6 +161,26 @@ def test_layout(benchmark, bench_registry, case, mode, impl):
         time_per_bench=TIME_PER_BENCH,
         min_rounds=MIN_ROUNDS,
         max_rounds=MAX_ROUNDS,
+    )
+
+
+def test_prefetch_interleaved(bench_registry):
+    """The software prefetch off (baseline) and on (ours), alternating round by round, each round every
+    digits layer forward + backward on channels-last inputs: the median per-round ratio must reach
+    TARGET_PREFETCH."""
+    problems = [_PROBLEMS.get(case) or Problem(case) for case in CASES if case[0] == "digits"]
+
+    def cycle(enabled: bool):
+        runs = [problem.runner("tofa_fast", "forward+backward") for problem in problems]
+        return with_prefetch(lambda: [run() for run in runs], enabled)
+
+    ratios = bench_registry.interleaved_ratios(cycle(False), cycle(True), PREFETCH_ROUNDS)
+    result = bench_registry.note_interleaved(
+        SUITE, ratios, "digits depthwise layers, forward+backward: software prefetch {median:.3f}× none"
+    )
+    bench_registry.REGISTRY[SUITE]["meta"]["prefetch_interleaved"] = result
+    assert result["median"] >= TARGET_PREFETCH, (
+        f"software prefetch {result['median']:.3f}× < {TARGET_PREFETCH}× without it (interleaved)"
     )
 
 

@@ -37,4 +37,7 @@ TORCH_LIBRARY_FRAGMENT(tofa_fast, m) {
       "Tensor save_mean, Tensor save_rstd, Tensor sums, bool training, bool[2] output_mask) "
       "-> (Tensor grad_x, Tensor grad_weight)");
   m.def("_elastic_dwconv2d_cpu_isa() -> str", &tofa_fast::cpu::tile_kernels_description);
+  // Software prefetch in the channels-last tile loads and stores, on by default; returns the previous
+  // setting (benchmarks measure what it buys: bench/test_elastic_dwconv_layout_cpu.py).
+  m.def("_set_dwconv_cpu_prefetch(bool enabled) -> bool", &tofa_fast::cpu::set_software_prefetch);
 }

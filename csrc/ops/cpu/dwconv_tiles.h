@@ -29,6 +29,9 @@ struct DwconvGeometry {
   int64_t batch, channels, height, width, out_height, out_width;
   int kernel_size, stride, pad;
   bool channels_last;
+  // Channels-last only: prefetch the pixels a block reads and writes ahead of use (dwconv_tiles_impl.h,
+  // "software prefetch"). Off only to measure what it buys (_set_dwconv_cpu_prefetch).
+  bool prefetch = true;
 };
 
 // A batch norm + activation applied to every input pixel as the tile loads it (the padding stays
@@ -95,5 +98,9 @@ const DwconvTileKernels<T>& select_tile_kernels();
 
 // "AVX-512 (16 float lanes)"-style description of the selected kernels, for `tofa-fast info`.
 std::string tile_kernels_description();
+
+// Turns DwconvGeometry::prefetch on or off for the calls that follow (on by default); returns the
+// previous setting. For benchmarks that measure what the prefetch buys, in one process.
+bool set_software_prefetch(bool enabled);
 
 }  // namespace tofa_fast::cpu

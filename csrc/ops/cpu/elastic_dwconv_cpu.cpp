@@ -65,6 +65,12 @@ std::string tile_kernels_description() {
   return std::string(k.isa) + " (" + std::to_string(k.lanes) + " float lanes)";
 }
 
+namespace {
+std::atomic<bool> software_prefetch{true};
+}  // namespace
+
+bool set_software_prefetch(bool enabled) { return software_prefetch.exchange(enabled); }
+
 }  // namespace cpu
 
 namespace {
@@ -174,7 +180,8 @@ cpu::DwconvGeometry geometry(const at::Tensor& x, int64_t kernel_size, int64_t s
           static_cast<int>(kernel_size),
           static_cast<int>(stride),
           static_cast<int>(kernel_size / 2),
-          format == at::MemoryFormat::ChannelsLast};
+          format == at::MemoryFormat::ChannelsLast,
+          cpu::software_prefetch.load(std::memory_order_relaxed)};
 }
 
 template <typename T>
