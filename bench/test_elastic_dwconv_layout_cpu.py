@@ -19,11 +19,13 @@ forward+backward (gradients of x, weight and the matrices); two threads.
 Target (``test_target``; the run fails when it is missed): channels-last at least 0.9× NCHW's speed in
 geometric mean over the shapes, forward and forward+backward.
 
-``channels_last_no_prefetch`` is the channels-last op with the kernel's software prefetch off
-(``_set_dwconv_cpu_prefetch``; csrc/ops/cpu/dwconv_tiles_impl.h: a block reads and writes one line in
-C/lanes of every pixel, which the hardware prefetchers follow poorly). ``test_prefetch_interleaved``
-measures that switch alternately, round by round, over the digits layers (forward + backward), and
-fails below ``TARGET_PREFETCH``.
+Two ways the kernel reads channels-last memory, each switchable to measure it
+(csrc/ops/cpu/dwconv_tiles_impl.h: a channel block is one line in C/lanes of every pixel, which the
+hardware prefetchers follow poorly): ``channels_last_no_prefetch`` is the channels-last op with its
+software prefetch off (``_set_dwconv_cpu_prefetch``), ``channels_last_one_block`` with one channel
+block per pass instead of several (``_set_dwconv_cpu_multi_block``). ``test_memory_plan_interleaved``
+measures each switch alternately, round by round, over the digits layers (forward + backward), and
+fails below ``TARGET_MEMORY_PLAN``.
 
 Run: ``python -m pytest bench/test_elastic_dwconv_layout_cpu.py -p no:cacheprovider``
 """
@@ -45,9 +47,17 @@ from test_elastic_dwconv_cpu import SHAPES as OFA_SHAPES  # noqa: E402
 
 SUITE = "elastic_dwconv_layout_cpu"
 MODES = ("forward", "forward+backward")
-IMPLS = ("tofa_fast", "nchw", "channels_last_no_prefetch")
+#: impl -> (software prefetch, several channel blocks per pass) of the C++ kernel
+SWITCHES = {
+    "tofa_fast": (True, True),
+    "nchw": (True, True),
+    "channels_last_no_prefetch": (False, True),
+    "channels_last_one_block": (True, False),
+}
+IMPLS = tuple(SWITCHES)
 TARGET_GEOMEAN = 0.9
-TARGET_PREFETCH, PREFETCH_ROUNDS = 1.02, 16
+#: what each switch must buy on the digits layers, interleaved (median per-round ratio)
+TARGET_MEMORY_PLAN, MEMORY_PLAN_ROUNDS = {"channels_last_no_prefetch": 1.02, "channels_last_one_block": 1.02}, 16
 TIME_PER_BENCH, MIN_ROUNDS, MAX_ROUNDS = 1.0, 3, 200
 
 
@@ -94,11 +104,13 @@ class Problem:
             "nchw": x.clone().requires_grad_(),
             "tofa_fast": x.contiguous(memory_format=torch.channels_last).requires_grad_(),
         }
-        self.inputs["channels_last_no_prefetch"] = self.inputs["tofa_fast"]
+        for impl in ("channels_last_no_prefetch", "channels_last_one_block"):
+            self.inputs[impl] = self.inputs["tofa_fast"]
         out_size = (size + 2 * (kernel // 2) - kernel) // stride + 1
         grad = torch.randn(batch, channels, out_size, out_size)
         self.grads = {"nchw": grad, "tofa_fast": grad.contiguous(memory_format=torch.channels_last)}
-        self.grads["channels_last_no_prefetch"] = self.grads["tofa_fast"]
+        for impl in ("channels_last_no_prefetch", "channels_last_one_block"):
+            self.grads[impl] = self.grads["tofa_fast"]
 
     def runner(self, impl: str, mode: str):
         x = self.inputs[impl]
@@ -114,18 +126,21 @@ class Problem:
                 y = elastic_dwconv2d(x, self.weight, self.kernel, self.stride)
                 return torch.autograd.grad(y, (x, self.weight), self.grads[impl])
 
-        return with_prefetch(run, impl != "channels_last_no_prefetch")
+        return with_switches(run, *SWITCHES[impl])
 
 
-def with_prefetch(fn, enabled: bool):
-    """``fn`` with the depthwise kernel's software prefetch on or off (restored after the call)."""
+def with_switches(fn, prefetch: bool, multi_block: bool):
+    """``fn`` with the depthwise kernel's software prefetch and multi-block passes on or off (both
+    restored after the call)."""
+    ops = torch.ops.tofa_fast
 
     def run():
-        previous = torch.ops.tofa_fast._set_dwconv_cpu_prefetch(enabled)
+        previous = ops._set_dwconv_cpu_prefetch(prefetch), ops._set_dwconv_cpu_multi_block(multi_block)
         try:
             return fn()
         finally:
-            torch.ops.tofa_fast._set_dwconv_cpu_prefetch(previous)
+            ops._set_dwconv_cpu_prefetch(previous[0])
+            ops._set_dwconv_cpu_multi_block(previous[1])
 
     return run
 
@@ -143,8 +158,8 @@ def test_layout(benchmark, bench_registry, case, mode, impl):
                 bench_registry.expect(SUITE, _case_id(expected), expected_mode, name)
     bench_registry.REGISTRY[SUITE]["meta"]["description"] = (
         "elastic_dwconv2d (C++ kernel) on the same values in two layouts, 2 threads: tofa_fast = channels-last "
-        "input (the trainer's CPU default), nchw = contiguous input, channels_last_no_prefetch = channels-last "
-        "with the kernel's software prefetch off. digits: the default run's depthwise layers "
+        "input (the trainer's CPU default), nchw = contiguous input, channels_last_no_prefetch / "
+        "channels_last_one_block = channels-last with the kernel's software prefetch / multi-block passes off. digits: the default run's depthwise layers "
         "(max arch, 32 px, batch 64); ofa_mbv3: OFA MobileNetV3 w1.2 at 128 px, k7, batch 32. Run: python -m "
         "pytest bench/test_elastic_dwconv_layout_cpu.py -p no:cacheprovider"
     )
@@ -164,24 +179,27 @@ def test_layout(benchmark, bench_registry, case, mode, impl):
     )
 
 
-def test_prefetch_interleaved(bench_registry):
-    """The software prefetch off (baseline) and on (ours), alternating round by round, each round every
-    digits layer forward + backward on channels-last inputs: the median per-round ratio must reach
-    TARGET_PREFETCH."""
+@pytest.mark.parametrize("baseline", list(TARGET_MEMORY_PLAN))
+def test_memory_plan_interleaved(bench_registry, baseline):
+    """One switch off (``baseline``) and all on, alternating round by round, each round every digits layer
+    forward + backward on channels-last inputs: the median per-round ratio must reach its target."""
     problems = [_PROBLEMS.get(case) or Problem(case) for case in CASES if case[0] == "digits"]
 
-    def cycle(enabled: bool):
-        runs = [problem.runner("tofa_fast", "forward+backward") for problem in problems]
-        return with_prefetch(lambda: [run() for run in runs], enabled)
+    def cycle(impl: str):
+        runs = [problem.runner(impl, "forward+backward") for problem in problems]
+        return lambda: [run() for run in runs]
 
-    ratios = bench_registry.interleaved_ratios(cycle(False), cycle(True), PREFETCH_ROUNDS)
+    ratios = bench_registry.interleaved_ratios(cycle(baseline), cycle("tofa_fast"), MEMORY_PLAN_ROUNDS)
+    what = {
+        "channels_last_no_prefetch": "software prefetch",
+        "channels_last_one_block": "several channel blocks per pass",
+    }
     result = bench_registry.note_interleaved(
-        SUITE, ratios, "digits depthwise layers, forward+backward: software prefetch {median:.3f}× none"
+        SUITE, ratios, f"digits depthwise layers, forward+backward: {what[baseline]} {{median:.3f}}× without"
     )
-    bench_registry.REGISTRY[SUITE]["meta"]["prefetch_interleaved"] = result
-    assert result["median"] >= TARGET_PREFETCH, (
-        f"software prefetch {result['median']:.3f}× < {TARGET_PREFETCH}× without it (interleaved)"
-    )
+    bench_registry.REGISTRY[SUITE]["meta"].setdefault("memory_plan_interleaved", {})[baseline] = result
+    target = TARGET_MEMORY_PLAN[baseline]
+    assert result["median"] >= target, f"{what[baseline]} {result['median']:.3f}× < {target}× without it (interleaved)"
 
 
 def test_target(bench_registry):

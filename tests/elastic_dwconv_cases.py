@@ -175,3 +175,33 @@ def grid_cases(count: int, seed: int, dtypes=(torch.float32, torch.float64), max
             )
         )
     return cases
+
+
+def large_plane_cases() -> list[DwconvCase]:
+    """Channels-last cases where the C++ kernels prefetch their loads (planes of >= 256 pixels) and take
+    several channel blocks per pass (csrc/ops/cpu/dwconv_tiles_impl.h), which the small planes of
+    :func:`grid_cases` never reach. A pass takes blocks within one task's group, and groups split the
+    blocks only while the call has few batch chunks (task_plan): 16 samples of ~2 MiB in all make 13-16
+    chunks, so groups of 2 blocks (16 lanes) to 4 (8 lanes); the last block is partial at every width."""
+    shapes = [
+        (120, 16, 17, 7, 5, 2, True, torch.float32),
+        (120, 17, 16, 5, 3, 1, False, torch.float64),
+        (100, 16, 16, 3, 3, 2, True, torch.float32),
+        (100, 18, 16, 7, 7, 1, False, torch.float32),
+    ]
+    return [
+        DwconvCase(
+            batch=16,
+            channels=channels,
+            max_channels=channels + 3,
+            height=height,
+            width=width,
+            max_kernel=big,
+            kernel=kernel,
+            stride=stride,
+            layout="channels_last",
+            with_transforms=transforms,
+            dtype=dtype,
+        )
+        for channels, height, width, big, kernel, stride, transforms, dtype in shapes
+    ]

@@ -105,39 +105,36 @@ def test_matches_batch_norm_then_reference_dwconv(dtype, activation, kernel, str
 
 
 @pytest.mark.parametrize(("kernel", "stride"), [(5, 2), (3, 1)])
-def test_software_prefetch_changes_no_value(kernel, stride):
-    """The channels-last tile loads and stores prefetch ahead (csrc/ops/cpu/dwconv_tiles_impl.h); the
-    loads only on planes of >= 256 pixels, so this plane has 17×17. On or off, every output is the
-    same bit for bit, and the fused op still matches the oracle at that size."""
-    x, bn_weight, bn_bias, running, dw_weight, transforms = make_case(torch.float32, size=17, batch=2)
+def test_memory_plans_change_no_value(kernel, stride):
+    """The channels-last tile kernels prefetch (loads on planes of >= 256 pixels) and take several channel
+    blocks per pass (csrc/ops/cpu/dwconv_tiles_impl.h; tests/elastic_dwconv_cases.large_plane_cases says
+    when): 16 samples of 120 channels on 16×16 planes reach both. Every combination of the two switches
+    gives the same bits — the prologue, the epilogue's sums and every gradient — and the fused op still
+    matches the oracle there."""
+    x, bn_weight, bn_bias, running, dw_weight, transforms = make_case(torch.float32, channels=120, size=16, batch=16)
     chain = transforms.get(kernel, [])
     inputs = (x, bn_weight, bn_bias, dw_weight, *chain)
+    ops = torch.ops.tofa_fast
 
-    def run():
-        y = fused.bn_act_dwconv2d(
-            x, bn_weight, bn_bias, None, None, True, 0.1, 1e-3, "hswish", dw_weight, kernel, stride, chain
-        )
-        plain = torch.ops.tofa_fast._elastic_dwconv2d_compiled_forward(
-            x.detach(), dw_weight.detach(), kernel, stride, []
-        )
-        grad_y = torch.linspace(-1, 1, y.numel()).view_as(y).contiguous(memory_format=torch.channels_last)
-        plain_grads = torch.ops.tofa_fast._elastic_dwconv2d_compiled_backward(
-            grad_y, x.detach(), dw_weight.detach(), kernel, stride, [], [True, True, False]
-        )
-        return [y, plain, *torch.autograd.grad(y, inputs, grad_y), *plain_grads[:2]]
+    def run(prefetch: bool, multi_block: bool) -> list[torch.Tensor]:
+        previous = ops._set_dwconv_cpu_prefetch(prefetch), ops._set_dwconv_cpu_multi_block(multi_block)
+        try:
+            y = fused.bn_act_dwconv2d(
+                x, bn_weight, bn_bias, None, None, True, 0.1, 1e-3, "hswish", dw_weight, kernel, stride, chain
+            )
+            grad_y = torch.linspace(-1, 1, y.numel()).view_as(y).contiguous(memory_format=torch.channels_last)
+            return [y, *torch.autograd.grad(y, inputs, grad_y)]
+        finally:
+            ops._set_dwconv_cpu_prefetch(previous[0])
+            ops._set_dwconv_cpu_multi_block(previous[1])
 
-    previous = torch.ops.tofa_fast._set_dwconv_cpu_prefetch(False)
-    try:
-        without = run()
-        torch.ops.tofa_fast._set_dwconv_cpu_prefetch(True)
-        with_prefetch = run()
-    finally:
-        torch.ops.tofa_fast._set_dwconv_cpu_prefetch(previous)
-    for a, b in zip(with_prefetch, without):
-        assert torch.equal(a, b)
+    plain = run(False, False)
+    for switches in [(True, False), (False, True), (True, True)]:
+        for got, want in zip(run(*switches), plain):
+            assert torch.equal(got, want), switches
     wide = [t.detach().double().requires_grad_() for t in inputs]
     y_ref = reference(*wide[:3], None, True, 0.1, 1e-3, "hswish", wide[3], kernel, stride, wide[4:])
-    assert_close_to_oracle(with_prefetch[0], y_ref, "y")
+    assert_close_to_oracle(plain[0], y_ref, "y")
 
 
 def assert_close_to_oracle(got: torch.Tensor, want: torch.Tensor, name: str) -> None:

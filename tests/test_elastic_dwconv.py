@@ -13,12 +13,15 @@ import textwrap
 
 import pytest
 import torch
-from conftest import run_under_cpu_isa
+from conftest import run_under_cpu_isa, tolerance
 from elastic_dwconv_cases import (
     DwconvCase,
     assert_backend_matches_oracle,
+    assert_matches_oracle,
     grid_cases,
+    large_plane_cases,
     make_inputs,
+    oracle_outputs,
     reference_outputs,
     transform_chain,
 )
@@ -174,12 +177,14 @@ _ISA_SCRIPT = textwrap.dedent(
     """
     import torch, sys
     sys.path.insert(0, {tests!r})
-    from elastic_dwconv_cases import assert_matches_oracle, grid_cases, make_inputs, oracle_outputs, reference_outputs
+    from elastic_dwconv_cases import (
+        assert_matches_oracle, grid_cases, large_plane_cases, make_inputs, oracle_outputs, reference_outputs,
+    )
     from conftest import tolerance
     from tofa_fast.ops import elastic_dwconv2d
     from tofa_fast.ops.elastic_dwconv_dispatch import use_backend
     print(torch.ops.tofa_fast._elastic_dwconv2d_cpu_isa())
-    for case in grid_cases(12, seed=5, max_batch=4):
+    for case in grid_cases(12, seed=5, max_batch=4) + large_plane_cases():
         x, w, chain = make_inputs(case)
         ref, gy, ref_grads = reference_outputs(x, w, case.kernel, case.stride, chain)
         oracle, _, oracle_grads = oracle_outputs(x, w, case.kernel, case.stride, chain, gy)
@@ -198,6 +203,36 @@ _ISA_SCRIPT = textwrap.dedent(
 def test_cpp_narrower_isa_paths(isa):
     """The AVX2 and baseline tile kernels (this machine would pick its widest) against the reference."""
     run_under_cpu_isa(isa, _ISA_SCRIPT.format(tests=os.path.join(ROOT, "tests")))
+
+
+@needs_cpp
+@pytest.mark.parametrize("case", large_plane_cases(), ids=str)
+def test_cpp_channels_last_memory_plans(case):
+    """Channels-last planes of >= 256 pixels, several channel blocks: the kernels' software prefetch and
+    several blocks per pass change how memory is read and written, never a value — every combination
+    of the two switches gives the same bits, and they match the oracle."""
+    x, weight, chain = make_inputs(case)
+    ref, grad_output, ref_grads = reference_outputs(x, weight, case.kernel, case.stride, chain)
+    oracle, _, oracle_grads = oracle_outputs(x, weight, case.kernel, case.stride, chain, grad_output)
+    ops = torch.ops.tofa_fast
+
+    def run(prefetch: bool, multi_block: bool) -> list[torch.Tensor]:
+        previous = ops._set_dwconv_cpu_prefetch(prefetch), ops._set_dwconv_cpu_multi_block(multi_block)
+        try:
+            leaves = [t.clone().requires_grad_() for t in (x, weight, *chain)]
+            with dispatch.use_backend("C++"):
+                out = elastic_dwconv2d(leaves[0], leaves[1], case.kernel, case.stride, leaves[2:])
+            return [out, *torch.autograd.grad(out, leaves, grad_output)]
+        finally:
+            ops._set_dwconv_cpu_prefetch(previous[0])
+            ops._set_dwconv_cpu_multi_block(previous[1])
+
+    plain = run(False, False)
+    for got, want, exact in zip(plain, [ref, *ref_grads], [oracle, *oracle_grads]):
+        assert_matches_oracle(got, want, exact, case.dtype, tolerance)
+    for switches in [(True, False), (False, True), (True, True)]:
+        for got, want in zip(run(*switches), plain):
+            assert torch.equal(got, want), switches
 
 
 # ---- dispatch ---------------------------------------------------------------------------------------

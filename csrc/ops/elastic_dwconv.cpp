@@ -40,4 +40,6 @@ TORCH_LIBRARY_FRAGMENT(tofa_fast, m) {
   // Software prefetch in the channels-last tile loads and stores, on by default; returns the previous
   // setting (benchmarks measure what it buys: bench/test_elastic_dwconv_layout_cpu.py).
   m.def("_set_dwconv_cpu_prefetch(bool enabled) -> bool", &tofa_fast::cpu::set_software_prefetch);
+  // Channels-last passes of several channel blocks, on by default; returns the previous setting.
+  m.def("_set_dwconv_cpu_multi_block(bool enabled) -> bool", &tofa_fast::cpu::set_multi_block_passes);
 }

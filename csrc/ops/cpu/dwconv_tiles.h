@@ -32,6 +32,9 @@ struct DwconvGeometry {
   // Channels-last only: prefetch the pixels a block reads and writes ahead of use (dwconv_tiles_impl.h,
   // "software prefetch"). Off only to measure what it buys (_set_dwconv_cpu_prefetch).
   bool prefetch = true;
+  // Channels-last only: passes of several channel blocks (kMaxBlocksPerPass). Off only to measure what
+  // it buys (_set_dwconv_cpu_multi_block).
+  bool multi_block = true;
 };
 
 // A batch norm + activation applied to every input pixel as the tile loads it (the padding stays
@@ -56,23 +59,31 @@ struct BnActPrologue {
   const T* weight = nullptr;
 };
 
+// The most channel blocks one pass takes (the kernels keep per-block state on the stack).
+constexpr int64_t kMaxBlocksPerPass = 8;
+
+// A pass covers `nb` consecutive channel blocks [c0, c0 + nb·lanes) of samples [n0, n1): on channels-last
+// tensors it reads and writes each pixel's run of those channels at once (dwconv_tiles_impl.h, "several
+// channel blocks per pass"). Per-block arrays (filters, filter gradients, sums) hold the pass's blocks
+// one after another.
 template <typename T>
 struct DwconvTileKernels {
   const char* isa;
   int lanes;  // channels per block
-  // Scratch (elements of T) one worker needs; the caller zero-fills it once before the first block.
-  size_t (*forward_scratch)(const DwconvGeometry&);
-  size_t (*backward_scratch)(const DwconvGeometry&);
-  // For samples [n0, n1): y[n, c0 : c0+lanes] = depthwise conv of x[n, c0 : c0+lanes] with
-  // filter_block ([k][k][lanes]); of prologue(x) when `prologue` is non-null.
-  void (*forward_block)(const DwconvGeometry&, const T* x, T* y, const T* filter_block, int64_t n0, int64_t n1,
-                        int64_t c0, T* scratch, const BnActPrologue<T>* prologue);
-  // For samples [n0, n1) of channel block c0: grad_x (when non-null) and, when grad_filter_block
-  // ([k][k][lanes]) is non-null, grad_filter_block += Σ_n Σ_pixels grad_y · x. With a `prologue`,
-  // x is read as prologue(x) and grad_x is the gradient with respect to prologue(x).
-  void (*backward_block)(const DwconvGeometry&, const T* x, const T* grad_y, T* grad_x, const T* filter_block,
-                         T* grad_filter_block, int64_t n0, int64_t n1, int64_t c0, T* scratch,
-                         const BnActPrologue<T>* prologue, double* sums);
+  // Scratch (elements of T) one worker needs for passes of up to nb blocks; the caller zero-fills it
+  // once before the first pass. The *_block_elems part grows with nb; the rest is shared.
+  size_t (*forward_scratch)(const DwconvGeometry&, int64_t nb);
+  size_t (*backward_scratch)(const DwconvGeometry&, int64_t nb);
+  // y[n, block j] = depthwise conv of x[n, block j] with filters[j] ([k][k][lanes]); of prologue(x)
+  // when `prologue` is non-null.
+  void (*forward_blocks)(const DwconvGeometry&, const T* x, T* y, const T* filters, int64_t n0, int64_t n1,
+                         int64_t c0, int64_t nb, T* scratch, const BnActPrologue<T>* prologue);
+  // grad_x (when non-null) and, when grad_filters ([nb][k][k][lanes]) is non-null, grad_filters[j] +=
+  // Σ_n Σ_pixels grad_y · x over block j. With a `prologue`, x is read as prologue(x) and grad_x is the
+  // gradient with respect to prologue(x); with `sums` too ([nb][2][lanes]), see BnActPrologue.
+  void (*backward_blocks)(const DwconvGeometry&, const T* x, const T* grad_y, T* grad_x, const T* filters,
+                          T* grad_filters, int64_t n0, int64_t n1, int64_t c0, int64_t nb, T* scratch,
+                          const BnActPrologue<T>* prologue, double* sums);
 };
 
 #define TOFA_FAST_DECLARE_TILE_KERNELS(ns)                \
@@ -102,5 +113,7 @@ std::string tile_kernels_description();
 // Turns DwconvGeometry::prefetch on or off for the calls that follow (on by default); returns the
 // previous setting. For benchmarks that measure what the prefetch buys, in one process.
 bool set_software_prefetch(bool enabled);
+// The same for DwconvGeometry::multi_block.
+bool set_multi_block_passes(bool enabled);
 
 }  // namespace tofa_fast::cpu

@@ -235,19 +235,6 @@ void with_prologue_activation(PrologueActivation a, const F& f) {
   }
 }
 
-// load_tile with the block's prologue, if any: one switch per plane.
-template <typename T>
-void load_tile_prologue(const T* src, bool channels_last, int64_t channels, int64_t n, int64_t c0, int64_t nc,
-                        const TileMap& map, T* tile, bool prefetch, const BnActPrologue<T>* prologue) {
-  if (prologue == nullptr) return load_tile(src, channels_last, channels, n, c0, nc, map, tile, prefetch);
-  const vec_t<T> mean = vload_partial(prologue->mean + c0, nc), scale = vload_partial(prologue->scale + c0, nc),
-                 bias = vload_partial(prologue->bias + c0, nc);
-  with_prologue_activation(prologue->activation, [&](auto a) {
-    load_tile(src, channels_last, channels, n, c0, nc, map, tile, prefetch,
-              BnActVector<T, decltype(a)::value>{mean, scale, bias});
-  });
-}
-
 // dst[n, c0 : c0 + nc] ← the tile pixels of `map`.
 template <typename T>
 void store_tile(const T* tile, const TileMap& map, T* dst, bool channels_last, int64_t channels, int64_t n,
@@ -301,6 +288,97 @@ void store_tile(const T* tile, const TileMap& map, T* dst, bool channels_last, i
 #pragma GCC unroll 16
     for (int l = 0; l < L; ++l) {
       if (l < nc) vstore_partial(d + l * plane + q0, r[l], count);
+    }
+  }
+}
+
+// ---- several channel blocks per pass (channels-last) ----------------------------------------------
+// In NHWC the `nb` blocks [c0, c0 + nb·lanes) of a pixel are one contiguous run of its channels: loading
+// (and storing) them together reads each pixel's run once, front to back, where block by block every
+// pass read one line in C/lanes. Tile j of the pass starts `tile_elems` after tile j − 1. NCHW planes
+// take the single-block path, block after block.
+inline int64_t block_channels(int64_t channels, int64_t c0, int64_t j, int64_t lanes) {
+  return min_i(lanes, channels - c0 - j * lanes);
+}
+
+template <typename T, typename Op>
+void load_tiles(const T* src, const DwconvGeometry& g, int64_t n, int64_t c0, int64_t nb, const TileMap& map, T* tiles,
+                int64_t tile_elems, const Op* ops) {
+  constexpr int L = kLanes<T>;
+  if (!g.channels_last || nb == 1) {
+    for (int64_t j = 0; j < nb; ++j)
+      load_tile(src, g.channels_last, g.channels, n, c0 + j * L, block_channels(g.channels, c0, j, L), map,
+                tiles + j * tile_elems, g.prefetch, ops[j]);
+    return;
+  }
+  const int64_t plane = map.rows * map.cols, channels = g.channels;
+  const T* s = src + n * plane * channels + c0;
+  const int64_t ahead = g.prefetch && plane >= kLoadAheadMinPlane ? kLoadAhead * channels : 0;
+  const int64_t last_nc = block_channels(channels, c0, nb - 1, L);
+  for (int64_t h = 0; h < map.rows; ++h) {
+    const int64_t row = (map.top + h) * map.tile_w + map.left;
+    for (int64_t w = 0; w < map.cols; ++w) {
+      const T* pixel = s + (h * map.cols + w) * channels;
+      if (ahead != 0) {
+        for (int64_t j = 0; j < nb; ++j) prefetch_read(pixel + ahead + j * L);
+      }
+      T* d = tiles + (row + w) * L;
+      for (int64_t j = 0; j + 1 < nb; ++j) vstore(d + j * tile_elems, ops[j](vload(pixel + j * L)));
+      const T* tail = pixel + (nb - 1) * L;
+      vstore(d + (nb - 1) * tile_elems, ops[nb - 1](last_nc == L ? vload(tail) : vload_partial(tail, last_nc)));
+    }
+  }
+}
+
+template <typename T>
+void load_tiles_prologue(const T* src, const DwconvGeometry& g, int64_t n, int64_t c0, int64_t nb, const TileMap& map,
+                         T* tiles, int64_t tile_elems, const BnActPrologue<T>* prologue) {
+  constexpr int L = kLanes<T>;
+  if (prologue == nullptr) {
+    NoPrologue none[kMaxBlocksPerPass];
+    return load_tiles(src, g, n, c0, nb, map, tiles, tile_elems, none);
+  }
+  with_prologue_activation(prologue->activation, [&](auto a) {
+    BnActVector<T, decltype(a)::value> ops[kMaxBlocksPerPass];
+    for (int64_t j = 0; j < nb; ++j) {
+      const int64_t cj = c0 + j * L, nc = block_channels(g.channels, c0, j, L);
+      ops[j] = {vload_partial(prologue->mean + cj, nc), vload_partial(prologue->scale + cj, nc),
+                vload_partial(prologue->bias + cj, nc)};
+    }
+    load_tiles(src, g, n, c0, nb, map, tiles, tile_elems, ops);
+  });
+}
+
+template <typename T>
+void store_tiles(const T* tiles, int64_t tile_elems, const TileMap& map, T* dst, const DwconvGeometry& g, int64_t n,
+                 int64_t c0, int64_t nb) {
+  constexpr int L = kLanes<T>;
+  if (!g.channels_last || nb == 1) {
+    for (int64_t j = 0; j < nb; ++j)
+      store_tile(tiles + j * tile_elems, map, dst, g.channels_last, g.channels, n, c0 + j * L,
+                 block_channels(g.channels, c0, j, L), g.prefetch);
+    return;
+  }
+  const int64_t plane = map.rows * map.cols, channels = g.channels;
+  T* d = dst + n * plane * channels + c0;
+  const int64_t ahead = g.prefetch ? kStoreAhead : 0;
+  const int64_t last_nc = block_channels(channels, c0, nb - 1, L);
+  for (int64_t h = 0; h < map.rows; ++h) {
+    const int64_t row = (map.top + h) * map.tile_w + map.left;
+    for (int64_t w = 0; w < map.cols; ++w) {
+      const int64_t q = h * map.cols + w;
+      T* pixel = d + q * channels;
+      if (ahead != 0 && q + ahead < plane) {
+        for (int64_t j = 0; j < nb; ++j) prefetch_write(pixel + ahead * channels + j * L);
+      }
+      const T* s = tiles + (row + w) * L;
+      for (int64_t j = 0; j + 1 < nb; ++j) vstore(pixel + j * L, vload(s + j * tile_elems));
+      const vec_t<T> tail = vload(s + (nb - 1) * tile_elems);
+      if (last_nc == L) {
+        vstore(pixel + (nb - 1) * L, tail);
+      } else {
+        vstore_partial(pixel + (nb - 1) * L, tail, last_nc);
+      }
     }
   }
 }
@@ -458,18 +536,31 @@ int64_t table_slots(int64_t entries) {
   return (entries * int64_t(sizeof(int32_t)) + int64_t(sizeof(T)) - 1) / int64_t(sizeof(T));
 }
 
+// Per block of a pass: [x tile][output tile] forward, [x tile][grad_y tile][grad_x tile][sub-filters]
+// backward (tile_elems: one block's share); the offset tables after the pass's `nb` blocks.
 template <typename T>
-size_t forward_scratch(const DwconvGeometry& g) {
+int64_t forward_block_elems(const DwconvGeometry& g) {
   const Plan pl = make_plan(g);
-  const int64_t planes = g.height * g.width + g.out_height * g.out_width;
-  return size_t((pl.x_h * pl.x_w + g.out_height * g.out_width) * kLanes<T> + table_slots<T>(planes));
+  return (pl.x_h * pl.x_w + g.out_height * g.out_width) * kLanes<T>;
 }
 
 template <typename T>
-size_t backward_scratch(const DwconvGeometry& g) {
+int64_t backward_block_elems(const DwconvGeometry& g) {
   const Plan pl = make_plan(g);
-  const int64_t k = g.kernel_size, planes = 2 * g.height * g.width + g.out_height * g.out_width;
-  return size_t((pl.x_h * pl.x_w + pl.g_h * pl.g_w + g.height * g.width + k * k) * kLanes<T> + table_slots<T>(planes));
+  const int64_t k = g.kernel_size;
+  return (pl.x_h * pl.x_w + pl.g_h * pl.g_w + g.height * g.width + k * k) * kLanes<T>;
+}
+
+template <typename T>
+size_t forward_scratch(const DwconvGeometry& g, int64_t nb) {
+  const int64_t planes = g.height * g.width + g.out_height * g.out_width;
+  return size_t(nb * forward_block_elems<T>(g) + table_slots<T>(planes));
+}
+
+template <typename T>
+size_t backward_scratch(const DwconvGeometry& g, int64_t nb) {
+  const int64_t planes = 2 * g.height * g.width + g.out_height * g.out_width;
+  return size_t(nb * backward_block_elems<T>(g) + table_slots<T>(planes));
 }
 
 // ---- the backward epilogue of the prologue (dwconv_tiles.h: BnActPrologue) -------------------------
@@ -531,20 +622,22 @@ void grad_z_tile(const T* x, const DwconvGeometry& g, int64_t n, int64_t c0, int
 // ---- blocks ---------------------------------------------------------------------------------------
 template <typename T, int K, int S, int RW>
 void forward_block_t(const DwconvGeometry& g, const T* x, T* y, const T* filt, int64_t n0, int64_t n1, int64_t c0,
-                     T* scratch, const BnActPrologue<T>* prologue) {
+                     int64_t nb, T* scratch, const BnActPrologue<T>* prologue) {
   constexpr int L = kLanes<T>;
   const Plan pl = make_plan(g);
-  const int64_t nc = min_i(L, g.channels - c0), p = g.pad;
-  T* xt = scratch;
+  const int64_t p = g.pad, block = forward_block_elems<T>(g);
+  T* xt = scratch;  // tile j at xt + j·block, its output tile after it
   T* ot = xt + pl.x_h * pl.x_w * L;
-  int32_t* tables = reinterpret_cast<int32_t*>(ot + g.out_height * g.out_width * L);
+  // The NCHW offset tables (NCHW passes have one block, so they never move; NHWC writes none).
+  int32_t* tables = reinterpret_cast<int32_t*>(scratch + nb * block);
   const TileMap x_map = make_map(g.height, g.width, pl.x_w, p, p, tables, g.channels_last);
   const TileMap out_map = make_map(g.out_height, g.out_width, g.out_width, 0, 0, tables, g.channels_last);
   for (int64_t n = n0; n < n1; ++n) {
-    load_tile_prologue(x, g.channels_last, g.channels, n, c0, nc, x_map, xt, g.prefetch, prologue);
-    conv_rows<T, K, K, S, RW>(xt, pl.x_w * L, filt, ot, g.out_width * L, L, g.out_height, g.out_width,
-                              Window{p, p + g.height, p, p + g.width});
-    store_tile(ot, out_map, y, g.channels_last, g.channels, n, c0, nc, g.prefetch);
+    load_tiles_prologue(x, g, n, c0, nb, x_map, xt, block, prologue);
+    for (int64_t j = 0; j < nb; ++j)
+      conv_rows<T, K, K, S, RW>(xt + j * block, pl.x_w * L, filt + j * K * K * L, ot + j * block, g.out_width * L, L,
+                                g.out_height, g.out_width, Window{p, p + g.height, p, p + g.width});
+    store_tiles(ot, block, out_map, y, g, n, c0, nb);
   }
 }
 
@@ -571,47 +664,61 @@ void grad_input_class(const DwconvGeometry& g, const Plan& pl, const T* gt, cons
 
 template <typename T, int K, int S, int RW>
 void backward_block_t(const DwconvGeometry& g, const T* x, const T* gy, T* gx, const T* filt, T* gf, int64_t n0,
-                      int64_t n1, int64_t c0, T* scratch, const BnActPrologue<T>* prologue, double* sums) {
+                      int64_t n1, int64_t c0, int64_t nb, T* scratch, const BnActPrologue<T>* prologue,
+                      double* sums) {
   constexpr int L = kLanes<T>;
   const Plan pl = make_plan(g);
-  const int64_t nc = min_i(L, g.channels - c0), p = g.pad;
-  T* xt = scratch;
+  const int64_t p = g.pad, block = backward_block_elems<T>(g);
+  T* xt = scratch;  // per block j, at + j·block: x tile, grad_y tile, grad_x tile, sub-filters
   T* gt = xt + pl.x_h * pl.x_w * L;
   T* gxt = gt + pl.g_h * pl.g_w * L;
   T* sub = gxt + g.height * g.width * L;
-  int32_t* tables = reinterpret_cast<int32_t*>(sub + K * K * L);
+  int32_t* tables = reinterpret_cast<int32_t*>(scratch + nb * block);
   const TileMap x_map = make_map(g.height, g.width, pl.x_w, p, p, tables, g.channels_last);
   const TileMap gy_map = make_map(g.out_height, g.out_width, pl.g_w, pl.pt, pl.pt, tables, g.channels_last);
   const TileMap gx_map = make_map(g.height, g.width, g.width, 0, 0, tables, g.channels_last);
-  // Polyphase sub-filters, class (a, b) at offset[a][b].
+  // Polyphase sub-filters of each block, class (a, b) at offset[a][b].
   int64_t offset[S][S];
-  int64_t next = 0;
-  for (int a = 0; a < S; ++a) {
-    for (int b = 0; b < S; ++b) {
-      const int64_t ka = class_taps(K, a, S), kb = class_taps(K, b, S);
-      offset[a][b] = next;
-      for (int64_t al = 0; al < ka; ++al)
-        for (int64_t be = 0; be < kb; ++be)
-          vstore(sub + next + (al * kb + be) * L, vload(filt + ((S * (ka - 1 - al) + a) * K + S * (kb - 1 - be) + b) * L));
-      next += ka * kb * L;
+  for (int64_t j = 0; j < nb; ++j) {
+    const T* f = filt + j * K * K * L;
+    T* sj = sub + j * block;
+    int64_t next = 0;
+    for (int a = 0; a < S; ++a) {
+      for (int b = 0; b < S; ++b) {
+        const int64_t ka = class_taps(K, a, S), kb = class_taps(K, b, S);
+        offset[a][b] = next;
+        for (int64_t al = 0; al < ka; ++al)
+          for (int64_t be = 0; be < kb; ++be)
+            vstore(sj + next + (al * kb + be) * L, vload(f + ((S * (ka - 1 - al) + a) * K + S * (kb - 1 - be) + b) * L));
+        next += ka * kb * L;
+      }
     }
   }
+  NoPrologue none[kMaxBlocksPerPass];
   for (int64_t n = n0; n < n1; ++n) {
-    load_tile(gy, g.channels_last, g.channels, n, c0, nc, gy_map, gt, g.prefetch);
+    load_tiles(gy, g, n, c0, nb, gy_map, gt, block, none);
     if (gf != nullptr) {
-      load_tile_prologue(x, g.channels_last, g.channels, n, c0, nc, x_map, xt, g.prefetch, prologue);
-      wgrad_rows<T, K, S, RW>(xt, pl.x_w * L, gt + (pl.pt * pl.g_w + pl.pt) * L, pl.g_w * L, g.out_height,
-                              g.out_width, Window{p, p + g.height, p, p + g.width}, gf);
+      load_tiles_prologue(x, g, n, c0, nb, x_map, xt, block, prologue);
+      for (int64_t j = 0; j < nb; ++j)
+        wgrad_rows<T, K, S, RW>(xt + j * block, pl.x_w * L, gt + j * block + (pl.pt * pl.g_w + pl.pt) * L,
+                                pl.g_w * L, g.out_height, g.out_width, Window{p, p + g.height, p, p + g.width},
+                                gf + j * K * K * L);
     }
     if (gx != nullptr) {
-      grad_input_class<T, K, S, RW, 0, 0>(g, pl, gt, sub + offset[0][0], gxt);
-      if constexpr (S == 2) {
-        grad_input_class<T, K, S, RW, 0, 1>(g, pl, gt, sub + offset[0][1], gxt);
-        grad_input_class<T, K, S, RW, 1, 0>(g, pl, gt, sub + offset[1][0], gxt);
-        grad_input_class<T, K, S, RW, 1, 1>(g, pl, gt, sub + offset[1][1], gxt);
+      for (int64_t j = 0; j < nb; ++j) {
+        const T* gtj = gt + j * block;
+        const T* sj = sub + j * block;
+        T* gxj = gxt + j * block;
+        grad_input_class<T, K, S, RW, 0, 0>(g, pl, gtj, sj + offset[0][0], gxj);
+        if constexpr (S == 2) {
+          grad_input_class<T, K, S, RW, 0, 1>(g, pl, gtj, sj + offset[0][1], gxj);
+          grad_input_class<T, K, S, RW, 1, 0>(g, pl, gtj, sj + offset[1][0], gxj);
+          grad_input_class<T, K, S, RW, 1, 1>(g, pl, gtj, sj + offset[1][1], gxj);
+        }
+        if (sums != nullptr)
+          grad_z_tile(x, g, n, c0 + j * L, block_channels(g.channels, c0, j, L), *prologue, gxj, sums + j * 2 * L);
       }
-      if (sums != nullptr) grad_z_tile(x, g, n, c0, nc, *prologue, gxt, sums);
-      store_tile(gxt, gx_map, gx, g.channels_last, g.channels, n, c0, nc, g.prefetch);
+      store_tiles(gxt, block, gx_map, gx, g, n, c0, nb);
     }
   }
 }
@@ -631,22 +738,22 @@ void backward_block_t(const DwconvGeometry& g, const T* x, const T* gy, T* gx, c
   }
 
 template <typename T>
-void forward_block(const DwconvGeometry& g, const T* x, T* y, const T* filt, int64_t n0, int64_t n1, int64_t c0,
-                   T* scratch, const BnActPrologue<T>* prologue) {
+void forward_blocks(const DwconvGeometry& g, const T* x, T* y, const T* filt, int64_t n0, int64_t n1, int64_t c0,
+                    int64_t nb, T* scratch, const BnActPrologue<T>* prologue) {
   if (row_tile(g) == 4) {
-    TOFA_DWCONV_DISPATCH(forward_block_t, 4, g, x, y, filt, n0, n1, c0, scratch, prologue)
+    TOFA_DWCONV_DISPATCH(forward_block_t, 4, g, x, y, filt, n0, n1, c0, nb, scratch, prologue)
   } else {
-    TOFA_DWCONV_DISPATCH(forward_block_t, TOFA_ROW_TILE, g, x, y, filt, n0, n1, c0, scratch, prologue)
+    TOFA_DWCONV_DISPATCH(forward_block_t, TOFA_ROW_TILE, g, x, y, filt, n0, n1, c0, nb, scratch, prologue)
   }
 }
 
 template <typename T>
-void backward_block(const DwconvGeometry& g, const T* x, const T* gy, T* gx, const T* filt, T* gf, int64_t n0,
-                    int64_t n1, int64_t c0, T* scratch, const BnActPrologue<T>* prologue, double* sums) {
+void backward_blocks(const DwconvGeometry& g, const T* x, const T* gy, T* gx, const T* filt, T* gf, int64_t n0,
+                     int64_t n1, int64_t c0, int64_t nb, T* scratch, const BnActPrologue<T>* prologue, double* sums) {
   if (row_tile(g) == 4) {
-    TOFA_DWCONV_DISPATCH(backward_block_t, 4, g, x, gy, gx, filt, gf, n0, n1, c0, scratch, prologue, sums)
+    TOFA_DWCONV_DISPATCH(backward_block_t, 4, g, x, gy, gx, filt, gf, n0, n1, c0, nb, scratch, prologue, sums)
   } else {
-    TOFA_DWCONV_DISPATCH(backward_block_t, TOFA_ROW_TILE, g, x, gy, gx, filt, gf, n0, n1, c0, scratch, prologue,
+    TOFA_DWCONV_DISPATCH(backward_block_t, TOFA_ROW_TILE, g, x, gy, gx, filt, gf, n0, n1, c0, nb, scratch, prologue,
                          sums)
   }
 }
@@ -654,7 +761,7 @@ void backward_block(const DwconvGeometry& g, const T* x, const T* gy, T* gx, con
 #undef TOFA_DWCONV_DISPATCH
 
 const DwconvTileKernels<float> kernels_float = {TOFA_ISA_NAME,          kLanes<float>,          &forward_scratch<float>,
-                                                &backward_scratch<float>, &forward_block<float>, &backward_block<float>};
+                                                &backward_scratch<float>, &forward_blocks<float>, &backward_blocks<float>};
 const DwconvTileKernels<double> kernels_double = {
     TOFA_ISA_NAME,         kLanes<double>,         &forward_scratch<double>, &backward_scratch<double>,
-    &forward_block<double>, &backward_block<double>};
+    &forward_blocks<double>, &backward_blocks<double>};
