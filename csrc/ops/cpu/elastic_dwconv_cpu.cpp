@@ -29,6 +29,8 @@
 #include <utility>
 #include <vector>
 
+#include <unistd.h>
+
 #include "../elastic_dwconv.h"
 #include "dwconv_tiles.h"
 
@@ -171,8 +173,22 @@ TaskPlan task_plan(const cpu::DwconvGeometry& g, int64_t blocks, int64_t lanes, 
   return {std::clamp<int64_t>((kTasks + blocks - 1) / blocks, 1, batch), blocks, blocks, 1};
 }
 
+// The scratch a kernel pass's tiles may take: 2/5 of a core's L2, the rest left to the chunk's input —
+// 512 KiB of the 1.25 MiB where it was measured (256 KiB gave less, 1 MiB no more); 512 KiB where the
+// C library does not say.
+int64_t pass_bytes() {
+  static const int64_t bytes = [] {
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    if (l2 > 0) return static_cast<int64_t>(l2) * 2 / 5;
+#endif
+    return int64_t(512) << 10;
+  }();
+  return bytes;
+}
+
 // Channel blocks per kernel pass (dwconv_tiles.h): channels-last passes on planes of at least
-// kMinPlane pixels take as many of a task's blocks as keep the pass's tiles within kPassBytes (in L2
+// kMinPlane pixels take as many of a task's blocks as keep the pass's tiles within pass_bytes() (in L2
 // beside the chunk's input), so each pixel's run of their channels is read and written at once; NCHW
 // passes take one (a block's planes are contiguous already). Measured against one block per pass,
 // interleaved, 2 threads: 1.31× forward / 1.17× backward on the digits 64×64×32² stride-2 layer,
@@ -180,12 +196,12 @@ TaskPlan task_plan(const cpu::DwconvGeometry& g, int64_t blocks, int64_t lanes, 
 // 8×8 ones (whose single-block tiles stay in L1): hence the plane threshold. Over the digits layers,
 // forward + backward: 1.14× (bench/test_elastic_dwconv_layout_cpu.py, interleaved).
 int64_t blocks_per_pass(const cpu::DwconvGeometry& g, int64_t block_bytes, const TaskPlan& plan) {
-  constexpr int64_t kPassBytes = 512 << 10, kMinPlane = 256;
+  constexpr int64_t kMinPlane = 256;
   if (!g.channels_last || !g.multi_block || g.height * g.width < kMinPlane) return 1;
   int64_t widest = 0;
   for (int64_t group = 0; group < plan.groups; ++group)
     widest = std::max(widest, plan.boundary(group + 1) - plan.boundary(group));
-  return std::clamp<int64_t>(kPassBytes / std::max<int64_t>(block_bytes, 1), 1,
+  return std::clamp<int64_t>(pass_bytes() / std::max<int64_t>(block_bytes, 1), 1,
                              std::min<int64_t>(cpu::kMaxBlocksPerPass, std::max<int64_t>(widest, 1)));
 }
 
