@@ -155,9 +155,11 @@ struct BnActVector {
 // store_tile took 55 % of a 64×64×32×32 stride-2 forward, the convolution 13 %). So a load asks for
 // the line kLoadAhead pixels ahead, and a store for its line kStoreAhead pixels ahead, with write
 // intent (prefetchw): the read-for-ownership a store would otherwise wait for. Load prefetch only on
-// planes of at least kLoadAheadMinPlane pixels: on 8×8 planes it cost 5-10 %. Distances measured on
-// the digits layers (bench/test_elastic_dwconv_layout_cpu.py); a prefetch never faults, so one past
-// the end of a tensor is harmless.
+// planes of at least kLoadAheadMinPlane pixels: on 8×8 planes it cost 5-10 %. The distances were
+// chosen by interleaved A/B runs on the digits layers (one or two image rows ahead for loads did no
+// better; 16, 32 or 64 pixels for stores within noise); what the prefetch buys is measured by
+// bench/test_elastic_dwconv_layout_cpu.py. A prefetch never faults, so one past the end of a tensor
+// is harmless.
 constexpr int64_t kLoadAhead = 32, kStoreAhead = 16, kLoadAheadMinPlane = 256;
 
 template <typename T>
