@@ -36,6 +36,7 @@ Run: ``python -m pytest bench/test_bench_sequential_step.py -p no:cacheprovider`
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 
@@ -45,6 +46,7 @@ import torch
 from tofa_fast.nn import bn_act_dwconv, elastic_conv
 from tofa_fast.ops import packed_batch_norm as bn_op
 from tofa_fast.ops.eager_path import use_library_dispatch
+from tofa_fast.ops.elastic_dwconv_dispatch import cpu_memory_plan
 from tofa_fast.train.step import ComputeFormat, StepBatch, choose_step_backend, train_step
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -163,58 +165,43 @@ def test_eager_path_vs_library_dispatch_interleaved(bench_registry, problem):
     )
 
 
-def _switched(module, switch: str, value: bool, cycle):
-    """``cycle`` with the module-level switch ``module.<switch>`` set to ``value`` (restored after)."""
+@contextlib.contextmanager
+def _module_switch(module, switch: str, value: bool):
+    """The module-level switch ``module.<switch>`` set to ``value`` inside the block (restored after)."""
+    previous = getattr(module, switch)
+    setattr(module, switch, value)
+    try:
+        yield
+    finally:
+        setattr(module, switch, previous)
+
+
+def _switched(switch, value: bool, cycle):
+    """``cycle`` inside ``switch(value)`` (a context manager)."""
 
     def run():
-        previous = getattr(module, switch)
-        setattr(module, switch, value)
-        try:
+        with switch(value):
             cycle()
-        finally:
-            setattr(module, switch, previous)
 
     return run
 
 
-#: interleaved A/B of one module switch on the sequential step: meta key → (module, switch, what it does)
-class _DwconvMemoryPlan:
-    """The C++ depthwise kernel's two channels-last memory switches (software prefetch, several channel
-    blocks per pass) as one module-style switch for :func:`_switched`: ``ENABLED`` sets both."""
-
-    def __init__(self):
-        self._enabled = True
-
-    @property
-    def ENABLED(self) -> bool:  # noqa: N802 (a module-level switch's name)
-        return self._enabled
-
-    @ENABLED.setter
-    def ENABLED(self, value: bool) -> None:  # noqa: N802
-        torch.ops.tofa_fast._set_dwconv_cpu_prefetch(value)
-        torch.ops.tofa_fast._set_dwconv_cpu_multi_block(value)
-        self._enabled = value
-
-
+#: interleaved A/B of one switch on the sequential step: meta key → (value → context, what it does)
 SWITCHES = {
     "interleaved_pointwise_gemm_vs_convolution": (
-        elastic_conv,
-        "POINTWISE_AS_GEMM",
+        functools.partial(_module_switch, elastic_conv, "POINTWISE_AS_GEMM"),
         "1×1 convolutions as matrix products {median:.3f}× F.conv2d (mkldnn)",
     ),
     "interleaved_bn_act_dwconv_vs_two_ops": (
-        bn_act_dwconv,
-        "FUSE_BN_ACT_INTO_DWCONV",
+        functools.partial(_module_switch, bn_act_dwconv, "FUSE_BN_ACT_INTO_DWCONV"),
         "expansion batch norm + activation in the depthwise kernel's loads {median:.3f}× the two ops",
     ),
     "interleaved_expansion_backward_vs_three_ops": (
-        bn_act_dwconv,
-        "FUSE_EXPANSION_BACKWARD",
+        functools.partial(_module_switch, bn_act_dwconv, "FUSE_EXPANSION_BACKWARD"),
         "expansion backward with the batch norm's grad_x in one pass {median:.3f}× grad_x pass + two matrix products",
     ),
     "interleaved_dwconv_memory_plan_vs_none": (
-        _DwconvMemoryPlan(),
-        "ENABLED",
+        lambda on: cpu_memory_plan(prefetch=on, multi_block=on),
         "depthwise kernels' channels-last prefetch + multi-block passes {median:.3f}× neither",
     ),
 }
@@ -234,10 +221,10 @@ def test_switch_interleaved(bench_registry, problem, key, case):
     convolutions of channels-last maps as matrix products vs F.conv2d; the expansion batch norm +
     activation fused into the depthwise convolution vs the two ops. The median of the per-round ratios
     goes into the results' ``meta``."""
-    module, switch, what = SWITCHES[key]
+    switch, what = SWITCHES[key]
     cycle = _case_cycle(problem, case)
     ratios = bench_registry.interleaved_ratios(
-        _switched(module, switch, False, cycle), _switched(module, switch, True, cycle), POINTWISE_ROUNDS[case]
+        _switched(switch, False, cycle), _switched(switch, True, cycle), POINTWISE_ROUNDS[case]
     )
     results = bench_registry.REGISTRY[SUITE]["meta"].setdefault(key, {})
     results[case] = bench_registry.note_interleaved(SUITE, ratios, f"{case} sequential step: {what}")

@@ -22,8 +22,8 @@ geometric mean over the shapes, forward and forward+backward.
 Two ways the kernel reads channels-last memory, each switchable to measure it
 (csrc/ops/cpu/dwconv_tiles_impl.h: a channel block is one line in C/lanes of every pixel, which the
 hardware prefetchers follow poorly): ``channels_last_no_prefetch`` is the channels-last op with its
-software prefetch off (``_set_dwconv_cpu_prefetch``), ``channels_last_one_block`` with one channel
-block per pass instead of several (``_set_dwconv_cpu_multi_block``). ``test_memory_plan_interleaved``
+software prefetch off, ``channels_last_one_block`` with one channel block per pass instead of several
+(both through ``elastic_dwconv_dispatch.cpu_memory_plan``). ``test_memory_plan_interleaved``
 measures each switch alternately, round by round, over the digits layers (forward + backward), and
 fails below ``TARGET_MEMORY_PLAN``.
 
@@ -41,6 +41,7 @@ import torch
 import tofa_fast
 from tofa_fast.nn.elastic_dwconv import ElasticDepthwiseConv2d
 from tofa_fast.ops import elastic_dwconv2d
+from tofa_fast.ops.elastic_dwconv_dispatch import cpu_memory_plan
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_elastic_dwconv_cpu import SHAPES as OFA_SHAPES  # noqa: E402
@@ -132,15 +133,10 @@ class Problem:
 def with_switches(fn, prefetch: bool, multi_block: bool):
     """``fn`` with the depthwise kernel's software prefetch and multi-block passes on or off (both
     restored after the call)."""
-    ops = torch.ops.tofa_fast
 
     def run():
-        previous = ops._set_dwconv_cpu_prefetch(prefetch), ops._set_dwconv_cpu_multi_block(multi_block)
-        try:
+        with cpu_memory_plan(prefetch, multi_block):
             return fn()
-        finally:
-            ops._set_dwconv_cpu_prefetch(previous[0])
-            ops._set_dwconv_cpu_multi_block(previous[1])
 
     return run
 

@@ -114,19 +114,14 @@ def test_memory_plans_change_no_value(kernel, stride):
     x, bn_weight, bn_bias, running, dw_weight, transforms = make_case(torch.float32, channels=120, size=16, batch=16)
     chain = transforms.get(kernel, [])
     inputs = (x, bn_weight, bn_bias, dw_weight, *chain)
-    ops = torch.ops.tofa_fast
 
     def run(prefetch: bool, multi_block: bool) -> list[torch.Tensor]:
-        previous = ops._set_dwconv_cpu_prefetch(prefetch), ops._set_dwconv_cpu_multi_block(multi_block)
-        try:
+        with dwconv_dispatch.cpu_memory_plan(prefetch, multi_block):
             y = fused.bn_act_dwconv2d(
                 x, bn_weight, bn_bias, None, None, True, 0.1, 1e-3, "hswish", dw_weight, kernel, stride, chain
             )
             grad_y = torch.linspace(-1, 1, y.numel()).view_as(y).contiguous(memory_format=torch.channels_last)
             return [y, *torch.autograd.grad(y, inputs, grad_y)]
-        finally:
-            ops._set_dwconv_cpu_prefetch(previous[0])
-            ops._set_dwconv_cpu_multi_block(previous[1])
 
     plain = run(False, False)
     for switches in [(True, False), (False, True), (True, True)]:

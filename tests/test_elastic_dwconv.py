@@ -214,18 +214,12 @@ def test_cpp_channels_last_memory_plans(case):
     x, weight, chain = make_inputs(case)
     ref, grad_output, ref_grads = reference_outputs(x, weight, case.kernel, case.stride, chain)
     oracle, _, oracle_grads = oracle_outputs(x, weight, case.kernel, case.stride, chain, grad_output)
-    ops = torch.ops.tofa_fast
 
     def run(prefetch: bool, multi_block: bool) -> list[torch.Tensor]:
-        previous = ops._set_dwconv_cpu_prefetch(prefetch), ops._set_dwconv_cpu_multi_block(multi_block)
-        try:
-            leaves = [t.clone().requires_grad_() for t in (x, weight, *chain)]
-            with dispatch.use_backend("C++"):
-                out = elastic_dwconv2d(leaves[0], leaves[1], case.kernel, case.stride, leaves[2:])
+        leaves = [t.clone().requires_grad_() for t in (x, weight, *chain)]
+        with dispatch.use_backend("C++"), dispatch.cpu_memory_plan(prefetch, multi_block):
+            out = elastic_dwconv2d(leaves[0], leaves[1], case.kernel, case.stride, leaves[2:])
             return [out, *torch.autograd.grad(out, leaves, grad_output)]
-        finally:
-            ops._set_dwconv_cpu_prefetch(previous[0])
-            ops._set_dwconv_cpu_multi_block(previous[1])
 
     plain = run(False, False)
     for got, want, exact in zip(plain, [ref, *ref_grads], [oracle, *oracle_grads]):

@@ -22,8 +22,9 @@ kernels under ``TRITON_INTERPRET=1`` are reachable on CPU tensors only that way.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -254,6 +255,21 @@ pinned_backend = BACKEND_TABLE.pinned_backend
 candidates = BACKEND_TABLE.candidates
 select_backend_for = BACKEND_TABLE.select_backend_for
 explain = BACKEND_TABLE.explain
+
+
+@contextlib.contextmanager
+def cpu_memory_plan(prefetch: bool = True, multi_block: bool = True) -> Iterator[None]:
+    """Inside the block, the C++ kernels read and write channels-last memory with (or without) software
+    prefetch and passes of several channel blocks (csrc/ops/cpu/dwconv_tiles_impl.h; both on by
+    default, process-wide); the previous settings come back after it. The values never change: this is
+    for benchmarks that measure what each buys, and for tests that check so."""
+    ops = torch.ops.tofa_fast
+    previous = ops._set_dwconv_cpu_prefetch(prefetch), ops._set_dwconv_cpu_multi_block(multi_block)
+    try:
+        yield
+    finally:
+        ops._set_dwconv_cpu_prefetch(previous[0])
+        ops._set_dwconv_cpu_multi_block(previous[1])
 
 
 def select_backend(
