@@ -192,6 +192,25 @@ def test_recalibrate_bn_gives_exact_population_statistics():
     assert bn.momentum == 0.1 and sub.training  # settings and mode restored
 
 
+def test_recalibrate_bn_sums_in_float64_bit_for_bit():
+    """The statistics are the float64 sums of the BN's input over all batches, to the last bit: the
+    stem's BN (its input does not depend on earlier BNs) against the sums computed here."""
+    _, arch, sub = _subnet()
+    data = torch.randn(10, 3, arch.resolution, arch.resolution) * 3 + 1
+    batches = data.split(4)
+    tofa_fast.recalibrate_bn(sub, batches)
+    with torch.no_grad():
+        outs = [sub.stem[0](b) for b in batches]
+    s = sum(o.sum((0, 2, 3), dtype=torch.float64) for o in outs)
+    sq = sum((o.double() ** 2).sum((0, 2, 3)) for o in outs)
+    count = sum(o.numel() // o.shape[1] for o in outs)
+    mean = s / count
+    var = (sq / count - mean**2).clamp_min(0)
+    bn = sub.stem[1]
+    assert torch.equal(bn.running_mean, mean.float())
+    assert torch.equal(bn.running_var, var.float())
+
+
 def test_recalibrate_bn_restores_eval_mode():
     _, arch, sub = _subnet()
     sub.eval()
