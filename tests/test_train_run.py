@@ -133,6 +133,24 @@ def test_cli_train_select_export_evaluate_on_an_image_folder(tmp_path, capsys):
     assert main(["evaluate", run]) == 0
     assert "MFLOPs" in capsys.readouterr().out
 
+    # A subnet named instead of a budget (a validation search's pick, `select`'s saved output): the
+    # same model as the budget's, and the palette's accuracy for it.
+    arch_file = tmp_path / "arch.json"
+    arch_file.write_text(json.dumps(chosen))
+    named_pt = str(tmp_path / "named.pt")
+    assert main(["export", run, "--arch", str(arch_file), "-o", named_pt]) == 0
+    assert torch.equal(torch.export.load(named_pt).module()(x), program.module()(x))
+    capsys.readouterr()
+    assert main(["evaluate", run, "--arch", str(arch), "--arch", json.dumps(palette[0]["arch"])]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [float(line.split("accuracy ")[1].split("%")[0]) for line in lines] == [
+        round(100 * e["accuracy"], 2) for e in (palette[0], palette[-1])
+    ]
+    assert main(["export", run, "--arch", "missing.json", "-o", named_pt]) == 2
+    assert "--arch file 'missing.json' does not exist" in capsys.readouterr().err
+    assert main(["evaluate", run, "--arch", "r8-not-an-arch"]) == 2
+    assert "is not a subnet of space" in capsys.readouterr().err
+
     assert main(["select", run, "--max-mflops", "0.0001"]) == 2
     assert "smallest available" in capsys.readouterr().err
 

@@ -24,6 +24,12 @@ from .train.config import (
     strategy_defaults_table,
 )
 
+#: --arch of `export` and `evaluate`: how a subnet is named on the command line (train.run.read_arch)
+ARCH_HELP = (
+    "a subnet of the run's space: its canonical string (as search.md lists the searched ones), "
+    "a JSON dict (as `select` prints it), or a file holding either"
+)
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -255,11 +261,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="write a standalone subnet (.onnx or .pt)")
     export.add_argument("run", metavar="RUN")
-    export.add_argument("--max-mflops", type=_positive_number, required=True, metavar="B")
+    chosen = export.add_mutually_exclusive_group(required=True)
+    chosen.add_argument(
+        "--max-mflops", type=_positive_number, metavar="B", help="the zero-cost choice for this budget (as `select`)"
+    )
+    chosen.add_argument("--arch", metavar="ARCH", help=ARCH_HELP)
     export.add_argument("-o", "--output", required=True, metavar="FILE")
 
     evaluate = sub.add_parser("evaluate", help="evaluate subnets of a run on its test split")
     evaluate.add_argument("run", metavar="RUN")
+    evaluate.add_argument(
+        "--arch",
+        action="append",
+        default=[],
+        metavar="ARCH",
+        help="evaluate this subnet instead of the palette (repeatable). " + ARCH_HELP,
+    )
     evaluate.add_argument(
         "--population",
         type=_positive_int,
@@ -463,12 +480,14 @@ def _run(args: argparse.Namespace) -> int:
             )
         return 0
     if args.command == "export":
-        arch = run.export(args.run, args.max_mflops, args.output)
+        arch = run.export(args.run, args.max_mflops, args.output, arch=args.arch)
         print(f"wrote {args.output} ({arch})")
         return 0
     if args.command == "evaluate" and args.population is not None:
         from .search import population_run
 
+        if args.arch:  # a population is drawn, not named
+            raise ValueError("--arch and --population are two different evaluations: give one of them")
         for t in population_run(
             args.run,
             per_target=args.population,
@@ -510,7 +529,7 @@ def _run(args: argparse.Namespace) -> int:
         given = [flag for flag, present in population_options.items() if present]
         if given:  # the palette evaluation would silently ignore them
             raise ValueError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --population N")
-        for entry in run.evaluate(args.run):
+        for entry in run.evaluate(args.run, args.arch):
             print(f"{entry['flops'] / 1e6:8.2f} MFLOPs  accuracy {entry['accuracy']:.2%}  {json.dumps(entry['arch'])}")
         return 0
     if args.command == "profile":

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 
 import torch
 
-from ..spaces import Arch
+from ..spaces import Arch, SearchSpace
 from . import distributed as dist_utils
 from .config import TrainConfig
 from .onnx_requirements import require_onnx_export
 from .palette import build_palette, write_outputs
 from .run_record import Run
 from .selection_sidecar import select_from_sidecar
+from .strategies import parse_arch
 from .trainer import Trainer
 
 
@@ -75,15 +77,36 @@ def select(run: str, max_mflops: float) -> Arch:
     return arch if arch is not None else select_from_checkpoint(run, max_mflops)
 
 
-def export(run: str, max_mflops: float, output: str) -> Arch:
-    """Write the selected subnet (BN recalibrated) as ONNX (``.onnx``) or a torch.export archive (``.pt``)."""
+def read_arch(space: SearchSpace, value: str) -> Arch:
+    """The subnet an ``--arch`` value names: its canonical string (``str(arch)``, as ``search.md``
+    lists them), a JSON dict (SPEC §2, as ``select`` prints it), or the path of a file holding either."""
+    text = value
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            text = f.read()
+    elif value.strip().endswith(".json"):
+        raise ValueError(f"--arch file {value!r} does not exist")
+    return parse_arch(space, text)
+
+
+def _chosen(record: Run, max_mflops: float | None, arch: str | None) -> Arch:
+    """The subnet a command asks for: the zero-cost choice for ``max_mflops``, or ``arch`` itself."""
+    if (max_mflops is None) == (arch is None):
+        raise ValueError("give exactly one of max_mflops (the zero-cost choice for a budget) and arch")
+    return read_arch(record.space, arch) if arch is not None else _select(record, max_mflops)
+
+
+def export(run: str, max_mflops: float | None, output: str, arch: str | None = None) -> Arch:
+    """Write a subnet (BN recalibrated) as ONNX (``.onnx``) or a torch.export archive (``.pt``): the
+    zero-cost choice for ``max_mflops``, or the one ``arch`` names (:func:`read_arch`: e.g. a
+    validation search's pick from ``search.md``)."""
     ext = os.path.splitext(output)[1].lower()
     if ext not in (".onnx", ".pt", ".pt2"):
         raise ValueError(f"output must end in .onnx or .pt, got {output!r}")
     if ext == ".onnx":
         require_onnx_export()  # before selecting and recalibrating: name the package to install
     record = open_run(run, device="cpu")
-    arch = _select(record, max_mflops)
+    arch = _chosen(record, max_mflops, arch)
     sub = record.calibrated_subnet(arch).cpu().eval()
     # batch 2, not 1: export specialises size-1 dimensions to constants
     example = torch.zeros(2, record.space.in_channels, arch.resolution, arch.resolution)
@@ -107,6 +130,23 @@ def export(run: str, max_mflops: float, output: str) -> Arch:
     return arch
 
 
-def evaluate(run: str) -> list[dict]:
+def evaluate(run: str, archs: Sequence[str] = ()) -> list[dict]:
+    """Test accuracy of the palette's subnets (chosen again from the selection index), or of the
+    subnets ``archs`` name (:func:`read_arch`), each BN recalibrated: entries as in ``palette.json``
+    (without ``budget_mflops`` for named archs), sorted by FLOPs."""
     record = open_run(run)
-    return build_palette(record, _estimator(record))
+    estimator = _estimator(record)
+    if not archs:
+        return build_palette(record, estimator)
+    chosen = [read_arch(record.space, a) for a in archs]  # every one checked before any is measured
+    entries = []
+    for arch in chosen:
+        entries.append(
+            {
+                "arch": arch.to_dict(),
+                "flops": int(estimator.flops([arch])[0]),
+                "params": int(estimator.params([arch])[0]),
+                "accuracy": record.evaluate(record.calibrated_subnet(arch), arch.resolution),
+            }
+        )
+    return sorted(entries, key=lambda e: e["flops"])
