@@ -151,6 +151,38 @@ def test_cli_train_select_export_evaluate_on_an_image_folder(tmp_path, capsys):
     assert main(["evaluate", run, "--arch", "r8-not-an-arch"]) == 2
     assert "is not a subnet of space" in capsys.readouterr().err
 
+    # Budgets in parameters and in predicted latency (TOFA Algorithm 2's other metrics).
+    from tofa_fast.estimator import Estimator
+    from tofa_fast.estimator.profile import ProfileSettings, profile_space
+    from tofa_fast.train.selection import select_subnet
+
+    estimator = Estimator(record.space, num_classes=record.num_classes)
+    params_budget = float(estimator.params([arch])[0])
+    assert main(["select", run, "--max-params", str(params_budget)]) == 0
+    by_params = record.space.arch_from_dict(json.loads(capsys.readouterr().out))
+    assert by_params == select_subnet(record.selection, estimator.params, params_budget, "params")
+    assert estimator.params([by_params])[0] <= params_budget
+    table = str(tmp_path / "latency.json")
+    fast = {"min_time_s": 0.001, "repeats": 2, "calibration": 3, "passes": 2, "cold_bytes": 1}
+    settings = ProfileSettings(device=torch.device("cpu"), num_classes=record.num_classes, threads=1, **fast)
+    profile_space(record.space, table, settings, log=lambda _: None)
+    timed = Estimator(record.space, num_classes=record.num_classes, latency_table=table)
+    latency_budget = float(timed.latency([arch])[0]) * 1.001
+    assert main(["select", run, "--max-latency-ms", str(latency_budget), "--latency-table", table]) == 0
+    by_latency = record.space.arch_from_dict(json.loads(capsys.readouterr().out))
+    assert by_latency == select_subnet(record.selection, timed.latency, latency_budget, "latency")
+    latency_pt = str(tmp_path / "latency.pt")
+    assert (
+        main(["export", run, "--max-latency-ms", str(latency_budget), "--latency-table", table, "-o", latency_pt]) == 0
+    )
+    assert str(by_latency) in capsys.readouterr().out
+    assert main(["select", run, "--max-latency-ms", "1"]) == 2
+    assert "needs a latency table" in capsys.readouterr().err
+    assert main(["select", run, "--max-params", "1", "--latency-table", table]) == 2
+    assert "is for a latency budget" in capsys.readouterr().err
+    assert main(["select", run, "--max-params", "1"]) == 2
+    assert "no trained subnet fits params" in capsys.readouterr().err
+
     assert main(["select", run, "--max-mflops", "0.0001"]) == 2
     assert "smallest available" in capsys.readouterr().err
 

@@ -31,6 +31,25 @@ ARCH_HELP = (
 )
 
 
+def _budget_arguments(parser: argparse.ArgumentParser, group, prefix: str = "") -> None:
+    """The zero-cost choice's budget (train.run.Budget): one of FLOPs, parameters, predicted latency."""
+    group.add_argument("--max-mflops", type=_positive_number, metavar="B", help=prefix + "at most B MFLOPs")
+    group.add_argument("--max-params", type=_positive_number, metavar="N", help=prefix + "at most N parameters")
+    group.add_argument(
+        "--max-latency-ms",
+        type=_positive_number,
+        metavar="T",
+        help=prefix + "at most T ms as --latency-table predicts it",
+    )
+    parser.add_argument(
+        "--latency-table", default=None, metavar="FILE", help="with --max-latency-ms: a `tofa-fast profile` table"
+    )
+
+
+def _budget(args: argparse.Namespace) -> dict:
+    return {"max_params": args.max_params, "max_latency_ms": args.max_latency_ms, "latency_table": args.latency_table}
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -257,15 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     select = sub.add_parser("select", help="print the arch chosen for a budget as JSON")
     select.add_argument("run", metavar="RUN")
-    select.add_argument("--max-mflops", type=_positive_number, required=True, metavar="B")
+    _budget_arguments(select, select.add_mutually_exclusive_group(required=True))
 
     export = sub.add_parser("export", help="write a standalone subnet (.onnx or .pt)")
     export.add_argument("run", metavar="RUN")
     chosen = export.add_mutually_exclusive_group(required=True)
-    chosen.add_argument(
-        "--max-mflops", type=_positive_number, metavar="B", help="the zero-cost choice for this budget (as `select`)"
-    )
-    chosen.add_argument("--arch", metavar="ARCH", help=ARCH_HELP)
+    _budget_arguments(export, chosen, "the zero-cost choice (as `select`) for ")
+    chosen.add_argument("--arch", metavar="ARCH", help="this subnet instead: " + ARCH_HELP)
     export.add_argument("-o", "--output", required=True, metavar="FILE")
 
     evaluate = sub.add_parser("evaluate", help="evaluate subnets of a run on its test split")
@@ -400,11 +417,12 @@ def _select(args: argparse.Namespace) -> int:
     second), else through the checkpoint (selection_sidecar.py)."""
     from .train.selection_sidecar import select_from_sidecar
 
-    arch = select_from_sidecar(args.run, args.max_mflops)
+    budget = {k: v for k, v in _budget(args).items() if v is not None}
+    arch = select_from_sidecar(args.run, args.max_mflops) if not budget else None
     if arch is None:
         from .train import run
 
-        arch = run.select_from_checkpoint(args.run, args.max_mflops)
+        arch = run.select_from_checkpoint(args.run, args.max_mflops, **budget)
     print(json.dumps(arch.to_dict()))
     return 0
 
@@ -480,7 +498,8 @@ def _run(args: argparse.Namespace) -> int:
             )
         return 0
     if args.command == "export":
-        arch = run.export(args.run, args.max_mflops, args.output, arch=args.arch)
+        budget = {k: v for k, v in _budget(args).items() if v is not None}
+        arch = run.export(args.run, args.max_mflops, args.output, arch=args.arch, **budget)
         print(f"wrote {args.output} ({arch})")
         return 0
     if args.command == "evaluate" and args.population is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -61,20 +62,52 @@ def open_run(run: str, device: str | None = None) -> Run:
     return Run.open(run, device=device)
 
 
-def _select(run: Run, max_mflops: float) -> Arch:
-    return run.zero_cost_choice(_estimator(run).flops, max_mflops * 1e6, "FLOPs")
+@dataclass(frozen=True)
+class Budget:
+    """What a zero-cost choice must fit (TOFA Algorithm 2's metric M and budget B): at most
+    ``max_mflops`` MFLOPs, ``max_params`` parameters or ``max_latency_ms`` milliseconds predicted by
+    the ``latency_table`` a ``tofa-fast profile`` wrote — exactly one of the three."""
+
+    max_mflops: float | None = None
+    max_params: float | None = None
+    max_latency_ms: float | None = None
+    latency_table: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("max_mflops", "max_params", "max_latency_ms") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a budget needs exactly one of max_mflops, max_params, max_latency_ms, got {given}")
+        if self.max_latency_ms is not None and self.latency_table is None:
+            raise ValueError(
+                "a latency budget needs a latency table: write one with `tofa-fast profile --space SPACE -o "
+                "table.json` on the target device and pass it as --latency-table"
+            )
+        if self.latency_table is not None and self.max_latency_ms is None:
+            raise ValueError("a latency table is for a latency budget (--max-latency-ms): FLOPs and params need none")
+
+    def choose(self, run: Run) -> Arch:
+        """TOFA's zero-cost choice among ``run``'s trained subnets (:meth:`Run.zero_cost_choice`)."""
+        from ..estimator import Estimator
+
+        estimator = Estimator(run.space, num_classes=run.num_classes, latency_table=self.latency_table)
+        if self.max_mflops is not None:
+            return run.zero_cost_choice(estimator.flops, self.max_mflops * 1e6, "FLOPs")
+        if self.max_params is not None:
+            return run.zero_cost_choice(estimator.params, self.max_params, "params")
+        return run.zero_cost_choice(estimator.latency, self.max_latency_ms, "latency (ms)")
 
 
-def select_from_checkpoint(run: str, max_mflops: float) -> Arch:
-    """The zero-cost choice read from ``RUN/checkpoint.pt`` (the path without ``selection.json``)."""
-    return _select(open_run(run, device="cpu"), max_mflops)
+def select_from_checkpoint(run: str, max_mflops: float | None = None, **budget) -> Arch:
+    """The zero-cost choice read from ``RUN/checkpoint.pt`` (the path without ``selection.json``),
+    for a :class:`Budget` (``max_mflops``, ``max_params`` or ``max_latency_ms`` + ``latency_table``)."""
+    return Budget(max_mflops, **budget).choose(open_run(run, device="cpu"))
 
 
-def select(run: str, max_mflops: float) -> Arch:
-    """The zero-cost choice; from the run's ``selection.json`` when it describes the checkpoint on disk
-    (no torch needed, see selection_sidecar.py), else through the checkpoint."""
-    arch = select_from_sidecar(run, max_mflops)
-    return arch if arch is not None else select_from_checkpoint(run, max_mflops)
+def select(run: str, max_mflops: float | None = None, **budget) -> Arch:
+    """The zero-cost choice; for a FLOPs budget from the run's ``selection.json`` when it describes
+    the checkpoint on disk (no torch needed, see selection_sidecar.py), else through the checkpoint."""
+    arch = select_from_sidecar(run, max_mflops) if max_mflops is not None and not budget else None
+    return arch if arch is not None else select_from_checkpoint(run, max_mflops, **budget)
 
 
 def read_arch(space: SearchSpace, value: str) -> Arch:
@@ -89,24 +122,21 @@ def read_arch(space: SearchSpace, value: str) -> Arch:
     return parse_arch(space, text)
 
 
-def _chosen(record: Run, max_mflops: float | None, arch: str | None) -> Arch:
-    """The subnet a command asks for: the zero-cost choice for ``max_mflops``, or ``arch`` itself."""
-    if (max_mflops is None) == (arch is None):
-        raise ValueError("give exactly one of max_mflops (the zero-cost choice for a budget) and arch")
-    return read_arch(record.space, arch) if arch is not None else _select(record, max_mflops)
-
-
-def export(run: str, max_mflops: float | None, output: str, arch: str | None = None) -> Arch:
+def export(run: str, max_mflops: float | None, output: str, arch: str | None = None, **budget) -> Arch:
     """Write a subnet (BN recalibrated) as ONNX (``.onnx``) or a torch.export archive (``.pt``): the
-    zero-cost choice for ``max_mflops``, or the one ``arch`` names (:func:`read_arch`: e.g. a
-    validation search's pick from ``search.md``)."""
+    zero-cost choice for a :class:`Budget` (``max_mflops``, or ``max_params``, or ``max_latency_ms`` +
+    ``latency_table``), or the one ``arch`` names (:func:`read_arch`: e.g. a validation search's pick
+    from ``search.md``)."""
+    if arch is not None and (max_mflops is not None or any(v is not None for v in budget.values())):
+        raise ValueError("give a budget or an arch, not both")
     ext = os.path.splitext(output)[1].lower()
     if ext not in (".onnx", ".pt", ".pt2"):
         raise ValueError(f"output must end in .onnx or .pt, got {output!r}")
     if ext == ".onnx":
         require_onnx_export()  # before selecting and recalibrating: name the package to install
+    chosen = None if arch is not None else Budget(max_mflops, **budget)  # a bad budget fails before any work
     record = open_run(run, device="cpu")
-    arch = _chosen(record, max_mflops, arch)
+    arch = read_arch(record.space, arch) if chosen is None else chosen.choose(record)
     sub = record.calibrated_subnet(arch).cpu().eval()
     # batch 2, not 1: export specialises size-1 dimensions to constants
     example = torch.zeros(2, record.space.in_channels, arch.resolution, arch.resolution)

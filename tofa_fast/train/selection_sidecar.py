@@ -81,5 +81,5 @@ def select_from_sidecar(run: str, max_mflops: float) -> Arch | None:
     def metric(archs: list[Arch]) -> list[float]:
         return [flops[str(a)] for a in archs]
 
-    # The same call as the full path (run._select), so the same choice and the same errors.
+    # The same call as the full path (run.Budget.choose), so the same choice and the same errors.
     return select_subnet(index, metric, max_mflops * 1e6, "FLOPs", sandwich=sandwich)
