@@ -25,36 +25,52 @@ def run(tmp_path_factory):
     return str(out)
 
 
-def _full_path(run: str, budget: float):
+def _full_path(run: str, budget: float, metric: str = "max_mflops"):
     try:
-        return select_from_checkpoint(run, budget)
+        return select_from_checkpoint(run, **{metric: budget})
     except ValueError as exc:
         return str(exc)
 
 
-def _fast_path(run: str, budget: float):
+def _fast_path(run: str, budget: float, metric: str = "max_mflops"):
     try:
-        return select_from_sidecar(run, budget)
+        return select_from_sidecar(run, **{metric: budget})
     except ValueError as exc:
         return str(exc)
 
 
-def test_the_sidecar_answers_every_budget_as_the_checkpoint_does(run):
+@pytest.mark.parametrize("metric, key, unit", [("max_mflops", "flops", 1e6), ("max_params", "params", 1)])
+def test_the_sidecar_answers_every_budget_as_the_checkpoint_does(run, metric, key, unit):
     data = json.load(open(os.path.join(run, FILENAME)))
     assert data["sandwich"] is open_run(run, device="cpu").sandwich_selection
-    assert set(data["index"]) <= set(data["flops"]) and len(data["index"]) > 1
-    values = sorted(set(data["flops"].values()))
-    # every indexed subnet's FLOPs exactly, just below each, between neighbours, and beyond both ends
-    budgets = {v / 1e6 for v in values} | {v / 1e6 * (1 - 1e-9) for v in values}
-    budgets |= {(a + b) / 2e6 for a, b in zip(values, values[1:])} | {values[0] / 2e6, values[-1] * 2e-6}
+    assert set(data["index"]) <= set(data[key]) and len(data["index"]) > 1
+    values = sorted(set(data[key].values()))
+    # every indexed subnet's value exactly, just below each, between neighbours, and beyond both ends
+    budgets = {v / unit for v in values} | {v / unit * (1 - 1e-9) for v in values}
+    budgets |= {(a + b) / 2 / unit for a, b in zip(values, values[1:])} | {values[0] / 2 / unit, values[-1] * 2 / unit}
     for budget in sorted(budgets):
-        assert _fast_path(run, budget) == _full_path(run, budget), budget
+        assert _fast_path(run, budget, metric) == _full_path(run, budget, metric), budget
 
 
-def test_select_imports_no_torch(run):
+def test_a_sidecar_without_parameter_counts_sends_a_parameter_budget_to_the_checkpoint(run, tmp_path):
+    import shutil
+
+    copy = str(tmp_path / "run")
+    shutil.copytree(run, copy)  # copy2 keeps the checkpoint's mtime: the sidecar still matches
+    sidecar = os.path.join(copy, FILENAME)
+    data = json.load(open(sidecar))
+    del data["params"]  # as written before parameter budgets existed
+    with open(sidecar, "w") as f:
+        json.dump(data, f)
+    assert select_from_sidecar(copy, max_params=1e9) is None
+    assert select_from_sidecar(copy, max_mflops=100) is not None  # FLOPs budgets still answer from it
+
+
+@pytest.mark.parametrize("budget", [["--max-mflops", "100"], ["--max-params", "1e9"]])
+def test_select_imports_no_torch(run, budget):
     code = (
         "import sys; from tofa_fast.cli import main; "
-        f"code = main(['select', {run!r}, '--max-mflops', '100']); "
+        f"code = main(['select', {run!r}, *{budget!r}]); "
         "assert 'torch' not in sys.modules, 'select imported torch'; sys.exit(code)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

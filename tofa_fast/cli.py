@@ -418,7 +418,10 @@ def _select(args: argparse.Namespace) -> int:
     from .train.selection_sidecar import select_from_sidecar
 
     budget = {k: v for k, v in _budget(args).items() if v is not None}
-    arch = select_from_sidecar(args.run, args.max_mflops) if not budget else None
+    # FLOPs and parameter budgets: the sidecar holds both metrics. A latency budget needs the table,
+    # and the full path (train.run.Budget) also refuses a table given with another budget.
+    fast = args.max_latency_ms is None and args.latency_table is None
+    arch = select_from_sidecar(args.run, args.max_mflops, args.max_params) if fast else None
     if arch is None:
         from .train import run
 

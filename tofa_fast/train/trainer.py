@@ -363,6 +363,7 @@ class Trainer:
                 self.selection,
                 self._flops_estimator.flops,
                 self.strategy.sandwich_selection,
+                params=self._flops_estimator.params,
             )
         except OSError as exc:
             print(
