@@ -106,8 +106,8 @@ def select_from_checkpoint(run: str, max_mflops: float | None = None, **budget) 
 def select(run: str, max_mflops: float | None = None, **budget) -> Arch:
     """The zero-cost choice; for a FLOPs or parameter budget from the run's ``selection.json`` when it
     describes the checkpoint on disk (no torch needed, see selection_sidecar.py), else through the checkpoint."""
-    given = {k for k, v in budget.items() if v is not None}
-    fast = (max_mflops is not None and not given) or (max_mflops is None and given == {"max_params"})
+    # as `tofa-fast select` decides (cli._select): the sidecar holds no latencies
+    fast = budget.get("max_latency_ms") is None and budget.get("latency_table") is None
     arch = select_from_sidecar(run, max_mflops, budget.get("max_params")) if fast else None
     return arch if arch is not None else select_from_checkpoint(run, max_mflops, **budget)
 

@@ -68,6 +68,8 @@ def select_from_sidecar(run: str, max_mflops: float | None = None, max_params: f
     Raises:
         ValueError: no trained subnet fits the budget (the same error as the full path).
     """
+    if (max_mflops is None) == (max_params is None):
+        return None  # not one budget: the full path says what is wrong
     path = os.path.join(run, FILENAME)
     try:
         with open(path, encoding="utf-8") as f:
