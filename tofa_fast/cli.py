@@ -26,8 +26,8 @@ from .train.config import (
 
 #: --arch of `export` and `evaluate`: how a subnet is named on the command line (train.run.read_arch)
 ARCH_HELP = (
-    "a subnet of the run's space: its canonical string (as search.md lists the searched ones), "
-    "a JSON dict (as `select` prints it), or a file holding either"
+    "its canonical string (as search.md lists the searched ones), a JSON dict (as `select` prints it), "
+    "or a file holding either"
 )
 
 
@@ -278,11 +278,19 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("run", metavar="RUN")
     _budget_arguments(select, select.add_mutually_exclusive_group(required=True))
 
-    export = sub.add_parser("export", help="write a standalone subnet (.onnx or .pt)")
+    export = sub.add_parser(
+        "export",
+        help="write a standalone subnet (.onnx or .pt)",
+        # argparse drops a required group's parentheses from a usage line it has to wrap
+        usage="tofa-fast export [-h] (--max-mflops B | --max-params N | --max-latency-ms T --latency-table FILE "
+        "| --arch ARCH) -o FILE RUN",
+    )
     export.add_argument("run", metavar="RUN")
     chosen = export.add_mutually_exclusive_group(required=True)
     _budget_arguments(export, chosen, "the zero-cost choice (as `select`) for ")
-    chosen.add_argument("--arch", metavar="ARCH", help="this subnet instead: " + ARCH_HELP)
+    chosen.add_argument(
+        "--arch", metavar="ARCH", help="this subnet of the run's space instead of a budget: " + ARCH_HELP
+    )
     export.add_argument("-o", "--output", required=True, metavar="FILE")
 
     evaluate = sub.add_parser("evaluate", help="evaluate subnets of a run on its test split")
@@ -292,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="ARCH",
-        help="evaluate this subnet instead of the palette (repeatable). " + ARCH_HELP,
+        help="evaluate this subnet of the run's space instead of the palette (repeatable): " + ARCH_HELP,
     )
     evaluate.add_argument(
         "--population",
