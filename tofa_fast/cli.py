@@ -47,7 +47,9 @@ def _budget_arguments(parser: argparse.ArgumentParser, group, prefix: str = "") 
 
 
 def _budget(args: argparse.Namespace) -> dict:
-    return {"max_params": args.max_params, "max_latency_ms": args.max_latency_ms, "latency_table": args.latency_table}
+    """The budget flags given besides --max-mflops, as train.run.Budget's keywords."""
+    given = {"max_params": args.max_params, "max_latency_ms": args.max_latency_ms, "latency_table": args.latency_table}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _positive_int(text: str) -> int:
@@ -425,7 +427,6 @@ def _select(args: argparse.Namespace) -> int:
     second), else through the checkpoint (selection_sidecar.py)."""
     from .train.selection_sidecar import select_from_sidecar
 
-    budget = {k: v for k, v in _budget(args).items() if v is not None}
     # FLOPs and parameter budgets: the sidecar holds both metrics. A latency budget needs the table,
     # and the full path (train.run.Budget) also refuses a table given with another budget.
     fast = args.max_latency_ms is None and args.latency_table is None
@@ -433,7 +434,7 @@ def _select(args: argparse.Namespace) -> int:
     if arch is None:
         from .train import run
 
-        arch = run.select_from_checkpoint(args.run, args.max_mflops, **budget)
+        arch = run.select_from_checkpoint(args.run, args.max_mflops, **_budget(args))
     print(json.dumps(arch.to_dict()))
     return 0
 
@@ -509,8 +510,7 @@ def _run(args: argparse.Namespace) -> int:
             )
         return 0
     if args.command == "export":
-        budget = {k: v for k, v in _budget(args).items() if v is not None}
-        arch = run.export(args.run, args.max_mflops, args.output, arch=args.arch, **budget)
+        arch = run.export(args.run, args.max_mflops, args.output, arch=args.arch, **_budget(args))
         print(f"wrote {args.output} ({arch})")
         return 0
     if args.command == "evaluate" and args.population is not None:

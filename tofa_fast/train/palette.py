@@ -43,19 +43,22 @@ def build_palette(run: Run, estimator, progress: bool = True) -> list[dict]:
         chosen.setdefault(str(arch), (budget, arch))
     if not chosen:
         raise failure or ValueError("no subnet to put in the palette")
-    entries = []
-    for budget, arch in tqdm(list(chosen.values()), desc="palette", disable=not progress, leave=False):
-        sub = run.calibrated_subnet(arch)
-        entries.append(
-            {
-                "budget_mflops": round(budget / 1e6, 4),
-                "arch": arch.to_dict(),
-                "flops": int(estimator.flops([arch])[0]),
-                "params": int(estimator.params([arch])[0]),
-                "accuracy": run.evaluate(sub, arch.resolution),
-            }
-        )
+    entries = [
+        {"budget_mflops": round(budget / 1e6, 4), **measure_subnet(run, estimator, arch)}
+        for budget, arch in tqdm(list(chosen.values()), desc="palette", disable=not progress, leave=False)
+    ]
     return sorted(entries, key=lambda e: e["flops"])
+
+
+def measure_subnet(run: Run, estimator, arch: Arch) -> dict:
+    """A palette entry's measurements of ``arch``: its dict, FLOPs, parameters and test accuracy
+    (extracted, BN recalibrated on training images)."""
+    return {
+        "arch": arch.to_dict(),
+        "flops": int(estimator.flops([arch])[0]),
+        "params": int(estimator.params([arch])[0]),
+        "accuracy": run.evaluate(run.calibrated_subnet(arch), arch.resolution),
+    }
 
 
 def write_outputs(out: str, palette: list[dict], config: dict, seconds: float, extra: dict | None = None) -> None:

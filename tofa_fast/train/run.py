@@ -13,7 +13,7 @@ from ..spaces import Arch, SearchSpace
 from . import distributed as dist_utils
 from .config import TrainConfig
 from .onnx_requirements import require_onnx_export
-from .palette import build_palette, write_outputs
+from .palette import build_palette, measure_subnet, write_outputs
 from .run_record import Run
 from .selection_sidecar import select_from_sidecar
 from .strategies import parse_arch
@@ -171,14 +171,4 @@ def evaluate(run: str, archs: Sequence[str] = ()) -> list[dict]:
     if not archs:
         return build_palette(record, estimator)
     chosen = [read_arch(record.space, a) for a in archs]  # every one checked before any is measured
-    entries = []
-    for arch in chosen:
-        entries.append(
-            {
-                "arch": arch.to_dict(),
-                "flops": int(estimator.flops([arch])[0]),
-                "params": int(estimator.params([arch])[0]),
-                "accuracy": record.evaluate(record.calibrated_subnet(arch), arch.resolution),
-            }
-        )
-    return sorted(entries, key=lambda e: e["flops"])
+    return sorted((measure_subnet(record, estimator, arch) for arch in chosen), key=lambda e: e["flops"])
