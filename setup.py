@@ -54,7 +54,10 @@ def _extensions():
     cuda_sources = sorted(glob.glob(os.path.join("kernels", "cuda", "**", "*.cu"), recursive=True))
     with_cuda, why = _want_cuda(torch, CUDA_HOME)
     # -fopenmp: at::parallel_for is header-inline OpenMP; without the flag it silently runs serial.
-    cxx_flags = ["-O3", "-fopenmp", "-DTORCH_EXTENSION_NAME=_C"]
+    # -Wno-psabi: GCC notes that a 32-byte vector returned by value from code compiled without AVX
+    # passes differently from AVX code; the packed batch norm's lane helpers do so, always inlined, and
+    # no vector crosses a call between separately compiled code.
+    cxx_flags = ["-O3", "-fopenmp", "-Wno-psabi", "-DTORCH_EXTENSION_NAME=_C"]
     link_flags = ["-fopenmp"]
     if with_cuda and cuda_sources:
         _log(f"building C++ + CUDA extension ({why}): {len(cpp_sources)} C++ and {len(cuda_sources)} CUDA sources")

@@ -1,9 +1,14 @@
 """CPU micro-benchmark of packed_batch_norm_act: the compiled op vs what it replaces.
 
-Case: one batch norm + hardswish layer of a fused sandwich step in training — 4 members of batch 64 at
-16×16 (4 segments of 16 384 rows), C = 96 with active widths (96, 48, 72, 96). Forward + backward
-(gradients of x, weight and bias from a fixed upstream gradient); the running statistics are updated
-each call, as in training. Two threads.
+Cases: one batch norm + hardswish layer in training, forward + backward (gradients of x, weight and
+bias from a fixed upstream gradient; the running statistics updated each call, as in training), two
+threads:
+
+* a fused sandwich step's — 4 members of batch 64 at 16×16 (4 segments of 16 384 rows), C = 96 with
+  active widths (96, 48, 72, 96);
+* the default run's stem — 2 segments of 64 images at 32×32 (65 536 rows each), C = 16: the
+  narrowest rows and the largest maps of the digits step, where the C++ kernel's elementwise passes
+  work on channel chunks in vector registers (csrc/ops/cpu/packed_batch_norm_cpu.cpp).
 
 Implementations:
 
@@ -32,15 +37,20 @@ from tofa_fast.ops import packed_batch_norm_act, packed_batch_norm_act_reference
 SUITE = "packed_batch_norm_cpu"
 MODE = "forward+backward"
 THREADS = 2
-BATCH, SIZE, WIDTH = 64, 16, 96
-CHANNELS = (96, 48, 72, 96)
+#: (batch per segment, map size, width C, active channels per segment)
+SHAPES = ((64, 16, 96, (96, 48, 72, 96)), (64, 32, 16, (16, 16)))
 ACTIVATION = "hswish"
 MOMENTUM, EPS = 0.1, 1e-5
-CASE = f"4×({BATCH}×{SIZE}×{SIZE}) C{WIDTH} {CHANNELS} {ACTIVATION} training"
+CASES = {
+    f"{len(channels)}×({batch}×{size}×{size}) C{width} {channels} {ACTIVATION} training": (batch, size, width, channels)
+    for batch, size, width, channels in SHAPES
+}
 IMPLS = ("tofa_fast", "reference", "per_member")
 TARGET_VS_REFERENCE = 1.0
 # Rounds: enough for about TIME_PER_BENCH seconds, within [MIN_ROUNDS, MAX_ROUNDS].
 TIME_PER_BENCH, MIN_ROUNDS, MAX_ROUNDS = 2.0, 5, 100
+# The interleaved comparison of the kernel's two layouts of its elementwise passes: rounds of a few calls.
+INTERLEAVED_ROUNDS, CALLS_PER_ROUND = 24, 5
 
 pytestmark = pytest.mark.skipif(
     bool(op_module.CPP.not_supported_reasons(op_module.PackedBatchNormProblem("cpu", torch.float32, torch.float32))),
@@ -49,44 +59,45 @@ pytestmark = pytest.mark.skipif(
 
 
 class Problem:
-    def __init__(self):
+    def __init__(self, batch: int, size: int, width: int, channels: tuple[int, ...]):
         generator = torch.Generator().manual_seed(0)
-        rows = BATCH * SIZE * SIZE
-        self.offsets = [i * rows for i in range(len(CHANNELS) + 1)]
-        self.x = torch.randn(rows * len(CHANNELS), WIDTH, generator=generator)
-        for i, c in enumerate(CHANNELS):  # the packed invariant: exact zeros in the padding columns
+        self.channels = channels
+        rows = batch * size * size
+        self.offsets = [i * rows for i in range(len(channels) + 1)]
+        self.x = torch.randn(rows * len(channels), width, generator=generator)
+        for i, c in enumerate(channels):  # the packed invariant: exact zeros in the padding columns
             self.x[self.offsets[i] : self.offsets[i + 1], c:] = 0
         self.x.requires_grad_()
-        self.weight = (1 + 0.1 * torch.randn(WIDTH, generator=generator)).requires_grad_()
-        self.bias = (0.1 * torch.randn(WIDTH, generator=generator)).requires_grad_()
-        self.running_mean, self.running_var = torch.zeros(WIDTH), torch.ones(WIDTH)
+        self.weight = (1 + 0.1 * torch.randn(width, generator=generator)).requires_grad_()
+        self.bias = (0.1 * torch.randn(width, generator=generator)).requires_grad_()
+        self.running_mean, self.running_var = torch.zeros(width), torch.ones(width)
         self.grad_y = torch.randn(self.x.shape, generator=generator)
         # The sequential step's tensors: each member's own NCHW image and upstream gradient.
         self.members = [
             self.x.detach()[self.offsets[i] : self.offsets[i + 1], :c]
-            .reshape(BATCH, SIZE, SIZE, c)
+            .reshape(batch, size, size, c)
             .permute(0, 3, 1, 2)
             .contiguous()
             .requires_grad_()
-            for i, c in enumerate(CHANNELS)
+            for i, c in enumerate(channels)
         ]
         self.member_grads = [
             self.grad_y[self.offsets[i] : self.offsets[i + 1], :c]
-            .reshape(BATCH, SIZE, SIZE, c)
+            .reshape(batch, size, size, c)
             .permute(0, 3, 1, 2)
             .contiguous()
-            for i, c in enumerate(CHANNELS)
+            for i, c in enumerate(channels)
         ]
 
     def runner(self, impl: str):
-        factors = [MOMENTUM] * len(CHANNELS)
+        factors = [MOMENTUM] * len(self.channels)
         leaves = (self.x, self.weight, self.bias)
         if impl in ("tofa_fast", "reference"):
             fn = packed_batch_norm_act if impl == "tofa_fast" else packed_batch_norm_act_reference
 
             def packed():
                 y = fn(
-                    self.x, self.offsets, list(CHANNELS), self.weight, self.bias, self.running_mean,
+                    self.x, self.offsets, list(self.channels), self.weight, self.bias, self.running_mean,
                     self.running_var, True, factors, EPS, ACTIVATION,
                 )  # fmt: skip
                 return torch.autograd.grad(y, leaves, self.grad_y)
@@ -107,34 +118,40 @@ class Problem:
                         EPS,
                     )
                 )
-                for x, c in zip(self.members, CHANNELS)
+                for x, c in zip(self.members, self.channels)
             ]
             return torch.autograd.grad(outputs, (*self.members, self.weight, self.bias), self.member_grads)
 
         return per_member
 
 
-@pytest.fixture(scope="module")
-def problem() -> Problem:
-    return Problem()
+_PROBLEMS: dict[str, Problem] = {}
 
 
+def _problem(case: str) -> Problem:
+    if case not in _PROBLEMS:
+        _PROBLEMS[case] = Problem(*CASES[case])
+    return _PROBLEMS[case]
+
+
+@pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("impl", IMPLS)
-def test_packed_batch_norm_cpu(benchmark, bench_registry, problem, impl):
+def test_packed_batch_norm_cpu(benchmark, bench_registry, case, impl):
     for name in IMPLS:
-        bench_registry.expect(SUITE, CASE, MODE, name)
+        for each in CASES:
+            bench_registry.expect(SUITE, each, MODE, name)
     bench_registry.REGISTRY[SUITE]["meta"]["description"] = (
-        f"packed_batch_norm_act forward+backward on {CASE}, {THREADS} threads; tofa_fast (C++ kernel) vs "
+        f"packed_batch_norm_act forward+backward, {THREADS} threads; tofa_fast (C++ kernel) vs "
         "reference (F.batch_norm + activation per segment, pad, cat) vs per_member (F.batch_norm + F.hardswish "
         "on each member's NCHW tensor). Run: python -m pytest bench/test_bench_packed_batch_norm.py -p no:cacheprovider"
     )
-    fn = problem.runner(impl)
+    fn = _problem(case).runner(impl)
     with op_module.use_backend("C++") if impl == "tofa_fast" else contextlib.nullcontext():
         bench_registry.measure(
             benchmark,
             fn,
             SUITE,
-            CASE,
+            case,
             MODE,
             impl,
             time_per_bench=TIME_PER_BENCH,
@@ -143,13 +160,37 @@ def test_packed_batch_norm_cpu(benchmark, bench_registry, problem, impl):
         )
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_channel_chunks_interleaved(bench_registry, case):
+    """The C++ kernel with its elementwise passes on channel chunks (ours; taken on segments of ≤ 24
+    channels) against row by row everywhere (baseline), alternating call by call: the median of the
+    per-round ratios goes into the results' ``meta``."""
+    fn = _problem(case).runner("tofa_fast")
+
+    def switched(chunks: bool):
+        def run():
+            with op_module.use_backend("C++"), op_module.cpu_channel_chunks(chunks):
+                for _ in range(CALLS_PER_ROUND):
+                    fn()
+
+        return run
+
+    ratios = bench_registry.interleaved_ratios(switched(False), switched(True), INTERLEAVED_ROUNDS)
+    results = bench_registry.REGISTRY[SUITE]["meta"].setdefault("interleaved_channel_chunks_vs_rows", {})
+    results[case] = bench_registry.note_interleaved(SUITE, ratios, f"{case}: channel chunks {{median:.3f}}× rows")
+
+
 def test_target(bench_registry):
     """Fails the run when the compiled op is not faster than the reference (needs the benchmark above)."""
     if not bench_registry.complete(SUITE):
         pytest.skip("the benchmark did not run completely (filtered, or --benchmark-disable)")
-    ratios = bench_registry.speedups(SUITE)[(CASE, MODE)]
-    bench_registry.REGISTRY[SUITE]["meta"]["speedups"] = ratios
-    print(f"\n{SUITE}: tofa_fast is {ratios['reference']:.2f}× the reference, {ratios['per_member']:.2f}× per_member")
-    assert ratios["reference"] > TARGET_VS_REFERENCE, (
-        f"{ratios['reference']:.2f}× ≤ {TARGET_VS_REFERENCE}× vs the reference"
-    )
+    speedups = bench_registry.speedups(SUITE)
+    bench_registry.REGISTRY[SUITE]["meta"]["speedups"] = {case: speedups[(case, MODE)] for case in CASES}
+    for case in CASES:
+        ratios = speedups[(case, MODE)]
+        print(
+            f"\n{SUITE} {case}: tofa_fast is {ratios['reference']:.2f}× the reference, {ratios['per_member']:.2f}× per_member"
+        )
+        assert ratios["reference"] > TARGET_VS_REFERENCE, (
+            f"{case}: {ratios['reference']:.2f}× ≤ {TARGET_VS_REFERENCE}× vs the reference"
+        )

@@ -80,11 +80,17 @@ TARGET_EXPANSION_BACKWARD = 1.0
 # interleaved, bench/test_elastic_dwconv_layout_cpu.py), the depthwise op being ≈ 18 % of the step:
 # 1.013–1.036× the digits step (two runs), 1.056× the ofa_mbv3 one. Not slower, like the others.
 TARGET_DWCONV_MEMORY_PLAN = 1.0
+# The packed batch norm's normalise and grad_x passes on channel chunks in vector registers, on segments
+# of ≤ 24 channels (csrc/ops/cpu/packed_batch_norm_cpu.cpp): 1.05–1.50× forward and 1.05–1.22× backward
+# on 8–24-channel inputs alone (interleaved); in the digits step the 16-channel batch norms of the stem
+# and first stage are ≈ 10 % of the time. Not slower, like the others.
+TARGET_BN_CHANNEL_CHUNKS = 1.0
 TARGET_SWITCHES = {
     "interleaved_pointwise_gemm_vs_convolution": TARGET_POINTWISE_GEMM,
     "interleaved_bn_act_dwconv_vs_two_ops": TARGET_BN_ACT_DWCONV,
     "interleaved_expansion_backward_vs_three_ops": TARGET_EXPANSION_BACKWARD,
     "interleaved_dwconv_memory_plan_vs_none": TARGET_DWCONV_MEMORY_PLAN,
+    "interleaved_bn_channel_chunks_vs_rows": TARGET_BN_CHANNEL_CHUNKS,
 }
 POINTWISE_ROUNDS = {
     "digits": INTERLEAVED_ROUNDS,
@@ -204,6 +210,10 @@ SWITCHES = {
         lambda on: cpu_memory_plan(prefetch=on, multi_block=on),
         "depthwise kernels' channels-last prefetch + multi-block passes {median:.3f}× neither",
     ),
+    "interleaved_bn_channel_chunks_vs_rows": (
+        bn_op.cpu_channel_chunks,
+        "packed batch norm's elementwise passes on channel chunks {median:.3f}× row by row",
+    ),
 }
 
 
@@ -217,10 +227,9 @@ def _case_cycle(problem, case: str):
 @pytest.mark.parametrize("case", list(POINTWISE_ROUNDS))
 @pytest.mark.parametrize("key", list(SWITCHES))
 def test_switch_interleaved(bench_registry, problem, key, case):
-    """A switch off (baseline) and on (ours), alternating round by round (A B B A ...): 1×1
-    convolutions of channels-last maps as matrix products vs F.conv2d; the expansion batch norm +
-    activation fused into the depthwise convolution vs the two ops. The median of the per-round ratios
-    goes into the results' ``meta``."""
+    """A switch of SWITCHES off (baseline) and on (ours), alternating round by round (A B B A ...):
+    what each of the step's kernel choices buys. The median of the per-round ratios goes into the
+    results' ``meta``."""
     switch, what = SWITCHES[key]
     cycle = _case_cycle(problem, case)
     ratios = bench_registry.interleaved_ratios(

@@ -187,6 +187,41 @@ def test_bfloat16_x_with_float32_parameters(activation):
     assert grad_weight.dtype == grad_bias.dtype == torch.float32
 
 
+# Wide rows: segments of 40, 33 and 17 active channels of 40 — the C++ kernel's elementwise passes walk
+# the first two row by row and the third in channel chunks (csrc/ops/cpu/packed_batch_norm_cpu.cpp,
+# takes_channel_chunks); WIDTH's layouts above take chunks only.
+WIDE_LAYOUT = ((300, 40), (250, 33), (0, 40), (120, 17), (60, 0))
+
+
+@needs_cpp
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+@pytest.mark.parametrize("activation", PACKED_ACTIVATIONS)
+def test_wide_rows_match_reference(activation, training):
+    case = Case(WIDE_LAYOUT, torch.float32, seed=11, width=40)
+    with op_module.use_backend("C++"):
+        compare(case, training, activation, RELATIVE_TOLERANCE[torch.float32])
+
+
+@needs_cpp
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+@pytest.mark.parametrize("activation", PACKED_ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
+def test_channel_chunks_and_rows_give_the_same_bits(dtype, activation, training):
+    """The elementwise passes on channel chunks (vector packs of 8 channels, then single ones) run the
+    operations of the row-by-row loops in the same order: every output is bitwise the same, at
+    widths that take chunks of two packs, one pack and single channels."""
+    param_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    layout = ((200, 24), (150, 21), (90, 16), (70, 13), (40, 5), (0, 9))
+    case = Case(layout, dtype, param_dtype=param_dtype, seed=13, width=24)
+    with op_module.use_backend("C++"):
+        with op_module.cpu_channel_chunks(True):
+            chunked = case.run(packed_batch_norm_act, training, activation)
+        with op_module.cpu_channel_chunks(False):
+            by_rows = case.run(packed_batch_norm_act, training, activation)
+    for got, want in zip(chunked, by_rows):
+        assert torch.equal(got, want) or (got.isnan().any() and torch.equal(got.nan_to_num(), want.nan_to_num()))
+
+
 @needs_cpp
 def test_long_segments_span_several_tasks_and_threads_do_not_change_results():
     # 12 000 rows × 13 channels: several row chunks per segment, their partial sums added in order.

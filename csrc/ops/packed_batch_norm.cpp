@@ -14,6 +14,11 @@
 // FRAGMENT: the tofa_fast namespace is shared with the other compiled ops and the Python ones.
 #include <torch/library.h>
 
+namespace tofa_fast {
+// csrc/ops/cpu/packed_batch_norm_cpu.cpp: the elementwise passes' channel chunks on or off.
+bool set_packed_bn_cpu_chunks(bool enabled);
+}  // namespace tofa_fast
+
 TORCH_LIBRARY_FRAGMENT(tofa_fast, m) {
   m.def(
       "_packed_batch_norm_act_forward(Tensor x, int[] offsets, int[] channels, Tensor weight, Tensor bias, "
@@ -33,4 +38,7 @@ TORCH_LIBRARY_FRAGMENT(tofa_fast, m) {
   m.def(
       "_packed_batch_norm_grad_input(Tensor grad_z, Tensor x, int[] offsets, int[] channels, Tensor weight, "
       "Tensor save_mean, Tensor save_rstd, Tensor sums, bool training) -> Tensor grad_x");
+  // CPU kernels: whether the elementwise passes work on channel chunks (default) or row by row, for
+  // benchmarks that measure what that buys; returns the previous setting.
+  m.def("_set_packed_bn_cpu_chunks(bool enabled) -> bool", &tofa_fast::set_packed_bn_cpu_chunks);
 }

@@ -37,7 +37,7 @@ as ``F.batch_norm`` does, where the op path updates copies and writes them back.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -253,6 +253,20 @@ pinned_backend = BACKEND_TABLE.pinned_backend
 candidates = BACKEND_TABLE.candidates
 select_backend_for = BACKEND_TABLE.select_backend_for
 explain = BACKEND_TABLE.explain
+
+
+@contextlib.contextmanager
+def cpu_channel_chunks(enabled: bool = True) -> Iterator[None]:
+    """Inside the block, the C++ kernel's normalise and grad_x passes take channel chunks on narrow
+    segments (``enabled``, the default) or walk every segment row by row; the previous setting comes
+    back after it (process-wide; csrc/ops/cpu/packed_batch_norm_cpu.cpp says where each is faster). The
+    values do not change: this is for benchmarks that measure what the chunks buy, and for tests that
+    check so."""
+    previous = torch.ops.tofa_fast._set_packed_bn_cpu_chunks(enabled)
+    try:
+        yield
+    finally:
+        torch.ops.tofa_fast._set_packed_bn_cpu_chunks(previous)
 
 
 def select_backend(x: torch.Tensor, weight: torch.Tensor) -> PackedBatchNormBackend:
