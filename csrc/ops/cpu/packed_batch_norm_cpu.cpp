@@ -481,8 +481,8 @@ inline __attribute__((always_inline)) void zero_columns(S* __restrict__ y, int64
 // normalise_rows in channel chunks.
 template <Activation A, typename S, typename T = compute_t<S>>
 TOFA_FAST_ROW_KERNEL void normalise_chunks(const S* __restrict__ x, S* __restrict__ y, int64_t rows, int64_t width,
-                                         int64_t active, const T* __restrict__ mean, const T* __restrict__ scale,
-                                         const T* __restrict__ bias) {
+                                           int64_t active, const T* __restrict__ mean, const T* __restrict__ scale,
+                                           const T* __restrict__ bias) {
   for_each_chunk<S, 2>(rows, 0, active, [&]<typename P, int NP>(int64_t c0, int64_t r0, int64_t r1) TOFA_FAST_CHUNK {
     constexpr int64_t L = kLanesOf<P>;
     P m[NP], s[NP], b[NP];
@@ -503,11 +503,12 @@ TOFA_FAST_ROW_KERNEL void normalise_chunks(const S* __restrict__ x, S* __restric
 
 // grad_input_rows in channel chunks (one pack each: the pass keeps seven per-channel parameters).
 template <Activation A, bool kTraining, typename S, typename T = compute_t<S>>
-TOFA_FAST_ROW_KERNEL void grad_input_chunks(const S* __restrict__ x, const S* __restrict__ grad_y, S* __restrict__ grad_x,
-                                          int64_t rows, int64_t width, int64_t active, const T* __restrict__ mean,
-                                          const T* __restrict__ rstd, const T* __restrict__ weight,
-                                          const T* __restrict__ bias, const T* __restrict__ gain,
-                                          const T* __restrict__ mean_dz, const T* __restrict__ mean_dz_xhat) {
+TOFA_FAST_ROW_KERNEL void grad_input_chunks(const S* __restrict__ x, const S* __restrict__ grad_y,
+                                            S* __restrict__ grad_x, int64_t rows, int64_t width, int64_t active,
+                                            const T* __restrict__ mean, const T* __restrict__ rstd,
+                                            const T* __restrict__ weight, const T* __restrict__ bias,
+                                            const T* __restrict__ gain, const T* __restrict__ mean_dz,
+                                            const T* __restrict__ mean_dz_xhat) {
   for_each_chunk<S, 1>(rows, 0, active, [&]<typename P, int NP>(int64_t c0, int64_t r0, int64_t r1) TOFA_FAST_CHUNK {
     constexpr int64_t L = kLanesOf<P>;
     P m[NP], rs[NP], w[NP], b[NP], g[NP], mdz[NP], mdzx[NP];
