@@ -137,6 +137,10 @@ def test_cpp_matches_reference(case):
         DwconvCase(2, 5, 5, 9, 7, 3, 1, 2, "strided", True),  # k = 1 with a chain 3→1
         DwconvCase(2, 3, 5, 1, 1, 5, 5, 1, "contiguous", False),  # 1×1 plane
         DwconvCase(2, 5, 7, 6, 5, 9, 3, 1, "contiguous", True, torch.float64),  # chain 9→7→5→3
+        # channels-last planes under 256 pixels with many blocks: NCHW's task plan (a block over batch
+        # chunks, the filter-gradient partials of several chunks added); the last block partial
+        DwconvCase(5, 100, 120, 4, 4, 7, 5, 1, "channels_last", True),
+        DwconvCase(6, 72, 80, 8, 8, 7, 3, 2, "channels_last", True, torch.float64),
     ],
     ids=str,
 )

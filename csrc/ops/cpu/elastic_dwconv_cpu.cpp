@@ -135,6 +135,10 @@ size_t aligned_elems(size_t elems) {
   return (elems + per_line - 1) / per_line * per_line;
 }
 
+// Channels-last planes below this many pixels take NCHW's task plan (task_plan); it is also where
+// several channel blocks per pass stop paying (blocks_per_pass).
+constexpr int64_t kSmallPlane = 256;
+
 // How a call splits into (batch chunk, channel-block group) tasks; a task runs its group's blocks one
 // after another, each over all the chunk's samples. Depends on the shapes only, so the float sums
 // (and results) do not depend on the thread count.
@@ -146,7 +150,7 @@ size_t aligned_elems(size_t elems) {
 //         lines (`unit` blocks): tasks that run at once on different cores never write the same
 //         line of the output (with 16 channels, two single-block tasks on one chunk ran at half
 //         NCHW's speed). Block by block over a batch-sized chunk instead, every block reloaded the
-//         chunk from L3 or DRAM.
+//         chunk from L3 or DRAM. Planes of fewer than kSmallPlane pixels take NCHW's plan (below).
 struct TaskPlan {
   int64_t chunks, groups, blocks, unit;  // unit: blocks per group boundary step
   int64_t count() const { return chunks * groups; }
@@ -163,10 +167,20 @@ struct TaskPlan {
 TaskPlan task_plan(const cpu::DwconvGeometry& g, int64_t blocks, int64_t lanes, int64_t element_bytes) {
   constexpr int64_t kTasks = 64, kChunkBytes = 128 << 10, kLineBytes = 64;
   const int64_t batch = std::max<int64_t>(g.batch, 1);
+  const int64_t unit = std::max<int64_t>(1, kLineBytes / (lanes * element_bytes));
+  if (g.channels_last && g.height * g.width < kSmallPlane) {
+    // A sample's pixel runs are few (≤ 255 pixels): a block over every sample of the batch, like NCHW,
+    // one line-aligned group of blocks per task. Sized by bytes instead, the 4×4 and 8×8 planes of
+    // OFA's late stages (C 576–1152, batch 32) cut the batch into up to 32 chunks, and each (chunk,
+    // block) pass paid its set-up for one or two samples. With this plan (and active_filters), 2
+    // threads, alternating builds: 4×4 C1152 k7 2.1–2.5× forward, 1.7–1.9× backward; 8×8 C576–816
+    // 1.6–2.7× / 1.4–2.4×; the digits 8×8 and 4×4 layers 1.0–1.7× / 1.0–1.3×.
+    const int64_t groups = (blocks + unit - 1) / unit;
+    return {std::clamp<int64_t>((kTasks + groups - 1) / groups, 1, batch), groups, blocks, unit};
+  }
   if (g.channels_last) {
     const int64_t bytes = g.batch * g.height * g.width * g.channels * element_bytes;
     const int64_t chunks = std::clamp<int64_t>((bytes + kChunkBytes - 1) / kChunkBytes, 1, batch);
-    const int64_t unit = std::max<int64_t>(1, kLineBytes / (lanes * element_bytes));
     const int64_t groups = std::clamp<int64_t>((kTasks + chunks - 1) / chunks, 1, (blocks + unit - 1) / unit);
     return {chunks, groups, blocks, unit};
   }
@@ -188,7 +202,7 @@ int64_t pass_bytes() {
 }
 
 // Channel blocks per kernel pass (dwconv_tiles.h): channels-last passes on planes of at least
-// kMinPlane pixels take as many of a task's blocks as keep the pass's tiles within pass_bytes() (in L2
+// kSmallPlane pixels take as many of a task's blocks as keep the pass's tiles within pass_bytes() (in L2
 // beside the chunk's input), so each pixel's run of their channels is read and written at once; NCHW
 // passes take one (a block's planes are contiguous already). Measured against one block per pass,
 // interleaved, 2 threads: 1.31× forward / 1.17× backward on the digits 64×64×32² stride-2 layer,
@@ -196,8 +210,7 @@ int64_t pass_bytes() {
 // 8×8 ones (whose single-block tiles stay in L1): hence the plane threshold. Over the digits layers,
 // forward + backward: 1.14× (bench/test_elastic_dwconv_layout_cpu.py, interleaved).
 int64_t blocks_per_pass(const cpu::DwconvGeometry& g, int64_t block_bytes, const TaskPlan& plan) {
-  constexpr int64_t kMinPlane = 256;
-  if (!g.channels_last || !g.multi_block || g.height * g.width < kMinPlane) return 1;
+  if (!g.channels_last || !g.multi_block || g.height * g.width < kSmallPlane) return 1;
   int64_t widest = 0;
   for (int64_t group = 0; group < plan.groups; ++group)
     widest = std::max(widest, plan.boundary(group + 1) - plan.boundary(group));
@@ -341,6 +354,24 @@ void active_filter_block(const T* weight, const ActiveFilterChain<T>& chain, int
     }
 }
 
+// Every channel block's active filter ([blocks][k][k][lanes]), derived once per call, in parallel over
+// the blocks: the tasks then read it. Derived inside each task instead, a block's filter was computed
+// once per batch chunk (up to 32 times), and with a transform chain that product cost as much as the
+// convolution: once per call, 16×16 C288 k5 (chain 7→5) runs 1.7–1.9× faster forward and 1.35×
+// backward, 16×16 C576 stride 2 2.4× / 1.45×, 4×4 C1152 k5 5.8× / 3.2× (with the small-plane plan).
+template <typename T>
+at::Tensor active_filters(const T* weight, const ActiveFilterChain<T>& chain, int64_t channels, int64_t lanes,
+                          int64_t blocks, const at::TensorOptions& options) {
+  const int64_t kk = chain.k * chain.k, ff = chain.first * chain.first;
+  at::Tensor filters = at::empty({blocks * kk * lanes}, options);  // ATen aligns it to 64 bytes
+  T* out = filters.data_ptr<T>();
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> window(ff * lanes);
+    for (int64_t b = b0; b < b1; ++b) active_filter_block(weight, chain, channels, lanes, b, out + b * kk * lanes, window.data());
+  });
+  return filters;
+}
+
 // Channel block b's share of the chain backward, from its filter gradient g ([k·k][lanes]):
 // grad_weight rows of its channels (when non-null) and dq (k² × t_1², when non-null) = Σ_l g ⊗ window.
 // `work`: 2·ff·lanes.
@@ -464,7 +495,7 @@ at::Tensor dwconv_forward(const at::Tensor& x_arg, const at::Tensor& weight_arg,
     const auto& kernels = cpu::select_tile_kernels<scalar_t>();
     const ActiveFilterChain<scalar_t> chain(in.weight.size(2), kernel_size, matrix_pointers<scalar_t>(in.transforms),
                                             in.sizes);
-    const int64_t lanes = kernels.lanes, kk = kernel_size * kernel_size, ff = chain.first * chain.first;
+    const int64_t lanes = kernels.lanes, kk = kernel_size * kernel_size;
     const int64_t blocks = (g.channels + lanes - 1) / lanes;
     const TaskPlan plan = task_plan(g, blocks, lanes, sizeof(scalar_t));
     // One block's share of a pass's scratch: what a second block adds.
@@ -472,23 +503,19 @@ at::Tensor dwconv_forward(const at::Tensor& x_arg, const at::Tensor& weight_arg,
                                               sizeof(scalar_t), plan);
     const size_t tiles = aligned_elems<scalar_t>(kernels.forward_scratch(g, nb));
     const scalar_t* x = in.x.data_ptr<scalar_t>();
-    const scalar_t* weight = in.weight.data_ptr<scalar_t>();
+    const at::Tensor filter_storage =
+        active_filters(in.weight.data_ptr<scalar_t>(), chain, g.channels, lanes, blocks, in.x.options());
+    const scalar_t* filters = filter_storage.data_ptr<scalar_t>();
     scalar_t* out = y.data_ptr<scalar_t>();
     cpu::BnActPrologue<scalar_t> prologue_storage{};
     const cpu::BnActPrologue<scalar_t>* prologue = nullptr;
     if (prologue_in) prologue = &(prologue_storage = prologue_args<scalar_t>(*prologue_in));
-    // One parallel region per call: each task derives its blocks' active filters (a k²×t_1² product
-    // per lane vector, repeated at most `chunks` times), so no separate filter pass is needed.
-    run_tasks<scalar_t>(plan.count(), tiles + (nb * kk + ff) * lanes, [&](int64_t task, scalar_t* scratch) {
-      scalar_t* filters = scratch + tiles;
-      scalar_t* window = filters + nb * kk * lanes;
+    run_tasks<scalar_t>(plan.count(), tiles, [&](int64_t task, scalar_t* scratch) {
       const int64_t n0 = plan.sample_lo(g.batch, task), n1 = plan.sample_hi(g.batch, task);
       const int64_t b_hi = plan.block_hi(task);
       for (int64_t b0 = plan.block_lo(task); b0 < b_hi; b0 += nb) {
         const int64_t count = std::min(nb, b_hi - b0);
-        for (int64_t j = 0; j < count; ++j)
-          active_filter_block(weight, chain, g.channels, lanes, b0 + j, filters + j * kk * lanes, window);
-        kernels.forward_blocks(g, x, out, filters, n0, n1, b0 * lanes, count, scratch, prologue);
+        kernels.forward_blocks(g, x, out, filters + b0 * kk * lanes, n0, n1, b0 * lanes, count, scratch, prologue);
       }
     });
   });
@@ -551,29 +578,30 @@ DwconvGrads dwconv_backward(const at::Tensor& grad_output_arg, const at::Tensor&
     for (auto& count : unfinished) count.store(plan.chunks);
     const scalar_t* x = in.x.data_ptr<scalar_t>();
     const scalar_t* weight = in.weight.data_ptr<scalar_t>();
+    const at::Tensor filter_storage = active_filters(weight, chain, g.channels, lanes, blocks, in.x.options());
+    const scalar_t* filters = filter_storage.data_ptr<scalar_t>();
     const scalar_t* gy = grad_y.data_ptr<scalar_t>();
     scalar_t* gx = need_x ? grad_x.data_ptr<scalar_t>() : nullptr;
     scalar_t* gw = need_weight ? grad_weight.data_ptr<scalar_t>() : nullptr;
     cpu::BnActPrologue<scalar_t> prologue_storage{};
     const cpu::BnActPrologue<scalar_t>* prologue = nullptr;
     if (prologue_in) prologue = &(prologue_storage = prologue_args<scalar_t>(*prologue_in));
-    // One parallel region per call. The task that finishes a channel block's last batch chunk sums the
-    // block's chunks (in chunk order: deterministic) and takes the block back through the chain.
-    run_tasks<scalar_t>(plan.count(), tiles + ((nb + 1) * kk + 2 * ff) * lanes, [&](int64_t task, scalar_t* scratch) {
+    // One parallel region for the tasks (after active_filters' own). The task that finishes a channel
+    // block's last batch chunk sums the block's chunks (in chunk order: deterministic) and takes the
+    // block back through the chain.
+    run_tasks<scalar_t>(plan.count(), tiles + (kk + 2 * ff) * lanes, [&](int64_t task, scalar_t* scratch) {
       const int64_t chunk = task / plan.groups;
       const int64_t n0 = plan.sample_lo(g.batch, task), n1 = plan.sample_hi(g.batch, task);
       const int64_t b0 = plan.block_lo(task), b1 = plan.block_hi(task);
-      scalar_t* filters = scratch + tiles;
-      scalar_t* block_grad = filters + nb * kk * lanes;
+      scalar_t* block_grad = scratch + tiles;
       scalar_t* work = block_grad + kk * lanes;
-      // A pass's blocks are consecutive, so their partial sums and epilogue slots are too.
+      // A pass's blocks are consecutive, so their filters, partial sums and epilogue slots are too.
       for (int64_t b = b0; b < b1; b += nb) {
         const int64_t count = std::min(nb, b1 - b);
-        for (int64_t j = 0; j < count; ++j)
-          active_filter_block(weight, chain, g.channels, lanes, b + j, filters + j * kk * lanes, work);
         scalar_t* gf = need_filter ? partial + (chunk * blocks + b) * kk * lanes : nullptr;
         double* sums = epilogue ? epilogue_sums.data() + (chunk * blocks + b) * 2 * lanes : nullptr;
-        kernels.backward_blocks(g, x, gy, gx, filters, gf, n0, n1, b * lanes, count, scratch, prologue, sums);
+        kernels.backward_blocks(g, x, gy, gx, filters + b * kk * lanes, gf, n0, n1, b * lanes, count, scratch,
+                                prologue, sums);
       }
       if (!need_filter) return;
       for (int64_t b = b0; b < b1; ++b) {
