@@ -173,8 +173,9 @@ TaskPlan task_plan(const cpu::DwconvGeometry& g, int64_t blocks, int64_t lanes, 
     // one line-aligned group of blocks per task. Sized by bytes instead, the 4×4 and 8×8 planes of
     // OFA's late stages (C 576–1152, batch 32) cut the batch into up to 32 chunks, and each (chunk,
     // block) pass paid its set-up for one or two samples. With this plan (and active_filters), 2
-    // threads, alternating builds: 4×4 C1152 k7 2.1–2.5× forward, 1.7–1.9× backward; 8×8 C576–816
-    // 1.6–2.7× / 1.4–2.4×; the digits 8×8 and 4×4 layers 1.0–1.7× / 1.0–1.3×.
+    // threads, alternating builds: 4×4 C1152 k7 1.9–2.5× forward, 1.7–1.9× backward; 8×8 C576–816
+    // 1.6–2.7× / 1.35–2.45×; the digits 4×4 C192 and 8×8 C128 layers (batch 64) 1.4–1.7× / 1.2–1.3×
+    // (the default run's step itself does not move: its members' small-plane calls are narrower).
     const int64_t groups = (blocks + unit - 1) / unit;
     return {std::clamp<int64_t>((kTasks + groups - 1) / groups, 1, batch), groups, blocks, unit};
   }
