@@ -26,6 +26,7 @@ Run: ``python -m pytest bench/test_bench_packed_batch_norm.py -p no:cacheprovide
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import pytest
 import torch
@@ -129,13 +130,10 @@ class Problem:
         return per_member
 
 
-_PROBLEMS: dict[str, Problem] = {}
-
-
+@functools.cache
 def _problem(case: str) -> Problem:
-    if case not in _PROBLEMS:
-        _PROBLEMS[case] = Problem(*CASES[case])
-    return _PROBLEMS[case]
+    """One Problem per case, shared by the benchmarks of the module."""
+    return Problem(*CASES[case])
 
 
 @pytest.mark.parametrize("case", list(CASES))
