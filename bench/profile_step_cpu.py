@@ -9,7 +9,10 @@ Three measurements, each answering one question:
   (labelled = unlabelled = b), 2 threads; the line through 16 and 32 gives the part that does not
   shrink with the batch (per-op overhead: Python, dispatch, autograd, allocation, thread start-up).
 * ``threads`` — which ops use the second core. Each op's own time per step (``torch.profiler``) at
-  1 and 2 threads, and the ops that move no data (views, autograd nodes, allocations: "glue").
+  1 and 2 threads, and the ops that move no data (views, autograd nodes, allocations: "glue"). Also
+  the whole step unprofiled at 1 and 2 threads (T1, T2), and from them Amdahl's bound on its serial
+  part, S ≤ 2·T2 − T1 (T1 = S + P, T2 ≥ S + P/2): the time the second core has nothing to do
+  (Python, dispatch, autograd, allocation, ops too small to split), which no kernel speed-up removes.
 * ``processes`` — what splitting the members over processes would give. Two single-thread
   processes each train half of the members on the full batch, meeting at a barrier after every
   step (the gradients would then be added), against one process with 2 threads on all members, and
@@ -112,10 +115,14 @@ def threads_section(batch: int, rounds: int) -> dict:
 
     step = Step(batch)
     own: dict[int, dict[str, list[float]]] = {1: {}, THREADS: {}}
+    whole: dict[int, list[float]] = {1: [], THREADS: []}
     for _ in range(rounds):
         for threads in own:
             torch.set_num_threads(threads)
             step.cycle()
+            start = time.perf_counter()
+            step.cycle()
+            whole[threads].append((time.perf_counter() - start) / step.steps_per_cycle * 1e3)
             with profile() as prof:
                 step.cycle()
             for e in prof.key_averages():
@@ -126,15 +133,25 @@ def threads_section(batch: int, rounds: int) -> dict:
         t: sum(v for k, v in ops.items() if k in GLUE or not k.startswith(("aten::", "tofa_fast::")))
         for t, ops in best.items()
     }
+    t1, tn = min(whole[1]), min(whole[THREADS])
+    serial = (THREADS * tn - t1) / (THREADS - 1)  # Amdahl: t1 = S + P, tn ≥ S + P / THREADS
     top = sorted(best[1], key=lambda k: -best[1][k])[:20]
     rows = {k: (round(best[1][k], 2), round(best[THREADS].get(k, float("nan")), 2)) for k in top}
-    print(f"\n== threads: own time per step (ms, torch.profiler), 1 vs {THREADS} threads, batch {batch}")
+    print(
+        f"\n== threads: the whole step, unprofiled: {t1:.1f} ms at 1 thread, {tn:.1f} ms at {THREADS} (x{t1 / tn:.2f})"
+    )
+    print(
+        f"   serial part (Amdahl, perfect scaling of the rest): at most {serial:.1f} ms = {serial / tn:.0%} of the step"
+    )
+    print(f"== threads: own time per step (ms, torch.profiler), 1 vs {THREADS} threads, batch {batch}")
     print(f"   {'all ops':58s} {total[1]:7.1f} {total[THREADS]:7.1f}  x{total[1] / total[THREADS]:.2f}")
     print(f"   {'glue (views, autograd nodes, allocation)':58s} {glue[1]:7.1f} {glue[THREADS]:7.1f}")
     for k, (one, two) in rows.items():
         print(f"   {k[:58]:58s} {one:7.2f} {two:7.2f}  x{one / two:.2f}")
     return {
         "batch": batch,
+        "step_ms": {"1": round(t1, 1), str(THREADS): round(tn, 1)},
+        "serial_ms_at_most": round(serial, 1),
         "total_ms": {str(t): round(v, 1) for t, v in total.items()},
         "glue_ms": {str(t): round(v, 1) for t, v in glue.items()},
         "top_ops_ms": {k: {"1": a, str(THREADS): b} for k, (a, b) in rows.items()},

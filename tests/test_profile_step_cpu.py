@@ -24,6 +24,9 @@ def test_quick_profile_reports_fixed_cost_and_per_op_times(tmp_path):
     assert abs(batch["fixed_ms"] + 2 * batch["ms_per_image"] - batch["ms_per_step"]["2"]) < 0.2
     threads = report["threads"]
     assert 0 < threads["glue_ms"]["1"] < threads["total_ms"]["1"]
+    # Amdahl's bound from the unprofiled step at 1 and 2 threads: 2·T2 − T1
+    t1, t2 = threads["step_ms"]["1"], threads["step_ms"]["2"]
+    assert t1 > 0 and t2 > 0 and abs(threads["serial_ms_at_most"] - (2 * t2 - t1)) < 0.2
     assert any(op.startswith("tofa_fast::") for op in threads["top_ops_ms"])  # the step ran our kernels
     assert report["meta"]["threads"] == 2
 
